@@ -1,0 +1,222 @@
+"""Stage `preprocess`: data/raw/ (Kaggle layout) -> data/shards/ (normalized tensor shards + manifest).
+
+    python -m pipeline preprocess          # or: dvc repro preprocess
+
+Images are decoded and resized once, in parallel over all cores, instead of on every epoch.
+The work streams: the parent holds at most one shard of pixels, so memory does not grow with the
+data set. Unreadable files are skipped and reported; too many of them is an error, because then
+the data set itself is wrong.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.classes import CLASSES
+from pipeline.config import DataConfig, Params
+from pipeline.errors import UserError
+from pipeline.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_image, is_image_name, normalize
+from pipeline.paths import Paths
+from pipeline.shards import atomic_write_json, write_shard
+from pipeline.split import block_split, frame_order, random_split, stratified_cap
+
+Job = tuple[Path, int]  # (image file, label)
+
+
+def scan_train(train_dir: Path) -> list[list[Path]]:
+    """Image files of each class, in frame order; index = label."""
+    if not train_dir.is_dir():
+        raise UserError(f"no training images at {train_dir}: run `dvc repro fetch` first")
+    per_class = []
+    for name in CLASSES:
+        folder = train_dir / name
+        files = [p for p in folder.iterdir() if p.is_file() and is_image_name(p.name) and not p.name.startswith(".")] if folder.is_dir() else []
+        per_class.append([files[i] for i in frame_order([p.stem for p in files])])
+    if sum(map(len, per_class)) == 0:
+        raise UserError(f"{train_dir} holds no images in class folders ({', '.join(CLASSES[:3])}, ...): check data.source")
+    return per_class
+
+
+def scan_test(test_dir: Path) -> list[Job]:
+    """`<class>_test.jpg` files; the class is the part before `_test`."""
+    if not test_dir.is_dir():
+        return []
+    jobs = []
+    for path in sorted(test_dir.iterdir()):
+        label_name = path.stem.rsplit("_test", 1)[0]
+        if is_image_name(path.name) and label_name in CLASSES:
+            jobs.append((path, CLASSES.index(label_name)))
+    return jobs
+
+
+def plan_splits(per_class: list[list[Path]], cfg: DataConfig, seed: int) -> tuple[dict[str, list[Job]], int]:
+    """Cap, then split each class; returns the jobs per split and the frames dropped as gap."""
+    rng = np.random.default_rng(seed)
+    kept = stratified_cap([len(files) for files in per_class], cfg.max_images, rng)
+    plan: dict[str, list[Job]] = {"train": [], "val": []}
+    dropped = 0
+    for label, (files, positions) in enumerate(zip(per_class, kept)):
+        chosen = [files[i] for i in positions]
+        if len(chosen) < 2:
+            continue  # a class with fewer than two images cannot be split; it shows as 0 in the counts
+        try:
+            if cfg.split == "block":
+                split = block_split(len(chosen), cfg.val_fraction, cfg.block_size, cfg.block_gap, rng)
+            else:
+                split = random_split(len(chosen), cfg.val_fraction, rng)
+        except ValueError as err:
+            raise UserError(f"class {CLASSES[label]}: {err}") from None
+        plan["train"] += [(chosen[i], label) for i in split.train]
+        plan["val"] += [(chosen[i], label) for i in split.val]
+        dropped += len(split.dropped)
+    return plan, dropped
+
+
+def _decode_job(job: tuple[int, str, int]) -> tuple[int, np.ndarray | None, str]:
+    index, path, size = job
+    try:
+        return index, decode_image(path, size), ""
+    except Exception as err:  # noqa: BLE001 -- any decoder failure means "skip this file", with the reason
+        return index, None, f"{type(err).__name__}: {err}"
+
+
+class ShardWriter:
+    """Collects decoded images of one split and writes a shard every `shard_size` images."""
+
+    def __init__(self, out_dir: Path, split: str, image_size: int, shard_size: int, source_root: Path):
+        self.out_dir, self.split, self.shard_size, self.source_root = out_dir, split, shard_size, source_root
+        self.pixels = np.empty((shard_size, image_size, image_size, 3), dtype=np.uint8)
+        self.labels: list[int] = []
+        self.files: list[str] = []
+        self.shards: list[dict] = []
+
+    def add(self, pixels: np.ndarray, label: int, path: Path) -> None:
+        self.pixels[len(self.labels)] = pixels
+        self.labels.append(label)
+        self.files.append(path.relative_to(self.source_root).as_posix())
+        if len(self.labels) == self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        count = len(self.labels)
+        if count == 0:
+            return
+        name = f"{self.split}-{len(self.shards):05d}.safetensors"
+        images = normalize(self.pixels[:count]).astype(np.float16)
+        sha256 = write_shard(self.out_dir / name, images, np.asarray(self.labels))
+        per_class = Counter(CLASSES[label] for label in self.labels)
+        self.shards.append(
+            {"file": name, "split": self.split, "count": count, "sha256": sha256, "per_class": dict(per_class), "files": self.files}
+        )
+        self.labels, self.files = [], []
+
+
+def decode_into_shards(pool, jobs: list[Job], writer: ShardWriter, image_size: int, progress: tqdm) -> list[dict]:
+    """Decode `jobs` in the pool, in order, feeding the writer; returns the skipped files."""
+    skipped = []
+    tasks = ((i, str(path), image_size) for i, (path, _) in enumerate(jobs))
+    for index, pixels, reason in pool.imap(_decode_job, tasks, chunksize=16):
+        path, label = jobs[index]
+        if pixels is None:
+            skipped.append({"file": path.relative_to(writer.source_root).as_posix(), "reason": reason})
+        else:
+            writer.add(pixels, label, path)
+        progress.update(1)
+    writer.flush()
+    return skipped
+
+
+def build_shards(cfg: DataConfig, seed: int, raw_dir: Path, train_dir: Path, test_dir: Path, out_dir: Path) -> dict:
+    """Decode, split and shard the raw images; returns the manifest (also written to out_dir)."""
+    per_class = scan_train(train_dir)
+    plan, dropped = plan_splits(per_class, cfg, seed)
+    plan["test"] = scan_test(test_dir)
+    total = sum(map(len, plan.values()))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)  # stale shards of an earlier run must not survive beside new ones
+    out_dir.mkdir(parents=True)
+
+    workers = cfg.workers or os.cpu_count() or 1
+    shards, skipped = [], []
+    # fork: the workers need only PIL and numpy, and start instantly instead of re-importing the CLI.
+    with multiprocessing.get_context("fork").Pool(workers) as pool, tqdm(
+        total=total, desc="preprocess", unit="img", disable=not sys.stderr.isatty()
+    ) as progress:
+        for split, jobs in plan.items():
+            writer = ShardWriter(out_dir, split, cfg.image_size, cfg.shard_size, raw_dir)
+            skipped += decode_into_shards(pool, jobs, writer, cfg.image_size, progress)
+            shards += writer.shards
+
+    if total and len(skipped) / total > cfg.max_skipped_fraction:
+        examples = "; ".join(f"{s['file']} ({s['reason']})" for s in skipped[:3])
+        raise UserError(
+            f"{len(skipped)} of {total} images could not be read (limit data.max_skipped_fraction="
+            f"{cfg.max_skipped_fraction}), e.g. {examples}: check data.source points at the right data"
+        )
+    manifest = make_manifest(cfg, shards, skipped, dropped)
+    atomic_write_json(out_dir / "manifest.json", manifest)  # written last: its presence means "complete"
+    return manifest
+
+
+def make_manifest(cfg: DataConfig, shards: list[dict], skipped: list[dict], dropped: int) -> dict:
+    splits = {}
+    for split in ("train", "val", "test"):
+        counts: Counter = Counter()
+        for shard in (s for s in shards if s["split"] == split):
+            counts.update(shard["per_class"])
+        splits[split] = {"count": sum(counts.values()), "per_class": {c: counts.get(c, 0) for c in CLASSES}}
+    return {
+        "classes": list(CLASSES),
+        "image_size": cfg.image_size,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "splits": splits,
+        "shards": shards,
+        "skipped": skipped,
+        "dropped_for_gap": dropped,
+        "params": asdict(cfg),
+    }
+
+
+def run_preprocess(params: Params, paths: Paths) -> dict:
+    """The stage: build the shards and record the run in MLflow."""
+    import mlflow
+
+    from pipeline.config import to_flat_dict
+    from pipeline.tracking import tracked_run
+
+    cfg = params.data
+    with tracked_run(params.mlflow.experiment, "preprocess", params={"seed": params.seed, **to_flat_dict(cfg, "data.")}):
+        started = time.perf_counter()
+        manifest = build_shards(cfg, params.seed, paths.raw, paths.raw_train, paths.raw_test, paths.shards)
+        seconds = time.perf_counter() - started
+        decoded = sum(split["count"] for split in manifest["splits"].values())
+        mlflow.log_metrics(
+            {
+                **{f"{split}_images": info["count"] for split, info in manifest["splits"].items()},
+                "skipped_files": len(manifest["skipped"]),
+                "dropped_for_gap": manifest["dropped_for_gap"],
+                "preprocess_seconds": seconds,
+                "images_per_second": decoded / seconds if seconds > 0 else 0.0,
+            }
+        )
+        mlflow.log_artifact(str(paths.manifest))
+        if manifest["skipped"]:
+            mlflow.log_dict(manifest["skipped"], "skipped_files.json")
+    counts = ", ".join(f"{split} {info['count']}" for split, info in manifest["splits"].items())
+    print(
+        f"preprocess: {counts} images at {cfg.image_size}px in {len(manifest['shards'])} shards, "
+        f"{len(manifest['skipped'])} skipped, {manifest['dropped_for_gap']} dropped beside validation blocks, "
+        f"{seconds:.1f}s ({decoded / max(seconds, 1e-9):.0f} images/s)"
+    )
+    return manifest

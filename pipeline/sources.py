@@ -1,0 +1,376 @@
+"""Bring the ASL alphabet data set into `data/raw/` from Kaggle, a `.zip` archive or a folder.
+
+The output is always the canonical Kaggle layout, whatever shape the source had:
+
+    <target>/asl_alphabet_train/asl_alphabet_train/<class>/<file>
+    <target>/asl_alphabet_test/asl_alphabet_test/<class>_test.<ext>
+
+Everything a source contains is untrusted. Nothing is extracted wholesale: each member's path is
+checked (no absolute paths, drive letters, `..` that escapes, links or special files), mapped to a
+path we compute ourselves, and streamed there. The whole source is planned before one byte is
+written, so every refusal comes before any copying. Links inside a folder source are refused with
+a `UserError` rather than skipped: silently skipping could drop part of the data set, and following
+could read files from anywhere on the machine.
+
+The result is written to a temporary sibling of the target and swapped in at the end, so an
+interrupted ingest never leaves a half-written target that looks complete.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import stat
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+from pipeline.classes import CLASSES
+from pipeline.errors import UserError
+from pipeline.imaging import IMAGE_SUFFIXES
+
+TRAIN_DIR = "asl_alphabet_train"
+TEST_DIR = "asl_alphabet_test"
+KAGGLE_DATASET = "grassknoted/asl-alphabet"
+KAGGLE_URL = f"https://www.kaggle.com/datasets/{KAGGLE_DATASET}"
+MAX_REPORTED_IGNORED = 50
+"""The report lists at most this many ignored names (plus a count of the rest)."""
+
+_CLASS_BY_FOLDED = {name.casefold(): name for name in CLASSES}
+_DRIVE = re.compile(r"[A-Za-z]:")
+_LAYOUT = (
+    f"expected {TRAIN_DIR}/[{TRAIN_DIR}/]<class>/<image> and optionally {TEST_DIR}/[{TEST_DIR}/]<class>_test.<ext>,"
+    " at the top or inside one wrapping folder"
+)
+_POINT_SOURCE = f"set data.source in params.yaml to the Kaggle archive (.zip from {KAGGLE_URL}) or its extracted folder"
+
+
+@dataclass(frozen=True)
+class IngestReport:
+    train_files: int
+    test_files: int
+    ignored: tuple[str, ...]
+    """Names skipped (non-image, `__MACOSX/`, dotfiles, outside the data set folders); capped."""
+    source: str
+    """`kaggle:grassknoted/asl-alphabet`, or the resolved path of the archive or folder."""
+
+
+def ingest_source(source: str, target: Path, *, base_dir: Path) -> IngestReport:
+    """Write the data set named by `source` to `target` in the canonical layout.
+
+    `source` is `kaggle`, or a path (relative to `base_dir` unless absolute) to a `.zip` archive
+    or a folder in the Kaggle layout. `synthetic` is generated elsewhere and is a ValueError here.
+    """
+    if source.strip() == "synthetic":
+        raise ValueError("ingest_source does not handle 'synthetic'; the synthetic generator writes it")
+    if source.strip() == "kaggle":
+        return _ingest(_fetch_kaggle(), Path(target), label=f"kaggle:{KAGGLE_DATASET}")
+    path = _resolve_source(source, Path(base_dir))
+    return _ingest(path, Path(target), label=str(path))
+
+
+# ---------------------------------------------------------------- where the data comes from
+
+
+def _download_kaggle() -> Path:
+    """Download the data set (or reuse kagglehub's cache); returns the local folder.
+
+    Separate from `_fetch_kaggle` so tests can replace the network call.
+    """
+    import kagglehub  # lazy: only this source needs it, and importing it is slow
+
+    return Path(kagglehub.dataset_download(KAGGLE_DATASET))
+
+
+def _fetch_kaggle() -> Path:
+    manual = (
+        f"download the archive by hand from {KAGGLE_URL} and set data.source in params.yaml"
+        " to the path of the .zip or extracted folder"
+    )
+    try:
+        return _download_kaggle()
+    except ImportError as exc:
+        raise UserError(
+            f"data.source 'kaggle' needs the kagglehub package ({_one_line(exc)}); fix: pip install kagglehub, or {manual}"
+        ) from exc
+    except Exception as exc:  # kagglehub raises many types (requests, HTTP, auth, its own); all mean "no download"
+        raise UserError(
+            f"could not download {KAGGLE_DATASET} from Kaggle ({_one_line(exc)}); fix: set Kaggle credentials"
+            f" (KAGGLE_USERNAME and KAGGLE_KEY, or ~/.kaggle/kaggle.json), or {manual}"
+        ) from exc
+
+
+def _resolve_source(source: str, base_dir: Path) -> Path:
+    path = Path(source.strip()).expanduser()
+    if not path.is_absolute():
+        path = base_dir / path
+    if not path.exists():
+        raise UserError(
+            f"data.source path {source!r} does not exist (looked at {str(path)!r}); fix: download the archive from"
+            f" {KAGGLE_URL} and set data.source in params.yaml to the .zip or its extracted folder,"
+            " or set data.source to 'kaggle' (needs network and credentials) or 'synthetic' (offline)"
+        )
+    return path
+
+
+def _ingest(path: Path, target: Path, *, label: str) -> IngestReport:
+    _refuse_overlap(path, target)
+    if path.is_dir():
+        plan = _scan_folder(path)
+        _commit(plan, target, label, lambda file: file.open("rb"))  # closed by _write_files
+    elif path.suffix.lower() == ".zip":
+        with _zip_errors(path), zipfile.ZipFile(path) as archive:
+            plan = _scan_zip(archive)
+            _commit(plan, target, label, archive.open)
+    else:
+        raise UserError(f"data.source {str(path)!r} is neither a .zip archive nor a folder; fix: {_POINT_SOURCE}")
+    return IngestReport(plan.train_files, plan.test_files, plan.reported_ignored(), label)
+
+
+def _refuse_overlap(source: Path, target: Path) -> None:
+    # The target is deleted and replaced: a source inside it would be destroyed, and a target
+    # inside a folder source would be read back (with its temporary sibling) as more data.
+    src, dst = source.resolve(), target.resolve()
+    if src == dst or src.is_relative_to(dst) or dst.is_relative_to(src):
+        raise UserError(
+            f"data.source {str(source)!r} overlaps the output folder {str(target)!r}, which is replaced on every ingest;"
+            f" fix: keep the archive or extracted folder outside {str(target)!r} and outside any folder containing it"
+        )
+
+
+@contextmanager
+def _zip_errors(path: Path) -> Iterator[None]:
+    """Turns an unreadable archive (corrupt, truncated, exotic compression) into a UserError."""
+    try:
+        yield
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+        raise UserError(
+            f"cannot read the archive {str(path)!r} ({_one_line(exc)}); fix: download it again,"
+            " or extract it with another tool and set data.source to the extracted folder"
+        ) from exc
+
+
+# ---------------------------------------------------------------- planning: what goes where
+
+
+@dataclass
+class _Plan:
+    """Every file to write (destination parts -> member name and handle), built before copying."""
+
+    files: dict[tuple[str, ...], tuple[str, Any]] = field(default_factory=dict)
+    ignored: dict[str, None] = field(default_factory=dict)  # a dict keeps order and drops repeats
+    train_files: int = 0
+    test_files: int = 0
+
+    def add(self, member: str, parts: tuple[str, ...], handle: Any) -> None:
+        """Place the file at `parts` (normalised, relative to the source root), or record it as ignored."""
+        skipped = _ignored_name(parts)
+        dest = None if skipped else _canonical_parts(parts, member)
+        if dest is None:
+            self.ignored[skipped or member] = None
+            return
+        if dest in self.files:
+            other = self.files[dest][0]
+            raise UserError(
+                f"{other!r} and {member!r} would both become {'/'.join(dest)!r};"
+                " fix: keep only one copy of the data set in the source"
+            )
+        self.files[dest] = (member, handle)
+        if dest[0] == TRAIN_DIR:
+            self.train_files += 1
+        else:
+            self.test_files += 1
+
+    def reported_ignored(self) -> tuple[str, ...]:
+        names = list(self.ignored)
+        if len(names) <= MAX_REPORTED_IGNORED:
+            return tuple(names)
+        return (*names[:MAX_REPORTED_IGNORED], f"... and {len(names) - MAX_REPORTED_IGNORED} more")
+
+
+def _ignored_name(parts: tuple[str, ...]) -> str | None:
+    """The name to report if this file is not data (macOS metadata, hidden, not an image), else None."""
+    for depth, part in enumerate(parts[:-1]):
+        if _is_hidden(part):  # report the folder once rather than every file in it
+            return "/".join(parts[: depth + 1]) + "/"
+    if _is_hidden(parts[-1]) or PurePosixPath(parts[-1]).suffix.lower() not in IMAGE_SUFFIXES:
+        return "/".join(parts)
+    return None
+
+
+def _is_hidden(name: str) -> bool:
+    return name == "__MACOSX" or name.startswith(".")
+
+
+def _canonical_parts(parts: tuple[str, ...], member: str) -> tuple[str, ...] | None:
+    """Where an image belongs under the target; None if it lies outside the data set folders."""
+    # The split folder may sit at the top or inside one wrapping folder (hand-made zips).
+    at = next((i for i, part in enumerate(parts[:2]) if part.lower() in (TRAIN_DIR, TEST_DIR)), None)
+    if at is None:
+        return None
+    split, rest = parts[at].lower(), parts[at + 1 :]
+    if len(rest) > 1 and rest[0].lower() == split:  # Kaggle ships the split folder doubled
+        rest = rest[1:]
+    if split == TRAIN_DIR and len(rest) == 2:
+        return (TRAIN_DIR, TRAIN_DIR, _class_folder(rest[0], member), rest[1])
+    if split == TEST_DIR and len(rest) == 1:
+        return (TEST_DIR, TEST_DIR, _test_file_name(rest[0], member))
+    raise UserError(f"image {member!r} is not where the layout puts images: {_LAYOUT}; fix: {_POINT_SOURCE}")
+
+
+def _class_folder(folder: str, member: str) -> str:
+    canonical = _CLASS_BY_FOLDED.get(folder.casefold())
+    if canonical is None:
+        raise UserError(
+            f"unknown class folder {folder!r} (at {member!r}); expected one of {', '.join(CLASSES)};"
+            " fix: rename or remove that folder, or point data.source at the unmodified Kaggle archive"
+        )
+    return canonical
+
+
+def _test_file_name(name: str, member: str) -> str:
+    """`<class>_test.<ext>` with the class in canonical case (`DEL_test.jpg` -> `del_test.jpg`)."""
+    stem = PurePosixPath(name).stem
+    canonical = _CLASS_BY_FOLDED.get(stem[: -len("_test")].casefold()) if stem.lower().endswith("_test") else None
+    if canonical is None:
+        raise UserError(
+            f"test image {member!r} is not named <class>_test.<ext> with <class> one of {', '.join(CLASSES)};"
+            " fix: rename or remove it, or point data.source at the unmodified Kaggle archive"
+        )
+    return canonical + name[len(stem) - len("_test") :]
+
+
+def _scan_zip(archive: zipfile.ZipFile) -> _Plan:
+    plan = _Plan()
+    for info in archive.infolist():
+        parts = _safe_member_parts(info)
+        if info.is_dir() or not parts:
+            continue
+        if info.flag_bits & 0x1:  # refuse before copying, not halfway through
+            raise _refused(info.filename, "is encrypted", "rebuild the archive without a password")
+        plan.add(info.filename, parts, info)
+    return plan
+
+
+def _safe_member_parts(info: zipfile.ZipInfo) -> tuple[str, ...]:
+    """The member's path as normalised parts; refuses anything that could land outside the target."""
+    name, kind = info.filename, stat.S_IFMT(info.external_attr >> 16)
+    if kind == stat.S_IFLNK:
+        raise _refused(name, "is a symbolic link (it could point anywhere)", "rebuild the archive without links")
+    if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+        raise _refused(name, "is not a regular file", "rebuild the archive with regular files only")
+    path = name.replace("\\", "/")  # archives made on Windows may use backslashes
+    if path.startswith("/") or _DRIVE.match(path):
+        raise _refused(name, "has an absolute path", "rebuild the archive with relative paths")
+    parts: list[str] = []
+    for part in path.split("/"):
+        if part == "..":
+            if not parts:
+                raise _refused(name, "points outside the archive with '..'", "rebuild the archive without '..' in paths")
+            parts.pop()
+        elif part not in ("", "."):
+            parts.append(part)
+    return tuple(parts)
+
+
+def _refused(member: str, why: str, fix: str) -> UserError:
+    return UserError(f"zip member {member!r} {why}, which is refused; fix: {fix}")
+
+
+def _scan_folder(root: Path) -> _Plan:
+    plan = _Plan()
+    pending: list[tuple[Path, tuple[str, ...]]] = [(root, ())]
+    while pending:
+        folder, prefix = pending.pop()
+        with os.scandir(folder) as listing:
+            entries = sorted(listing, key=lambda entry: entry.name)
+        for entry in entries:
+            parts, member = prefix + (entry.name,), "/".join(prefix + (entry.name,))
+            if _is_hidden(entry.name):  # never read, so never followed either
+                plan.ignored[member + ("/" if entry.is_dir(follow_symlinks=False) else "")] = None
+            elif entry.is_symlink():
+                raise UserError(
+                    f"{member!r} in the source folder {str(root)!r} is a symbolic link, which is refused (it could point"
+                    " anywhere); fix: replace the link with a copy of the files it points to"
+                )
+            elif entry.is_dir(follow_symlinks=False):
+                pending.append((Path(entry.path), parts))
+            elif entry.is_file(follow_symlinks=False):
+                plan.add(member, parts, Path(entry.path))
+            else:  # sockets, pipes, devices: not data
+                plan.ignored[member] = None
+    return plan
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _commit(plan: _Plan, target: Path, label: str, open_member: Callable[[Any], IO[bytes]]) -> None:
+    """Write the plan to a temporary sibling of `target`, then swap it in; no half-written target."""
+    if plan.train_files == 0:
+        raise UserError(f"no training images found in {label!r}: {_LAYOUT}; fix: {_POINT_SOURCE}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(target)
+    staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-", dir=target.parent))
+    try:
+        _write_files(plan, staging, open_member)
+        _swap_in(staging, target)
+    except BaseException:  # KeyboardInterrupt too: never leave a staging folder behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _write_files(plan: _Plan, root: Path, open_member: Callable[[Any], IO[bytes]]) -> None:
+    inside = root.resolve()
+    for dest_parts, (member, handle) in plan.files.items():
+        dest = root.joinpath(*dest_parts)
+        # Destinations are built from checked names; verify anyway, it is the last line of defence.
+        if not dest.resolve().is_relative_to(inside):
+            raise UserError(f"{member!r} would be written outside {str(root)!r}, which is refused; fix: {_POINT_SOURCE}")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with open_member(handle) as src, open(dest, "xb") as out:  # "x": never write through an existing file or link
+            shutil.copyfileobj(src, out, 1 << 20)
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    # Move the old target aside instead of deleting it in place, so the target path only ever
+    # holds a complete copy; the old copy is deleted after the swap.
+    old = None
+    if target.exists() or target.is_symlink():
+        old = target.with_name(f"{target.name}.old-{staging.name[len(target.name) + len('.tmp-') :]}")
+        os.rename(target, old)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        if old is not None:
+            os.rename(old, target)
+        raise
+    if old is not None:
+        _remove(old)
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Delete staging and old copies left by an ingest that was killed (SIGKILL skips cleanup)."""
+    for pattern in (".tmp-*", ".old-*"):
+        for leftover in glob.glob(glob.escape(str(target)) + pattern):
+            _remove(Path(leftover))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one short line: UserError messages must fit on a single line."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= 300 else text[:297] + "..."

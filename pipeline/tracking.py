@@ -1,0 +1,124 @@
+"""MLflow plumbing shared by every stage: the store, the experiment, and runs with the house tags.
+
+The store is `sqlite:///<repository>/mlruns/mlflow.db` with artifacts under `<repository>/mlruns/`
+(MLflow 3's plain file store is gone). `MLFLOW_TRACKING_URI`, when the user sets it, wins. Every
+run carries the tags `stage`, `strategy`, `git_commit`, `dvc_exp_name` and `device`, and ends
+FAILED, never RUNNING, when the stage raises, is interrupted or is terminated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from pipeline.paths import repository_root
+
+# MLflow phones home by default; these machines have no internet and runs must not wait on it.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+import mlflow  # noqa: E402  (after the telemetry switch)
+from filelock import FileLock  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+
+
+def store_dir() -> Path:
+    return repository_root() / "mlruns"
+
+
+def tracking_uri() -> str:
+    """The user's `MLFLOW_TRACKING_URI` if set, else the sqlite store inside `mlruns/`."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_dir() / 'mlflow.db'}"
+
+
+def configure(experiment: str) -> str:
+    """Point MLflow at the store and make `experiment` current; returns its id.
+
+    Two queued experiments may start at once on a fresh store: the lock keeps them from both
+    running the schema migration or both creating the experiment.
+    """
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    own_store = "MLFLOW_TRACKING_URI" not in os.environ
+    lock: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if own_store:
+        store_dir().mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(store_dir() / ".init.lock"))
+    with lock:
+        found = mlflow.get_experiment_by_name(experiment)
+        if found is None:
+            try:
+                location = store_dir().as_uri() if own_store else None
+                experiment_id = mlflow.create_experiment(experiment, artifact_location=location)
+            except MlflowException:  # created meanwhile by a process outside the lock (another store user)
+                experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
+        else:
+            experiment_id = found.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def git_commit(cwd: Path | None = None) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def standard_tags(stage: str, strategy: str | None = None, **extra: str) -> dict[str, str]:
+    tags = {"stage": stage, "git_commit": git_commit()}
+    if strategy:
+        tags["strategy"] = strategy
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    tags.update({k: str(v) for k, v in extra.items()})
+    return tags
+
+
+def _raise_on_sigterm(signum: int, frame: Any) -> None:
+    # torchrun and `dvc queue kill` stop workers with SIGTERM; turning it into an exception lets the
+    # run context below record FAILED instead of leaving the run RUNNING forever.
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def tracked_run(
+    experiment: str,
+    stage: str,
+    *,
+    strategy: str | None = None,
+    run_id: str | None = None,
+    run_name: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    tags: Mapping[str, str] | None = None,
+    nested: bool = False,
+) -> Iterator[mlflow.ActiveRun]:
+    """Open (or reopen, with `run_id`) a run carrying the standard tags; FAILED if the body raises."""
+    configure(experiment)
+    previous = signal.getsignal(signal.SIGTERM)
+    in_main_thread = _is_main_thread()
+    if in_main_thread:
+        signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        with mlflow.start_run(run_id=run_id, run_name=run_name, nested=nested) as run:
+            mlflow.set_tags(standard_tags(stage, strategy, **(tags or {})))
+            if params:
+                mlflow.log_params(dict(params))
+            yield run
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _is_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+

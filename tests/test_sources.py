@@ -1,0 +1,402 @@
+"""Tests for `pipeline.sources`: layouts accepted, junk ignored, hostile archives refused, atomic output."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipeline import sources
+from pipeline.errors import UserError
+from pipeline.sources import ingest_source
+
+TRAIN = Path("asl_alphabet_train/asl_alphabet_train")
+TEST = Path("asl_alphabet_test/asl_alphabet_test")
+
+
+def image_bytes(fmt: str = "JPEG") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+JPEG, PNG = image_bytes("JPEG"), image_bytes("PNG")
+
+
+def make_zip(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+def make_tree(root: Path, members: dict[str, bytes]) -> Path:
+    for name, data in members.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+def files_under(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+def assert_one_line(error: pytest.ExceptionInfo) -> str:
+    message = str(error.value)
+    assert "\n" not in message and "\r" not in message
+    assert "fix:" in message
+    return message
+
+
+def assert_nothing_staged(parent: Path) -> None:
+    assert not parent.exists() or not [p for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+DOUBLED = {
+    "asl_alphabet_train/asl_alphabet_train/A/A1.jpg": JPEG,
+    "asl_alphabet_train/asl_alphabet_train/A/A2.jpg": JPEG,
+    "asl_alphabet_train/asl_alphabet_train/del/del1.jpg": JPEG,
+    "asl_alphabet_test/asl_alphabet_test/A_test.jpg": JPEG,
+}
+EXPECTED = {
+    "asl_alphabet_train/asl_alphabet_train/A/A1.jpg",
+    "asl_alphabet_train/asl_alphabet_train/A/A2.jpg",
+    "asl_alphabet_train/asl_alphabet_train/del/del1.jpg",
+    "asl_alphabet_test/asl_alphabet_test/A_test.jpg",
+}
+
+
+def test_zip_with_doubled_layout(tmp_path: Path) -> None:
+    archive = make_zip(tmp_path / "asl.zip", DOUBLED)
+    report = ingest_source("asl.zip", tmp_path / "raw", base_dir=tmp_path)  # relative to base_dir
+    assert files_under(tmp_path / "raw") == EXPECTED
+    assert (report.train_files, report.test_files, report.ignored) == (3, 1, ())
+    assert report.source == str(archive)
+    assert (tmp_path / "raw" / TRAIN / "A" / "A1.jpg").read_bytes() == JPEG
+    assert_nothing_staged(tmp_path)
+
+
+def test_zip_without_doubled_level(tmp_path: Path) -> None:
+    members = {
+        name.replace("asl_alphabet_train/asl_alphabet_train", "asl_alphabet_train").replace(
+            "asl_alphabet_test/asl_alphabet_test", "asl_alphabet_test"
+        ): data
+        for name, data in DOUBLED.items()
+    }
+    make_zip(tmp_path / "asl.zip", members)
+    report = ingest_source(str(tmp_path / "asl.zip"), tmp_path / "raw", base_dir=Path("/nonexistent"))
+    assert files_under(tmp_path / "raw") == EXPECTED
+    assert (report.train_files, report.test_files) == (3, 1)
+
+
+def test_zip_with_one_wrapping_folder(tmp_path: Path) -> None:
+    make_zip(tmp_path / "asl.zip", {f"archive/{name}": data for name, data in DOUBLED.items()})
+    ingest_source("asl.zip", tmp_path / "raw", base_dir=tmp_path)
+    assert files_under(tmp_path / "raw") == EXPECTED
+
+
+def test_folder_source(tmp_path: Path) -> None:
+    make_tree(tmp_path / "extracted", DOUBLED)
+    report = ingest_source("extracted", tmp_path / "data" / "raw", base_dir=tmp_path)
+    assert files_under(tmp_path / "data" / "raw") == EXPECTED
+    assert (report.train_files, report.test_files, report.source) == (3, 1, str(tmp_path / "extracted"))
+    assert files_under(tmp_path / "extracted") == EXPECTED  # the source is copied, not moved
+
+
+def test_mixed_case_extensions_and_class_names(tmp_path: Path) -> None:
+    make_zip(
+        tmp_path / "asl.zip",
+        {
+            "asl_alphabet_train/B/B1.JPG": JPEG,
+            "asl_alphabet_train/B/B2.jpeg": JPEG,
+            "asl_alphabet_train/b/B3.Jpeg": JPEG,  # class folders match case-insensitively
+            "asl_alphabet_train/DEL/d1.PNG": PNG,
+            "asl_alphabet_train/Space/s1.png": PNG,
+            "asl_alphabet_test/DEL_test.JPG": JPEG,
+        },
+    )
+    report = ingest_source("asl.zip", tmp_path / "raw", base_dir=tmp_path)
+    assert files_under(tmp_path / "raw") == {
+        f"{TRAIN.as_posix()}/B/B1.JPG",
+        f"{TRAIN.as_posix()}/B/B2.jpeg",
+        f"{TRAIN.as_posix()}/B/B3.Jpeg",
+        f"{TRAIN.as_posix()}/del/d1.PNG",
+        f"{TRAIN.as_posix()}/space/s1.png",
+        f"{TEST.as_posix()}/del_test.JPG",
+    }
+    assert (report.train_files, report.test_files, report.ignored) == (5, 1, ())
+
+
+def test_junk_is_ignored_and_reported(tmp_path: Path) -> None:
+    make_zip(
+        tmp_path / "asl.zip",
+        {
+            **DOUBLED,
+            "__MACOSX/asl_alphabet_train/._A1.jpg": b"mac",
+            "__MACOSX/asl_alphabet_train/._A2.jpg": b"mac",
+            "asl_alphabet_train/asl_alphabet_train/A/.DS_Store": b"mac",
+            "asl_alphabet_train/asl_alphabet_train/A/._A1.jpg": b"mac",
+            "readme.txt": b"hello",
+            "asl_alphabet_train/asl_alphabet_train/A/notes.txt": b"hello",
+        },
+    )
+    report = ingest_source("asl.zip", tmp_path / "raw", base_dir=tmp_path)
+    assert files_under(tmp_path / "raw") == EXPECTED
+    assert set(report.ignored) == {
+        "__MACOSX/",  # one entry for the whole tree
+        "asl_alphabet_train/asl_alphabet_train/A/.DS_Store",
+        "asl_alphabet_train/asl_alphabet_train/A/._A1.jpg",
+        "readme.txt",
+        "asl_alphabet_train/asl_alphabet_train/A/notes.txt",
+    }
+
+
+def test_junk_in_folder_source_is_ignored_and_reported(tmp_path: Path) -> None:
+    make_tree(tmp_path / "src", {**DOUBLED, "__MACOSX/x/._A1.jpg": b"mac", ".git/config": b"x", "readme.txt": b"x"})
+    report = ingest_source("src", tmp_path / "raw", base_dir=tmp_path)
+    assert files_under(tmp_path / "raw") == EXPECTED
+    assert set(report.ignored) == {"__MACOSX/", ".git/", "readme.txt"}
+
+
+def test_ignored_list_is_capped(tmp_path: Path) -> None:
+    make_zip(tmp_path / "asl.zip", {**DOUBLED, **{f"notes/{i}.txt": b"x" for i in range(sources.MAX_REPORTED_IGNORED + 7)}})
+    report = ingest_source("asl.zip", tmp_path / "raw", base_dir=tmp_path)
+    assert len(report.ignored) == sources.MAX_REPORTED_IGNORED + 1
+    assert report.ignored[-1] == "... and 7 more"
+
+
+@pytest.mark.parametrize("evil", ["../evil.jpg", "asl_alphabet_train/A/../../../evil.jpg", "..\\evil.jpg"])
+def test_zip_member_escaping_with_dotdot_is_refused(tmp_path: Path, evil: str) -> None:
+    make_zip(tmp_path / "asl.zip", {**DOUBLED, evil: JPEG})
+    with pytest.raises(UserError) as error:
+        ingest_source("asl.zip", tmp_path / "data" / "raw", base_dir=tmp_path)
+    assert repr(evil) in assert_one_line(error)
+    assert not (tmp_path / "evil.jpg").exists() and not (tmp_path / "data" / "evil.jpg").exists()
+    assert not (tmp_path / "data" / "raw").exists()  # not created half-written
+    assert_nothing_staged(tmp_path / "data")
+
+
+def test_failed_ingest_keeps_previous_target_intact(tmp_path: Path) -> None:
+    make_zip(tmp_path / "good.zip", DOUBLED)
+    ingest_source("good.zip", tmp_path / "raw", base_dir=tmp_path)
+    make_zip(tmp_path / "bad.zip", {**DOUBLED, "../evil.jpg": JPEG})
+    with pytest.raises(UserError):
+        ingest_source("bad.zip", tmp_path / "raw", base_dir=tmp_path)
+    assert files_under(tmp_path / "raw") == EXPECTED
+    assert_nothing_staged(tmp_path)
+
+
+def test_failure_while_writing_cleans_staging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_zip(tmp_path / "asl.zip", DOUBLED)
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sources.shutil, "copyfileobj", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ingest_source("asl.zip", tmp_path / "raw", base_dir=tmp_path)
+    assert not (tmp_path / "raw").exists()
+    assert_nothing_staged(tmp_path)
+
+
+@pytest.mark.parametrize("evil", ["/tmp/evil.jpg", "C:/evil.jpg", "C:evil.jpg", "\\evil.jpg"])
+def test_zip_member_with_absolute_path_is_refused(tmp_path: Path, evil: str) -> None:
+    make_zip(tmp_path / "asl.zip", {**DOUBLED, evil: JPEG})
+    with pytest.raises(UserError) as error:
+        ingest_source("asl.zip", tmp_path / "raw", base_dir=tmp_path)
+    message = assert_one_line(error)
+    assert repr(evil) in message and "absolute" in message
+    assert not (tmp_path / "raw").exists()
+
+
+def test_zip_symlink_member_is_refused(tmp_path: Path) -> None:
+    with zipfile.ZipFile(tmp_path / "asl.zip", "w") as archive:
+        for name, data in DOUBLED.items():
+            archive.writestr(name, data)
+        link = zipfile.ZipInfo("asl_alphabet_train/asl_alphabet_train/A/link.jpg")
+        link.create_system = 3  # Unix, so external_attr holds the mode
+        link.external_attr = 0o120777 << 16
+        archive.writestr(link, "/etc/passwd")
+    with pytest.raises(UserError) as error:
+        ingest_source("asl.zip", tmp_path / "raw", base_dir=tmp_path)
+    message = assert_one_line(error)
+    assert "link.jpg" in message and "symbolic link" in message
+    assert not (tmp_path / "raw").exists()
+
+
+def test_encrypted_member_is_refused(tmp_path: Path) -> None:
+    secret = "asl_alphabet_train/asl_alphabet_train/A/secret.jpg"
+    data = bytearray(make_zip(tmp_path / "plain.zip", {**DOUBLED, secret: JPEG}).read_bytes())
+    # zipfile cannot encrypt, so set the "encrypted" flag in the member's central directory record.
+    record = data.rindex(b"PK\x01\x02")  # the last member's record: the secret one
+    assert data[record + 46 : record + 46 + len(secret)] == secret.encode()
+    data[record + 8] |= 0x1
+    (tmp_path / "asl.zip").write_bytes(bytes(data))
+    with pytest.raises(UserError) as error:
+        ingest_source("asl.zip", tmp_path / "raw", base_dir=tmp_path)
+    assert "encrypted" in assert_one_line(error)
+    assert not (tmp_path / "raw").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symlinks")
+@pytest.mark.parametrize("kind", ["file", "dir"])
+def test_symlink_in_folder_source_is_refused(tmp_path: Path, kind: str) -> None:
+    make_tree(tmp_path / "src", DOUBLED)
+    outside = make_tree(tmp_path / "outside", {"secret.jpg": JPEG})
+    if kind == "file":
+        os.symlink(outside / "secret.jpg", tmp_path / "src" / TRAIN / "A" / "A9.jpg")
+    else:
+        os.symlink(outside, tmp_path / "src" / TRAIN / "B")
+    with pytest.raises(UserError) as error:
+        ingest_source("src", tmp_path / "raw", base_dir=tmp_path)
+    assert "symbolic link" in assert_one_line(error)
+    assert not (tmp_path / "raw").exists()
+    assert_nothing_staged(tmp_path)
+
+
+def test_symlinked_source_folder_itself_is_allowed(tmp_path: Path) -> None:
+    make_tree(tmp_path / "real", DOUBLED)
+    os.symlink(tmp_path / "real", tmp_path / "alias")
+    ingest_source("alias", tmp_path / "raw", base_dir=tmp_path)
+    assert files_under(tmp_path / "raw") == EXPECTED
+
+
+def test_unknown_class_folder_is_refused(tmp_path: Path) -> None:
+    make_zip(tmp_path / "asl.zip", {**DOUBLED, "asl_alphabet_train/asl_alphabet_train/AA/x.jpg": JPEG})
+    with pytest.raises(UserError) as error:
+        ingest_source("asl.zip", tmp_path / "raw", base_dir=tmp_path)
+    message = assert_one_line(error)
+    assert "'AA'" in message and "A, B, C" in message and "del, nothing, space" in message
+    assert not (tmp_path / "raw").exists()
+
+
+def test_badly_named_test_image_is_refused(tmp_path: Path) -> None:
+    make_zip(tmp_path / "asl.zip", {**DOUBLED, "asl_alphabet_test/asl_alphabet_test/photo.jpg": JPEG})
+    with pytest.raises(UserError) as error:
+        ingest_source("asl.zip", tmp_path / "raw", base_dir=tmp_path)
+    assert "photo.jpg" in assert_one_line(error)
+
+
+@pytest.mark.parametrize(
+    "members",
+    [
+        {"A/A1.jpg": JPEG, "B/B1.jpg": JPEG},  # class folders at the top: no asl_alphabet_train
+        {"readme.txt": b"x"},  # no images at all
+        {"asl_alphabet_test/A_test.jpg": JPEG},  # test images only
+        {"a/b/asl_alphabet_train/A/A1.jpg": JPEG},  # wrapped twice
+    ],
+)
+def test_wrong_layout_explains_the_expected_one(tmp_path: Path, members: dict[str, bytes]) -> None:
+    make_zip(tmp_path / "asl.zip", members)
+    with pytest.raises(UserError) as error:
+        ingest_source("asl.zip", tmp_path / "raw", base_dir=tmp_path)
+    message = assert_one_line(error)
+    assert "asl_alphabet_train" in message and "data.source" in message and "extracted folder" in message
+    assert not (tmp_path / "raw").exists()
+
+
+def test_empty_folder_source_explains_the_expected_layout(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError) as error:
+        ingest_source("empty", tmp_path / "raw", base_dir=tmp_path)
+    assert "asl_alphabet_train" in assert_one_line(error)
+
+
+def test_missing_path_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError) as error:
+        ingest_source("downloads/asl.zip", tmp_path / "raw", base_dir=tmp_path)
+    message = assert_one_line(error)
+    assert "'downloads/asl.zip'" in message and sources.KAGGLE_URL in message
+    assert "kaggle" in message and "synthetic" in message
+
+
+def test_file_that_is_not_a_zip_is_a_user_error(tmp_path: Path) -> None:
+    (tmp_path / "asl.tar").write_bytes(b"x")
+    (tmp_path / "broken.zip").write_bytes(b"not a zip at all")
+    for name in ("asl.tar", "broken.zip"):
+        with pytest.raises(UserError) as error:
+            ingest_source(name, tmp_path / "raw", base_dir=tmp_path)
+        assert name in assert_one_line(error)
+
+
+def test_source_overlapping_target_is_refused(tmp_path: Path) -> None:
+    make_zip(tmp_path / "raw.zip", DOUBLED)
+    ingest_source("raw.zip", tmp_path / "data" / "raw", base_dir=tmp_path)
+    (tmp_path / "raw.zip").rename(tmp_path / "data" / "raw" / "asl.zip")  # would be deleted by the swap
+    for source in ("data/raw/asl.zip", "data/raw", "data", "."):
+        with pytest.raises(UserError) as error:
+            ingest_source(source, tmp_path / "data" / "raw", base_dir=tmp_path)
+        assert "overlaps" in assert_one_line(error)
+    assert (tmp_path / "data" / "raw" / "asl.zip").exists()
+
+
+def test_reingest_replaces_old_target(tmp_path: Path) -> None:
+    make_zip(tmp_path / "asl.zip", DOUBLED)
+    target = tmp_path / "raw"
+    make_tree(target, {f"{TRAIN.as_posix()}/Z/stale.jpg": JPEG, "stale.txt": b"old"})
+    make_tree(tmp_path / "raw.tmp-leftover", {"x": b"killed run"})  # from an ingest that was killed
+    ingest_source("asl.zip", target, base_dir=tmp_path)
+    assert files_under(target) == EXPECTED
+    assert_nothing_staged(tmp_path)
+
+
+def test_synthetic_is_not_handled_here(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        ingest_source("synthetic", tmp_path / "raw", base_dir=tmp_path)
+
+
+REMEDIES = ("KAGGLE_USERNAME", "KAGGLE_KEY", "~/.kaggle/kaggle.json", sources.KAGGLE_URL, "data.source", "params.yaml")
+
+
+def test_kaggle_download_failure_gives_both_remedies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline() -> Path:
+        raise ConnectionError("Failed to resolve 'www.kaggle.com'\n[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(sources, "_download_kaggle", offline)
+    with pytest.raises(UserError) as error:
+        ingest_source("kaggle", tmp_path / "raw", base_dir=tmp_path)
+    message = assert_one_line(error)
+    assert all(remedy in message for remedy in REMEDIES)
+    assert "Name or service not known" in message  # the cause is kept, on the same line
+
+
+def test_kaggle_download_is_ingested_like_a_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    downloaded = make_tree(tmp_path / "cache" / "versions" / "1", DOUBLED)
+    monkeypatch.setattr(sources, "_download_kaggle", lambda: downloaded)
+    report = ingest_source("kaggle", tmp_path / "raw", base_dir=tmp_path)
+    assert files_under(tmp_path / "raw") == EXPECTED
+    assert report.source == "kaggle:grassknoted/asl-alphabet"
+
+
+def test_real_kagglehub_failure_is_a_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real kagglehub, pointed at a closed local port: fails at once even on a machine with network."""
+    pytest.importorskip("kagglehub")
+    for name in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN", "KAGGLE_API_V1_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "kaggle-config"))
+    monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path / "kagglehub-cache"))
+    monkeypatch.setenv("KAGGLE_API_ENVIRONMENT", "TEST")  # kagglesdk: http://localhost:7777, never the real site
+    monkeypatch.setenv("DISABLE_KAGGLE_CACHE", "1")
+    monkeypatch.setenv("DISABLE_COLAB_CACHE", "1")
+    started = time.monotonic()
+    with pytest.raises(UserError) as error:
+        ingest_source("kaggle", tmp_path / "raw", base_dir=tmp_path)
+    assert time.monotonic() - started < 30
+    assert all(remedy in assert_one_line(error) for remedy in REMEDIES)
+    assert not (tmp_path / "raw").exists()
+
+
+def test_destination_outside_staging_is_refused_even_if_planning_slipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last line of defence: a computed destination that resolves outside the staging folder."""
+    make_zip(tmp_path / "asl.zip", DOUBLED)
+    monkeypatch.setattr(sources, "_canonical_parts", lambda parts, member: ("asl_alphabet_train", "..", "..", parts[-1]))
+    with pytest.raises(UserError) as error:
+        ingest_source("asl.zip", tmp_path / "raw", base_dir=tmp_path)
+    assert "outside" in assert_one_line(error)
+    assert files_under(tmp_path) == {"asl.zip"}
