@@ -78,3 +78,24 @@ def train(
     code = run_train(*_load(params_file), strategy, params_file)
     if code:
         raise typer.Exit(code)
+
+
+@app.command()
+@user_errors
+def evaluate(
+    strategy: Annotated[str, typer.Argument(help="which trained model to evaluate: dp or ddp", callback=_strategy)],
+    params_file: ParamsFile = Path("params.yaml"),
+) -> None:
+    """Measure models/<strategy> on the validation split and the test folder; log into its training's MLflow run."""
+    from pipeline.evaluate import run_evaluate
+
+    run_evaluate(*_load(params_file), strategy)
+
+
+@app.command()
+@user_errors
+def promote(params_file: ParamsFile = Path("params.yaml")) -> None:
+    """Register the better evaluated model, point `candidate` at it, and move `champion` if it wins."""
+    from pipeline.promote import run_promote
+
+    run_promote(*_load(params_file))

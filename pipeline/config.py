@@ -9,6 +9,7 @@ frozen dataclasses; every field says what it is for and every section checks its
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -319,13 +320,25 @@ def params_from_dict(values: dict | None) -> Params:
     return _build(Params, values)
 
 
+class _ParamsLoader(yaml.SafeLoader):
+    """PyYAML reads YAML 1.1, where `lr: 1e-3` is the *string* '1e-3'. DVC reads params.yaml as
+    YAML 1.2, where it is a number; this loader agrees with DVC (quoted values stay strings)."""
+
+
+_ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def load_params(path: Path | str = "params.yaml") -> Params:
     """Read and validate a params file; a missing or malformed file is a `ConfigError` too."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError("<file>", str(path), "an existing params.yaml (pass --params PATH)")
     try:
-        values = yaml.safe_load(path.read_text())
+        values = yaml.load(path.read_text(), Loader=_ParamsLoader)  # noqa: S506 -- a SafeLoader
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

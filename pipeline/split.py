@@ -62,6 +62,12 @@ def block_split(n: int, val_fraction: float, block_size: int, gap: int, rng: np.
         near_val[offset:] |= in_val[:-offset]
     dropped = np.flatnonzero(near_val & ~in_val)
     train = np.flatnonzero(~near_val & ~in_val)
+    if len(train) == 0:
+        # A class with validation frames but nothing to learn from would silently score zero.
+        raise ValueError(
+            f"{n} frames leave no training frame once a validation block of {block_size} and a gap of {gap} "
+            "are set aside: lower data.block_size or data.block_gap (or raise data.max_images)"
+        )
     return ClassSplit(train.tolist(), val.tolist(), dropped.tolist())
 
 

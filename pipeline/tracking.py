@@ -28,6 +28,11 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 
 
 def store_dir() -> Path:
+    """Folder of the sqlite store and its artifacts: `<repository>/mlruns`, or the folder of the
+    sqlite file that `MLFLOW_TRACKING_URI` names."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).parent
     return repository_root() / "mlruns"
 
 
@@ -39,24 +44,26 @@ def tracking_uri() -> str:
 def configure(experiment: str) -> str:
     """Point MLflow at the store and make `experiment` current; returns its id.
 
-    Two queued experiments may start at once on a fresh store: the lock keeps them from both
-    running the schema migration or both creating the experiment.
+    With a sqlite store, artifacts go beside the database (MLflow would otherwise put them in
+    `./mlartifacts` of whatever directory the stage runs in). Two queued experiments may start at
+    once on a fresh store: the lock keeps them from both migrating the schema or creating the
+    experiment.
     """
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    own_store = "MLFLOW_TRACKING_URI" not in os.environ
+    local = uri.startswith("sqlite:///")
     lock: contextlib.AbstractContextManager = contextlib.nullcontext()
-    if own_store:
+    if local:
         store_dir().mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(store_dir() / ".init.lock"))
     with lock:
         found = mlflow.get_experiment_by_name(experiment)
         if found is None:
             try:
-                location = store_dir().as_uri() if own_store else None
+                location = store_dir().as_uri() if local else None
                 experiment_id = mlflow.create_experiment(experiment, artifact_location=location)
-            except MlflowException:  # created meanwhile by a process outside the lock (another store user)
+            except MlflowException:  # a remote server's experiment, created meanwhile by another client
                 experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
         else:
             experiment_id = found.experiment_id
@@ -108,7 +115,12 @@ def tracked_run(
         signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
         with mlflow.start_run(run_id=run_id, run_name=run_name, nested=nested) as run:
-            mlflow.set_tags(standard_tags(stage, strategy, **(tags or {})))
+            new_tags = standard_tags(stage, strategy, **(tags or {}))
+            if run_id is not None:
+                # A reopened run (evaluate writing into its training's run, a resumed training)
+                # keeps the stage and commit it was created with; the later stage adds its own tags.
+                del new_tags["stage"], new_tags["git_commit"]
+            mlflow.set_tags(new_tags)
             if params:
                 mlflow.log_params(dict(params))
             yield run

@@ -1,0 +1,295 @@
+"""Stage `evaluate@<strategy>`: measure a trained model with scikit-learn and log it into its run.
+
+    python -m pipeline evaluate dp
+
+One process goes over every validation image exactly once (no padded duplicates, whatever the
+training's world size was), then over the test folder (28 images, one per class, no `del`: too
+small to trust alone, hence its own `test_` keys and a note in the report).
+
+Outputs:
+- `metrics/eval_<strategy>.json`: flat numbers only (`val_accuracy`, `val_macro_f1`, ...,
+  `test_...`, `eval_seconds`) so `dvc metrics show/diff` stay readable;
+- `metrics/predictions_<strategy>.csv`: `actual,predicted` class names of the validation split
+  (DVC's confusion template);
+- `metrics/confusion_<strategy>.png`: the validation confusion matrix with class names.
+
+The same metrics, the PNG, the text report (`classification_report.txt`) and the eval JSON go into
+the MLflow run of the training being evaluated (run id from `models/<strategy>/run.json`), which
+gets the tag `evaluated=true`: one row of the MLflow UI holds params, timings and quality.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config import Params
+from pipeline.errors import UserError
+from pipeline.paths import Paths
+from pipeline.shards import atomic_write_bytes, atomic_write_json, load_split, read_manifest
+
+TOP_K = 3
+METRIC_NAMES = (
+    "accuracy",
+    "balanced_accuracy",
+    "macro_precision",
+    "macro_recall",
+    "macro_f1",
+    "weighted_precision",
+    "weighted_recall",
+    "weighted_f1",
+    "top3_accuracy",
+    "images",
+)
+"""Keys of `classification_metrics`, after its prefix (`val_`, `test_`)."""
+
+TEST_NOTE = (
+    "NOTE: the test folder holds one image per class (28 images, no `del`): far too few to judge a "
+    "model by. Read it as a smoke test; the validation figures are the ones to compare."
+)
+
+
+# --- the model folder ------------------------------------------------------------------------------
+
+
+def read_run_info(model_dir: Path, strategy: str) -> dict[str, str]:
+    """`run.json` of a training (run_id, experiment_id, model_uri); a UserError if training has not run."""
+    run_file = model_dir / "run.json"
+    if not model_dir.is_dir() or not run_file.is_file():
+        missing = model_dir if not model_dir.is_dir() else run_file
+        raise UserError(f"{missing} is missing: run `dvc repro train@{strategy}` first")
+    try:
+        info = json.loads(run_file.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{run_file} is not valid JSON: run `dvc repro -f train@{strategy}` to rewrite it") from None
+    if not isinstance(info, dict) or not all(isinstance(info.get(k), str) for k in ("run_id", "model_uri")):
+        raise UserError(f"{run_file} lacks run_id/model_uri: run `dvc repro -f train@{strategy}` to rewrite it")
+    return info
+
+
+def load_trained(model_dir: Path, strategy: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The trained network (eval mode, CPU) and its model_config.json, via the serving model's loader."""
+    from pipeline.serving_model import CONFIG_FILE, WEIGHTS_FILE, load_network, read_model_config
+
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        if not (model_dir / name).is_file():
+            raise UserError(f"{model_dir / name} is missing: run `dvc repro train@{strategy}` first")
+    config = read_model_config(model_dir / CONFIG_FILE)
+    return load_network(model_dir / WEIGHTS_FILE, config), config
+
+
+# --- inference and metrics ---------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def predict_probabilities(network: torch.nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> np.ndarray:
+    """Softmax probabilities (float64 N x classes) for every image once, in order, float32 inputs."""
+    network = network.to(device).eval()
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size].to(device=device, dtype=torch.float32)
+        chunks.append(torch.softmax(network(batch).float(), dim=1).double().cpu().numpy())
+    if not chunks:
+        return np.zeros((0, 0))
+    return np.concatenate(chunks)
+
+
+def _present_labels(y_true: np.ndarray, y_pred: np.ndarray) -> list[int]:
+    # scikit-learn's own default: the classes that occur in y_true or y_pred. A class absent from
+    # both (`del` in the test folder) would otherwise count as a zero and drag every macro average down.
+    return sorted(set(np.asarray(y_true).tolist()) | set(np.asarray(y_pred).tolist()))
+
+
+def classification_metrics(y_true, y_pred, probabilities, prefix: str) -> dict[str, float]:
+    """scikit-learn's figures for one split, keys `<prefix><name>` for every name in METRIC_NAMES.
+
+    `probabilities` is N x classes (columns in label order), for top-3 accuracy. Precision, recall
+    and F1 use zero_division=0 over the classes present in y_true or y_pred.
+    """
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, precision_recall_fscore_support, top_k_accuracy_score
+
+    y_true, y_pred, probabilities = np.asarray(y_true), np.asarray(y_pred), np.asarray(probabilities, dtype=np.float64)
+    if len(y_true) == 0:
+        raise ValueError("classification_metrics needs at least one prediction")
+    labels = _present_labels(y_true, y_pred)
+    with warnings.catch_warnings():
+        # Predicting a class that y_true lacks is normal on a 28-image test folder, not news.
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        balanced = balanced_accuracy_score(y_true, y_pred)
+    figures = {"accuracy": accuracy_score(y_true, y_pred), "balanced_accuracy": balanced}
+    for average in ("macro", "weighted"):
+        precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=average, zero_division=0)
+        figures.update({f"{average}_precision": precision, f"{average}_recall": recall, f"{average}_f1": f1})
+    figures["top3_accuracy"] = top_k_accuracy_score(y_true, probabilities, k=TOP_K, labels=list(range(probabilities.shape[1])))
+    figures["images"] = len(y_true)
+    return {f"{prefix}{name}": (int(figures[name]) if name == "images" else float(figures[name])) for name in METRIC_NAMES}
+
+
+def class_report(y_true, y_pred, classes: list[str]) -> tuple[str, dict]:
+    """scikit-learn's per-class report, as text and as a dict, over the classes present."""
+    from sklearn.metrics import classification_report
+
+    labels = _present_labels(y_true, y_pred)
+    kwargs = dict(labels=labels, target_names=[classes[i] for i in labels], zero_division=0)
+    return classification_report(y_true, y_pred, digits=4, **kwargs), classification_report(y_true, y_pred, output_dict=True, **kwargs)
+
+
+def confusion_png(y_true, y_pred, classes: list[str], title: str) -> bytes:
+    """The confusion matrix as a PNG, class names on both axes, zero cells left blank."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
+
+    matrix = confusion_matrix(y_true, y_pred, labels=list(range(len(classes))))
+    side = max(6.0, 0.42 * len(classes) + 2.5)
+    figure, axes = plt.subplots(figsize=(side + 1.5, side), dpi=110)
+    try:
+        display = ConfusionMatrixDisplay(matrix, display_labels=list(classes))
+        display.plot(ax=axes, cmap="Blues", xticks_rotation="vertical", values_format="d", colorbar=False)
+        figure.colorbar(display.im_, ax=axes, fraction=0.046, pad=0.02)
+        for (row, col), text in np.ndenumerate(display.text_):
+            text.set_fontsize(7)
+            if matrix[row, col] == 0:
+                text.set_text("")
+        axes.tick_params(labelsize=8)
+        axes.set_title(title, fontsize=10)
+        figure.tight_layout()
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", metadata={"Software": None})
+        return buffer.getvalue()
+    finally:
+        plt.close(figure)
+
+
+def predictions_csv(y_true, y_pred, classes: list[str]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["actual", "predicted"])
+    writer.writerows((classes[t], classes[p]) for t, p in zip(np.asarray(y_true).tolist(), np.asarray(y_pred).tolist()))
+    return buffer.getvalue().encode()
+
+
+# --- the stage ---------------------------------------------------------------------------------
+
+
+def _check_compatible(config: dict, manifest: dict, strategy: str) -> None:
+    if list(config["classes"]) != list(manifest["classes"]) or int(config["image_size"]) != int(manifest["image_size"]):
+        raise UserError(
+            f"models/{strategy} was trained on other shards (classes or image size differ from data/shards): "
+            f"run `dvc repro train@{strategy}` first"
+        )
+
+
+def _evaluate_split(network, paths: Paths, manifest: dict, split: str, params: Params, device: torch.device):
+    images, labels = load_split(paths.shards, split, manifest)
+    if len(labels) == 0:
+        return None
+    probabilities = predict_probabilities(network, images, params.evaluate.batch_size, device)
+    y_true, y_pred = labels.numpy(), probabilities.argmax(axis=1)
+    return y_true, y_pred, probabilities
+
+
+def _report_text(strategy: str, run_id: str, val_text: str, test_text: str | None, metrics: dict) -> str:
+    parts = [
+        f"Evaluation of models/{strategy} (MLflow run {run_id})",
+        "",
+        f"== validation split: {metrics['val_images']} images ==",
+        val_text,
+    ]
+    if test_text is None:
+        parts += ["== test folder: no images ==", ""]
+    else:
+        parts += [f"== test folder: {metrics['test_images']} images ==", TEST_NOTE, "", test_text]
+    return "\n".join(parts)
+
+
+def _metric_step(client, run_id: str) -> int:
+    """The training's last epoch step: logged there (later in time), the eval value is the one the
+    MLflow UI shows as the run's `val_accuracy`, while the per-epoch history keeps its shape."""
+    history = client.get_metric_history(run_id, "val_accuracy")
+    return max((m.step for m in history), default=0)
+
+
+def existing_run(run_info: dict, model_dir: Path, strategy: str) -> str:
+    """The run id from run.json, after checking that the configured MLflow store holds that run."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient().get_run(run_info["run_id"])
+    except MlflowException:
+        raise UserError(
+            f"MLflow run {run_info['run_id']} named in {model_dir / 'run.json'} is not in the store "
+            f"{mlflow.get_tracking_uri()}: run `dvc repro -f train@{strategy}` (or set MLFLOW_TRACKING_URI to the store it was trained with)"
+        ) from None
+    return run_info["run_id"]
+
+
+def run_evaluate(params: Params, paths: Paths, strategy: str) -> dict[str, float]:
+    """The stage's entry point; returns the figures written to eval_<strategy>.json."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import configure, tracked_run
+
+    started = time.perf_counter()
+    model_dir = paths.model_dir(strategy)
+    run_info = read_run_info(model_dir, strategy)
+    configure(params.mlflow.experiment)
+    existing_run(run_info, model_dir, strategy)  # fail before the work, not after it
+    network, config = load_trained(model_dir, strategy)
+    manifest = read_manifest(paths.shards)
+    _check_compatible(config, manifest, strategy)
+    classes = list(config["classes"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    val = _evaluate_split(network, paths, manifest, "val", params, device)
+    if val is None:
+        raise UserError("the validation split is empty: check data.val_fraction and run `dvc repro preprocess`")
+    metrics = classification_metrics(*val, prefix="val_")
+    val_text, val_dict = class_report(val[0], val[1], classes)
+    test = _evaluate_split(network, paths, manifest, "test", params, device)
+    test_text, test_dict = None, None
+    if test is None:
+        metrics["test_images"] = 0
+    else:
+        metrics.update(classification_metrics(*test, prefix="test_"))
+        test_text, test_dict = class_report(test[0], test[1], classes)
+    metrics["eval_seconds"] = time.perf_counter() - started
+
+    paths.metrics.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(paths.eval_metrics(strategy), metrics)
+    atomic_write_bytes(paths.eval_predictions(strategy), predictions_csv(val[0], val[1], classes))
+    title = f"{strategy}: validation, {metrics['val_images']} images, accuracy {metrics['val_accuracy']:.3f}, macro F1 {metrics['val_macro_f1']:.3f}"
+    atomic_write_bytes(paths.eval_confusion_png(strategy), confusion_png(val[0], val[1], classes, title))
+    report = _report_text(strategy, run_info["run_id"], val_text, test_text, metrics)
+
+    with tracked_run(params.mlflow.experiment, "evaluate", strategy=strategy, run_id=run_info["run_id"], tags={"evaluated": "true"}):
+        client = MlflowClient()
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=_metric_step(client, run_info["run_id"]))
+        for path in (paths.eval_metrics(strategy), paths.eval_confusion_png(strategy), paths.eval_predictions(strategy)):
+            mlflow.log_artifact(str(path))
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "classification_report.txt").write_text(report)
+            (Path(tmp) / "classification_report.json").write_text(json.dumps({"val": val_dict, "test": test_dict}, indent=2))
+            mlflow.log_artifact(str(Path(tmp) / "classification_report.txt"))
+            mlflow.log_artifact(str(Path(tmp) / "classification_report.json"))
+
+    print(report)
+    print(
+        f"evaluate {strategy}: val accuracy {metrics['val_accuracy']:.4f}, macro F1 {metrics['val_macro_f1']:.4f}, "
+        f"top-3 {metrics['val_top3_accuracy']:.4f} over {metrics['val_images']} images (run {run_info['run_id']})"
+    )
+    return metrics

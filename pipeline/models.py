@@ -1,0 +1,76 @@
+"""The classifiers: torchvision architectures with a 29-class head, and a small CNN for tests.
+
+The head is replaced *before* any DataParallel/DDP wrapping: a head swapped in after wrapping (as
+the original study did) is a module the wrapper never registered, so DDP does not synchronize it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.config import ModelConfig
+from pipeline.errors import UserError
+
+
+class SmallCNN(nn.Module):
+    """Four conv blocks and a linear head: trains in seconds on CPU; has no batch-norm, so its
+    result does not depend on how a batch is split across processes."""
+
+    def __init__(self, num_classes: int, width: int = 32):
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = 3
+        for out in (width, width * 2, width * 4, width * 4):
+            layers += [nn.Conv2d(channels, out, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            channels = out
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+def _torchvision_model(name: str, pretrained: bool) -> nn.Module:
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(name).DEFAULT if pretrained else None
+    try:
+        return torchvision.models.get_model(name, weights=weights)
+    except (OSError, RuntimeError) as err:  # URLError is an OSError; a partial download raises RuntimeError
+        raise UserError(
+            f"could not load the pretrained {name} weights ({type(err).__name__}: {err}): connect to the internet once "
+            f"so torchvision can cache them under $TORCH_HOME, or set model.pretrained: false"
+        ) from None
+
+
+def _replace_head(model: nn.Module, num_classes: int) -> nn.Module:
+    if isinstance(getattr(model, "fc", None), nn.Linear):  # resnets
+        model.fc = nn.Linear(model.fc.in_features, num_classes)
+        return model.fc
+    classifier = model.classifier  # mobilenet_v3: the last Linear of the classifier Sequential
+    classifier[-1] = nn.Linear(classifier[-1].in_features, num_classes)
+    return classifier
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """A fresh model with a `num_classes` head; backbone frozen if asked."""
+    if cfg.name == "small_cnn":
+        if cfg.pretrained:
+            raise UserError("model.pretrained: true needs a torchvision model: small_cnn has no pretrained weights")
+        model: nn.Module = SmallCNN(num_classes)
+        head: nn.Module = model.fc
+    else:
+        model = _torchvision_model(cfg.name, cfg.pretrained)
+        head = _replace_head(model, num_classes)
+    if cfg.freeze_backbone:
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        for parameter in head.parameters():
+            parameter.requires_grad_(True)
+    return model
+
+
+def head_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the parameters that still train (all of them unless the backbone is frozen)."""
+    return [name for name, p in model.named_parameters() if p.requires_grad]

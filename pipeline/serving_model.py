@@ -1,0 +1,319 @@
+"""The served model: an MLflow pyfunc that takes raw images and returns class probabilities.
+
+A model folder written by training (`model.safetensors` + `model_config.json`) becomes an MLflow
+model with `log_pyfunc_model`. The logged model carries its own preprocessing: it reads the image
+size, mean and std from `model_config.json` and calls `pipeline.imaging`, so a client sends
+images as they are (any size, any mode) and gets the same result training-time preprocessing
+would give. `pipeline/` travels with the model (`code_paths`), so it loads outside this repository.
+
+Input: a pandas DataFrame, one row per image, with one of two columns filled in per row:
+
+- `image`: the encoded file (JPEG, PNG, ...) as `bytes`, or its base64 text. In a JSON request
+  to `mlflow models serve` the column holds base64 text: inside `dataframe_split` or
+  `dataframe_records` the scoring server decodes it (the signature declares the column `binary`);
+  inside `inputs` or `instances` it does not, and the model decodes it (`_bytes_from_cell`).
+- `pixels`: raw uint8 pixels, HxWx3 (or HxW grey, HxWx4 RGBA), as a numpy array or nested lists.
+  Sizes may differ from row to row.
+
+Output: a DataFrame with one row per input row: `label` (class name), `probability` (of that
+class) and `probabilities` (one per class, in the order of the `classes` list that the model
+metadata and `model_config.json` carry).
+
+Why `pixels` is typed `AnyType` in the signature: MLflow 3.17 checks an `Array(Array(Array(long)))`
+column element by element (`mlflow.models.utils._enforce_array` builds a pandas Series for every
+innermost [r, g, b] list), which costs about 2 s for one 200x200 image. The model checks the
+array itself instead (`_pixels_from_cell`), in one vectorised step.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import math
+import os
+import re
+import struct
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.models.model import ModelInfo
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Schema
+from PIL import Image
+from safetensors.torch import load_file
+from torch import nn
+
+from pipeline.config import ModelConfig
+from pipeline.errors import UserError
+from pipeline.imaging import ImageTooLarge, normalize, prepare_pixels
+from pipeline.models import build_model
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "model_config.json"
+IMAGE_COLUMN = "image"
+PIXELS_COLUMN = "pixels"
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+DEVICE_ENV = "ASL_SERVING_DEVICE"
+"""Torch device the served model runs on (default `cpu`; e.g. `cuda` on a GPU server)."""
+
+_FORWARD_BATCH = 64  # images per forward pass: bounds the memory a large request takes
+_PACKAGE_DIR = Path(__file__).resolve().parent
+# What the modules the model imports need (this one, pipeline.imaging, .models, .config), pinned
+# to the versions installed here. Given explicitly, MLflow does not infer them: inference loads
+# the model in a subprocess to watch its imports, which is slow and only a guess.
+_REQUIREMENTS = ("mlflow", "cloudpickle", "torch", "torchvision", "numpy", "pandas", "pillow", "safetensors", "pyyaml")
+# What PIL raises for bytes that are not a (complete) image; ImageTooLarge is a ValueError.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+_BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/=\s]+")  # standard alphabet, padding, line breaks
+
+INPUT_SCHEMA = Schema(
+    [
+        ColSpec(DataType.binary, IMAGE_COLUMN, required=False),
+        ColSpec(AnyType(), PIXELS_COLUMN, required=False),
+    ]
+)
+OUTPUT_SCHEMA = Schema(
+    [
+        ColSpec(DataType.string, "label"),
+        ColSpec(DataType.double, "probability"),
+        ColSpec(Array(DataType.double), "probabilities"),
+    ]
+)
+SIGNATURE = ModelSignature(inputs=INPUT_SCHEMA, outputs=OUTPUT_SCHEMA)
+
+
+class InvalidImage(MlflowException, ValueError):
+    """One input row is not a usable image. An MlflowException with INVALID_PARAMETER_VALUE, so
+    the scoring server answers 400 with this message; a ValueError for plain Python callers."""
+
+    def __init__(self, row: int, reason: str, label: Any = None):
+        self.row, self.reason = row, reason
+        where = f"row {row}" if label is None or label == row else f"row {row} (index {label!r})"
+        super().__init__(f"image at {where}: {reason}", error_code=INVALID_PARAMETER_VALUE)
+
+
+# --- the model folder -------------------------------------------------------------------------
+
+
+def read_model_config(path: Path) -> dict[str, Any]:
+    """`model_config.json` as a dict, with `max_image_pixels` filled in if training left it out."""
+    config = json.loads(Path(path).read_text())
+    config.setdefault("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+    return config
+
+
+def load_network(weights: Path, config: dict[str, Any]) -> nn.Module:
+    """The trained network in eval mode, rebuilt from its config and safetensors weights."""
+    # Never download ImageNet weights: the trained ones replace them all anyway.
+    model_config = ModelConfig(**{**config["model"], "pretrained": False})
+    model = build_model(model_config, len(config["classes"]))
+    model.load_state_dict(load_file(str(weights)))
+    return model.eval()
+
+
+# --- turning one input row into pixels ---------------------------------------------------------
+
+
+def _is_missing(cell: Any) -> bool:
+    return cell is None or cell is pd.NA or (isinstance(cell, float) and math.isnan(cell))
+
+
+def _from_base64(data: bytes) -> bytes | None:
+    """The decoded bytes if `data` is base64 text (line breaks allowed), else None."""
+    if not _BASE64_TEXT.fullmatch(data):
+        return None
+    try:
+        return base64.b64decode(b"".join(data.split()), validate=True)
+    except binascii.Error:  # e.g. plain words: base64 characters, but not base64
+        return None
+
+
+def _bytes_from_cell(cell: Any) -> bytes:
+    """The encoded image in an `image` cell: raw bytes, or base64 text of them (str or bytes).
+
+    Base64 arrives undecoded through the `inputs`/`instances` JSON formats (MLflow decodes binary
+    columns only in `dataframe_split`/`dataframe_records`) and from clients that pass `str`. Telling
+    the two apart is safe: every format PIL reads starts with a binary header, so an image file is
+    never made of base64 characters alone.
+    """
+    if isinstance(cell, str):
+        data = cell.encode("utf-8")
+    elif isinstance(cell, (bytes, bytearray, memoryview)):
+        data = bytes(cell)
+    else:
+        raise TypeError(f"'{IMAGE_COLUMN}' must hold the encoded image as bytes or base64 text, got {type(cell).__name__}")
+    if not data:
+        raise ValueError(f"'{IMAGE_COLUMN}' is empty")
+    decoded = _from_base64(data)
+    if decoded is not None:
+        return decoded
+    if isinstance(cell, str):
+        raise ValueError(f"'{IMAGE_COLUMN}' holds text that is not base64; send the image bytes or their base64")  # noqa: TRY004
+    return data
+
+
+def _pixels_from_cell(cell: Any) -> np.ndarray:
+    """A uint8 array from a numpy array or nested lists (what JSON gives): integers 0-255 only,
+    since floats are ambiguous (0-1 or 0-255?)."""
+    try:
+        array = np.asarray(cell)
+    except ValueError as err:  # ragged nested lists
+        raise ValueError(f"'{PIXELS_COLUMN}' is not a rectangular array ({err})") from None
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype.kind not in "iu" or array.size == 0:
+        raise ValueError(f"'{PIXELS_COLUMN}' must hold integers 0-255 (uint8), got dtype {array.dtype}")
+    if array.min() < 0 or array.max() > 255:
+        raise ValueError(f"'{PIXELS_COLUMN}' values must lie in 0-255, got {array.min()} to {array.max()}")
+    return array.astype(np.uint8)
+
+
+def _describe_decode_error(err: Exception) -> str:
+    if isinstance(err, Image.UnidentifiedImageError):
+        return "not an image format PIL can read (send JPEG or PNG bytes)"
+    if isinstance(err, (ImageTooLarge, Image.DecompressionBombError)):
+        return f"too large: {err}"
+    return f"unreadable or truncated image ({type(err).__name__}: {err})"
+
+
+# --- the pyfunc --------------------------------------------------------------------------------
+
+
+class AslClassifier(mlflow.pyfunc.PythonModel):
+    """Raw images in, class probabilities out; see the module docstring for the formats."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        config = read_model_config(Path(context.artifacts["config"]))
+        self.classes: list[str] = list(config["classes"])
+        self.image_size = int(config["image_size"])
+        self.mean, self.std = tuple(config["mean"]), tuple(config["std"])
+        self.max_pixels = int(config["max_image_pixels"])
+        self.device = torch.device(os.environ.get(DEVICE_ENV, "cpu"))
+        self.network = load_network(Path(context.artifacts["weights"]), config).to(self.device)
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        # The pd.DataFrame hint is one MLflow does not infer a signature from or validate against:
+        # the explicit SIGNATURE is the one enforced.
+        pixels = self._prepare_batch(model_input)
+        return self._result_frame(self._probabilities(pixels))
+
+    def _prepare_batch(self, frame: pd.DataFrame) -> np.ndarray:
+        if not isinstance(frame, pd.DataFrame):
+            raise MlflowException.invalid_parameter_value(
+                f"expected a DataFrame with a column '{IMAGE_COLUMN}' or '{PIXELS_COLUMN}', got {type(frame).__name__}"
+            )
+        if IMAGE_COLUMN not in frame and PIXELS_COLUMN not in frame:
+            raise MlflowException.invalid_parameter_value(
+                f"the input has neither a column '{IMAGE_COLUMN}' (encoded image bytes; base64 in JSON) "
+                f"nor '{PIXELS_COLUMN}' (uint8 HxWx3 arrays)"
+            )
+        images = frame[IMAGE_COLUMN] if IMAGE_COLUMN in frame else pd.Series([None] * len(frame))
+        arrays = frame[PIXELS_COLUMN] if PIXELS_COLUMN in frame else pd.Series([None] * len(frame))
+        rows = zip(frame.index, images.tolist(), arrays.tolist())
+        prepared = [self._prepare_row(position, label, image, array) for position, (label, image, array) in enumerate(rows)]
+        return np.stack(prepared) if prepared else np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+
+    def _prepare_row(self, position: int, label: Any, image: Any, array: Any) -> np.ndarray:
+        if _is_missing(image) == _is_missing(array):
+            raise InvalidImage(position, f"fill exactly one of '{IMAGE_COLUMN}' and '{PIXELS_COLUMN}'", label)
+        try:
+            source = _pixels_from_cell(array) if _is_missing(image) else _bytes_from_cell(image)
+        except (TypeError, ValueError) as err:
+            raise InvalidImage(position, str(err), label) from None
+        try:
+            return prepare_pixels(source, self.image_size, self.max_pixels)
+        except _DECODE_ERRORS as err:
+            reason = _describe_decode_error(err) if isinstance(source, bytes) else str(err)
+            raise InvalidImage(position, reason, label) from None
+
+    @torch.inference_mode()
+    def _probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        chunks = [np.zeros((0, len(self.classes)), np.float32)]
+        for start in range(0, len(pixels), _FORWARD_BATCH):
+            batch = torch.from_numpy(normalize(pixels[start : start + _FORWARD_BATCH], self.mean, self.std))
+            logits = self.network(batch.to(self.device))
+            chunks.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+        return np.concatenate(chunks)
+
+    def _result_frame(self, probabilities: np.ndarray) -> pd.DataFrame:
+        best = probabilities.argmax(axis=1)
+        return pd.DataFrame(
+            {
+                "label": [self.classes[i] for i in best],
+                "probability": probabilities[np.arange(len(best)), best].astype(np.float64),
+                "probabilities": [row.tolist() for row in probabilities.astype(np.float64)],
+            }
+        )
+
+
+# --- logging -----------------------------------------------------------------------------------
+
+
+def pinned_requirements() -> list[str]:
+    """`name==version` for what the served model imports, as installed here, without local
+    version labels (`2.14.1+cu130` is not on PyPI; `2.14.1` is)."""
+    return [f"{name}=={version(name).split('+')[0]}" for name in _REQUIREMENTS]
+
+
+def _default_example_images() -> list[bytes]:
+    """Two small images of different sizes and formats: a batch, so nothing gets shaped for one."""
+    gradient = np.linspace(0, 255, 48 * 64 * 3).reshape(48, 64, 3).astype(np.uint8)
+    examples = []
+    for pixels, fmt in ((gradient, "JPEG"), (gradient[:40, :40][::-1], "PNG")):
+        buffer = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format=fmt)
+        examples.append(buffer.getvalue())
+    return examples
+
+
+def _example_frame(images: list | None) -> pd.DataFrame:
+    items = _default_example_images() if images is None else images
+    encoded = [item if isinstance(item, bytes) else Path(item).read_bytes() for item in items]
+    return pd.DataFrame({IMAGE_COLUMN: encoded})
+
+
+def log_pyfunc_model(
+    model_dir: Path,
+    *,
+    name: str = "model",
+    input_example_images: list | None = None,
+    registered_model_name: str | None = None,
+) -> ModelInfo:
+    """Log `model_dir` (model.safetensors + model_config.json) as a pyfunc model in the active run.
+
+    `input_example_images`: encoded images (bytes, or paths to image files) for the logged input
+    example; two generated images when omitted. The model is run on the example before anything is
+    logged, so a folder that cannot serve fails here: MLflow's own check of the example while
+    logging only warns.
+    """
+    model_dir = Path(model_dir)
+    artifacts = {"weights": str(model_dir / WEIGHTS_FILE), "config": str(model_dir / CONFIG_FILE)}
+    for path in artifacts.values():
+        if not Path(path).is_file():
+            raise UserError(f"{path} is missing: train the model first")
+    if mlflow.active_run() is None:
+        raise MlflowException("log_pyfunc_model logs into the active MLflow run, and none is active")
+    example = _example_frame(input_example_images)
+    classifier = AslClassifier()
+    classifier.load_context(mlflow.pyfunc.PythonModelContext(artifacts, None))
+    classifier.predict(None, example)
+    return mlflow.pyfunc.log_model(
+        name=name,
+        python_model=AslClassifier(),  # a fresh one: load_context's network must not be pickled
+        artifacts=artifacts,
+        signature=SIGNATURE,
+        input_example=example,
+        code_paths=[str(_PACKAGE_DIR)],
+        pip_requirements=pinned_requirements(),
+        metadata={"classes": classifier.classes, "image_size": classifier.image_size},
+        registered_model_name=registered_model_name,
+    )

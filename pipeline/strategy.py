@@ -1,0 +1,187 @@
+"""How training is spread over devices, so that the training loop does not have to know.
+
+A strategy wraps the model, picks the sampler, turns the global batch into a per-process batch,
+says whether this process is the main one, and reduces metrics across processes. Defaults are
+those of one process (rank 0 of 1), so no caller branches on "distributed".
+
+- `DataParallelStrategy` (`dp`): one process; `torch.nn.DataParallel` over `gpus` CUDA devices,
+  plain CPU training where there is no CUDA.
+- `DistributedStrategy` (`ddp`): one process per device, started by torchrun;
+  `DistributedDataParallel` over NCCL (CUDA) or gloo (CPU).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DistributedSampler
+
+from pipeline.errors import UserError
+
+
+def inside_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def check_visible_gpus(requested: int) -> None:
+    """On a CUDA machine, asking for more GPUs than are visible is a user error."""
+    if torch.cuda.is_available() and requested > torch.cuda.device_count():
+        visible = torch.cuda.device_count()
+        raise UserError(f"gpus={requested} but only {visible} CUDA device(s) are visible: set gpus to at most {visible} (dvc exp run -S gpus={visible})")
+
+
+SYNC_BATCHNORM_NEEDS_CUDA = (
+    "train.sync_batchnorm needs CUDA (SyncBatchNorm does not run on CPU): set it to false, "
+    "or use model.name: small_cnn, which has no batch-norm"
+)
+
+
+def check_batch_divides(global_batch: int, world_size: int) -> None:
+    if global_batch % world_size:
+        raise UserError(
+            f"train.batch_size={global_batch} does not split evenly over {world_size} processes: "
+            f"use a multiple of {world_size} so every optimizer step sees the same number of images"
+        )
+
+
+class Strategy:
+    """One process, one device: the base every strategy refines."""
+
+    name = "single"
+    rank = 0
+    local_rank = 0
+    world_size = 1
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device_label(self) -> str:
+        """`cpu`, or the CUDA device name: tagged on every run so CPU figures are never read as GPU ones."""
+        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+
+    def per_process_batch(self, global_batch: int) -> int:
+        return global_batch
+
+    def sampler(self, dataset_size: int, seed: int) -> DistributedSampler:
+        # The same sampler class everywhere: with one replica it is a seeded permutation per epoch,
+        # with N replicas each rank takes every N-th index of that same permutation. So the union
+        # of the ranks' k-th batches is exactly the one-process k-th batch.
+        return DistributedSampler(range(dataset_size), num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=seed, drop_last=True)
+
+    def eval_indices(self, dataset_size: int) -> range:
+        """This process's share of an exact evaluation: every item exactly once over all ranks."""
+        return range(self.rank, dataset_size, self.world_size)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
+
+    def eval_model(self, wrapped: nn.Module) -> nn.Module:
+        return wrapped
+
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        return values
+
+    def broadcast_object(self, value: Any) -> Any:
+        return value
+
+    def barrier(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class DataParallelStrategy(Strategy):
+    name = "dp"
+
+    def __init__(self, gpus: int):
+        check_visible_gpus(gpus)
+        self.gpus = gpus if torch.cuda.is_available() else 0
+        super().__init__(torch.device("cuda:0") if self.gpus else torch.device("cpu"))
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        model = model.to(self.device)
+        # DataParallel scatters each batch over the devices and gathers the outputs on cuda:0;
+        # on one GPU or on CPU the wrapper would only add overhead.
+        return nn.DataParallel(model, device_ids=list(range(self.gpus))) if self.gpus > 1 else model
+
+
+class DistributedStrategy(Strategy):
+    name = "ddp"
+
+    def __init__(self, sync_batchnorm: bool = False):
+        if not inside_torchrun():
+            raise RuntimeError("DistributedStrategy must run under torchrun (use `python -m pipeline train ddp`)")
+        self.rank = int(os.environ["RANK"])
+        self.local_rank = int(os.environ["LOCAL_RANK"])
+        self.world_size = int(os.environ["WORLD_SIZE"])
+        local_world = int(os.environ["LOCAL_WORLD_SIZE"])
+        if torch.cuda.is_available():
+            check_visible_gpus(local_world)
+            device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(device)
+            backend = "nccl"
+        else:
+            if sync_batchnorm:
+                raise UserError(SYNC_BATCHNORM_NEEDS_CUDA)
+            device = torch.device("cpu")
+            backend = "gloo"
+            # The processes share the machine's cores; oversubscribing them makes every rank slower.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        self.sync_batchnorm = sync_batchnorm
+        super().__init__(device)
+        dist.init_process_group(backend, timeout=timedelta(minutes=10), device_id=device if device.type == "cuda" else None)
+
+    def per_process_batch(self, global_batch: int) -> int:
+        check_batch_divides(global_batch, self.world_size)
+        return global_batch // self.world_size
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if self.sync_batchnorm:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = model.to(self.device)
+        device_ids = [self.local_rank] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    def eval_model(self, wrapped: nn.Module) -> nn.Module:
+        # Ranks evaluate different numbers of batches; DDP's forward broadcasts buffers (a
+        # collective), which would deadlock on the rank with one batch more. The bare module has none.
+        return self.unwrap(wrapped)
+
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        values = values.to(self.device)
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return values
+
+    def broadcast_object(self, value: Any) -> Any:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def make_strategy(name: str, gpus: int, sync_batchnorm: bool = False) -> Strategy:
+    if name == "dp":
+        return DataParallelStrategy(gpus)
+    if name == "ddp":
+        return DistributedStrategy(sync_batchnorm)
+    raise ValueError(f"unknown strategy {name!r}")

@@ -1,0 +1,302 @@
+"""Offline stand-in for the Kaggle "ASL Alphabet" data set.
+
+`generate_synthetic_dataset` writes the exact folder layout and file names of the real data set,
+filled with drawn images of hand-like shapes, so that every stage of the pipeline (and its tests
+and CI) runs without network access or Kaggle credentials:
+
+    <root>/asl_alphabet_train/asl_alphabet_train/<class>/<class><n>.jpg   n = 1 .. images_per_class
+    <root>/asl_alphabet_test/asl_alphabet_test/<class>_test.jpg          every class except `del`
+
+The images are meant to behave like the real ones where that matters to the pipeline:
+
+* Each class has a fixed *pose signature* (which fingers are extended, bent or curled, how far
+  they are spread and where the hand points); `nothing` shows background only. Skin tone,
+  background, clutter, lighting and noise are drawn independently of the class, so no cheap cue
+  such as the mean colour gives the class away: a model has to look at the shape.
+* The real frames were cut from videos, so neighbouring frame numbers are near-duplicates. Here
+  frames come in runs of `frames_per_run` consecutive numbers whose pose only drifts slightly;
+  a random train/validation split therefore leaks just as it does on the real data.
+
+Output is a pure function of the arguments: every run draws from its own generator seeded with
+(seed, class, run), so the number of worker processes does not change a single byte.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from pipeline.classes import CLASSES
+
+TRAIN_DIR = Path("asl_alphabet_train", "asl_alphabet_train")
+TEST_DIR = Path("asl_alphabet_test", "asl_alphabet_test")
+NO_TEST_IMAGE = frozenset({"del"})
+"""Classes the real test folder has no image of."""
+
+JPEG_QUALITY = 90
+_SUPERSAMPLE = 2  # drawing at twice the size and box-filtering down is cheap antialiasing
+
+# Pose signatures, loosely after the ASL hand shapes, but moved apart where two letters would
+# differ by one barely visible knuckle: a few dozen low-resolution examples must tell them apart.
+# Fingers (thumb, index, middle, ring, pinky): E extended, B bent (hooked), C curled into the palm.
+# Direction the fingers point: U up, L left, R right, D down, TL/TR tilted left/right.
+# Spread: n fingers together, w spread apart.
+_POSES: dict[str, tuple[str, str, str]] = {
+    "A": ("ECCCC", "U", "n"), "B": ("CEEEE", "U", "n"), "C": ("BBBBB", "L", "n"),
+    "D": ("BECCC", "U", "n"), "E": ("CBBBB", "U", "n"), "F": ("BBEEE", "U", "w"),
+    "G": ("EECCC", "L", "n"), "H": ("CEECC", "L", "n"), "I": ("CCCCE", "U", "n"),
+    "J": ("CCCCE", "TL", "w"), "K": ("EEECC", "TR", "w"), "L": ("EECCC", "U", "w"),
+    "M": ("CBBBC", "TL", "n"), "N": ("CBBCC", "TR", "n"), "O": ("BBBBB", "TR", "n"),
+    "P": ("EEECC", "D", "w"), "Q": ("EECCC", "D", "n"), "R": ("CEBCC", "D", "n"),
+    "S": ("BCCCC", "TR", "n"), "T": ("BBCCC", "TL", "n"), "U": ("CEECC", "U", "n"),
+    "V": ("CEECC", "TL", "w"), "W": ("CEEEC", "U", "w"), "X": ("CBCCC", "R", "n"),
+    "Y": ("ECCCE", "U", "w"), "Z": ("CECCC", "TL", "n"),
+    "del": ("EEEEE", "D", "w"), "space": ("ECCCC", "L", "w"),
+}
+_DIRECTION_DEG = {"U": 0.0, "L": -90.0, "R": 90.0, "D": 180.0, "TL": -40.0, "TR": 40.0}
+_SPLAY_DEG = {"n": (-60.0, -5.0, -1.5, 1.5, 5.0), "w": (-85.0, -26.0, -9.0, 9.0, 26.0)}
+
+# Hand geometry in palm units (palm half-height = 1; x right, y down, angles clockwise from up).
+_FINGER_BASES = ((-0.70, 0.25), (-0.50, -0.72), (-0.17, -0.80), (0.17, -0.80), (0.50, -0.72))
+_FINGER_LENGTHS = (1.0, 1.2, 1.35, 1.25, 1.0)
+_FINGER_WIDTHS = (0.40, 0.34, 0.34, 0.33, 0.30)
+# Each state is a chain of (fraction of the finger length, turn in degrees before that segment).
+_FINGER_SEGMENTS = {"E": ((0.55, 0.0), (0.45, 6.0)), "B": ((0.55, 0.0), (0.45, -100.0)), "C": ((0.32, 0.0),)}
+_THUMB_SEGMENTS = {"E": _FINGER_SEGMENTS["E"], "B": ((0.5, 40.0), (0.45, 100.0)), "C": ((0.75, 125.0),)}
+
+_LIGHT_SKIN = np.array([250.0, 215.0, 185.0])
+_DARK_SKIN = np.array([85.0, 52.0, 35.0])
+
+
+@dataclass(frozen=True)
+class _Pose:
+    """Where the hand is in one frame; drifts a little from frame to frame within a run."""
+
+    angle: float
+    """Rotation of the whole hand in degrees, clockwise."""
+    unit: float
+    """Palm half-height in canvas pixels."""
+    center: tuple[float, float]
+    """Palm centre in canvas pixels."""
+    splay: tuple[float, ...]
+    """Per-finger deviation from the signature's direction, degrees."""
+
+
+@dataclass(frozen=True)
+class _Scene:
+    """What stays fixed for a run: camera, background, person and light."""
+
+    background: Image.Image
+    skin: tuple[int, int, int]
+    gain: np.ndarray
+    """Per-pixel brightness multiplier (size x size x 1): uneven lighting."""
+    contrast: float
+    noise: float
+
+
+def generate_synthetic_dataset(
+    root: Path, *, images_per_class: int, frames_per_run: int = 10, seed: int = 0, size: int = 200, workers: int | None = None
+) -> int:
+    """Writes the Kaggle layout under root (train: images_per_class frames per class; test: one
+    <class>_test.jpg per class except `del`, as in the real test folder, so 28 test images).
+    Returns the number of files written. Existing files of the same names are replaced; other
+    files under root are left alone."""
+    if images_per_class < 1 or frames_per_run < 1:
+        raise ValueError(f"images_per_class and frames_per_run must be >= 1, got {images_per_class}, {frames_per_run}")
+    if seed < 0 or size < 32:
+        raise ValueError(f"seed must be >= 0 and size >= 32, got seed={seed}, size={size}")
+    jobs = [(Path(root), index, images_per_class, frames_per_run, seed, size) for index in range(len(CLASSES))]
+    workers = min(workers or os.cpu_count() or 1, len(jobs))
+    if workers == 1:
+        return sum(_write_class(*job) for job in jobs)
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return sum(pool.map(_write_class, *zip(*jobs)))
+
+
+def _write_class(root: Path, class_index: int, images_per_class: int, frames_per_run: int, seed: int, size: int) -> int:
+    """Writes one class's training frames and its test image; runs in a worker process."""
+    name = CLASSES[class_index]
+    train_dir = root / TRAIN_DIR / name
+    train_dir.mkdir(parents=True, exist_ok=True)
+    frame = 1
+    for run in range(math.ceil(images_per_class / frames_per_run)):
+        rng = np.random.default_rng([seed, class_index, 0, run])
+        length = min(frames_per_run, images_per_class - frame + 1)
+        for image in _render_run(rng, name, length, size):
+            _save_jpeg(image, train_dir / f"{name}{frame}.jpg")
+            frame += 1
+    if name in NO_TEST_IMAGE:
+        return images_per_class
+    test_dir = root / TEST_DIR
+    test_dir.mkdir(parents=True, exist_ok=True)
+    # The real test images come from a separate recording: a run of its own.
+    (image,) = _render_run(np.random.default_rng([seed, class_index, 1, 0]), name, 1, size)
+    _save_jpeg(image, test_dir / f"{name}_test.jpg")
+    return images_per_class + 1
+
+
+def _render_run(rng: np.random.Generator, name: str, length: int, size: int) -> list[Image.Image]:
+    """`length` consecutive video-like frames: one scene, a pose that drifts slightly."""
+    canvas = size * _SUPERSAMPLE
+    scene = _random_scene(rng, size)
+    pose = _random_pose(rng, name, canvas)
+    signature = _POSES.get(name)
+    frames = []
+    for _ in range(length):
+        image = scene.background.copy()
+        if signature is not None:
+            _draw_hand(ImageDraw.Draw(image), pose, signature[0], scene.skin)
+        frames.append(_finish(rng, image.resize((size, size), Image.Resampling.BOX), scene))
+        pose = _drift(rng, pose)
+    return frames
+
+
+def _random_scene(rng: np.random.Generator, size: int) -> _Scene:
+    # Skin tone, light and background are drawn without looking at the class on purpose.
+    skin = _LIGHT_SKIN + rng.uniform(0.0, 1.0) * (_DARK_SKIN - _LIGHT_SKIN)
+    skin = np.clip(skin * rng.normal(1.0, 0.05, 3), 0, 255)
+    ys, xs = np.mgrid[0:size, 0:size] / size - 0.5
+    direction = rng.uniform(0.0, 2.0 * math.pi)
+    ramp = xs * math.cos(direction) + ys * math.sin(direction)
+    gain = rng.uniform(0.75, 1.25) * (1.0 + rng.uniform(0.0, 0.6) * ramp)
+    return _Scene(
+        background=_random_background(rng, size * _SUPERSAMPLE, skin.mean()),
+        skin=tuple(int(c) for c in skin),
+        gain=gain[..., None].astype(np.float32),
+        contrast=float(rng.uniform(0.75, 1.2)),
+        noise=float(rng.uniform(2.0, 7.0)),
+    )
+
+
+def _random_background(rng: np.random.Generator, canvas: int, skin_level: float) -> Image.Image:
+    """A wall in a muted room colour, darker towards one side, with a few objects in front."""
+    wall = _room_colour(rng, skin_level)
+    shade = np.linspace(1.0, rng.uniform(0.6, 1.0), canvas)[:, None, None]
+    pixels = np.broadcast_to(wall * shade, (canvas, canvas, 3))
+    if rng.uniform() < 0.5:
+        pixels = pixels[::-1].transpose(1, 0, 2)
+    image = Image.fromarray(pixels.astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.integers(0, 3)):
+        (x0, x1), (y0, y1) = np.sort(rng.uniform(0, canvas, (2, 2)), axis=1).tolist()
+        # Objects contrast only mildly with the wall: with few examples per class, a net would
+        # otherwise learn the furniture instead of the hand.
+        colour = tuple(int(c) for c in np.clip(wall + rng.normal(0.0, 25.0, 3), 0, 255))
+        if rng.uniform() < 0.5:
+            draw.rectangle((x0, y0, x1, y1), fill=colour)
+        else:
+            draw.ellipse((x0, y0, x1, y1), fill=colour)
+    return image
+
+
+def _room_colour(rng: np.random.Generator, skin_level: float) -> np.ndarray:
+    # Mostly greys and muted tints, now and then a saturated one, as in rooms people film in;
+    # never within `gap` grey levels of the skin, as nobody films a sign that cannot be seen.
+    grey = _away_from(rng, skin_level, 45.0)
+    tint = rng.normal(0.0, 20.0 if rng.uniform() < 0.8 else 60.0, 3)
+    return np.clip(grey + tint, 0.0, 255.0)
+
+
+def _away_from(rng: np.random.Generator, level: float, gap: float) -> float:
+    """A grey level in [25, 235] at least `gap` away from `level`."""
+    below, above = max(0.0, level - gap - 25.0), max(0.0, 235.0 - level - gap)
+    draw = rng.uniform(0.0, below + above)
+    return 25.0 + draw if draw < below else level + gap + (draw - below)
+
+
+def _random_pose(rng: np.random.Generator, name: str, canvas: int) -> _Pose:
+    direction, spread = _POSES[name][1:] if name in _POSES else ("U", "n")
+    angle = _DIRECTION_DEG[direction] + rng.normal(0.0, 7.0)
+    unit = canvas * rng.uniform(0.2, 0.24)
+    # Centre the hand (palm plus fingers), not the palm, then move it around a little.
+    theta = math.radians(angle)
+    offset = 0.5 * unit
+    center = (
+        canvas / 2 - offset * math.sin(theta) + rng.uniform(-0.06, 0.06) * canvas,
+        canvas / 2 + offset * math.cos(theta) + rng.uniform(-0.06, 0.06) * canvas,
+    )
+    splay = tuple(float(s) for s in np.asarray(_SPLAY_DEG[spread]) + rng.normal(0.0, 4.0, 5))
+    return _Pose(angle=angle, unit=unit, center=center, splay=splay)
+
+
+def _drift(rng: np.random.Generator, pose: _Pose) -> _Pose:
+    """The next video frame: the hand moves a little, it is not posed anew."""
+    return dataclasses.replace(
+        pose,
+        angle=pose.angle + rng.normal(0.0, 1.5),
+        unit=pose.unit * (1.0 + rng.normal(0.0, 0.01)),
+        center=tuple(c + rng.normal(0.0, pose.unit * 0.03) for c in pose.center),
+        splay=tuple(s + rng.normal(0.0, 1.5) for s in pose.splay),
+    )
+
+
+def _draw_hand(draw: ImageDraw.ImageDraw, pose: _Pose, fingers: str, skin: tuple[int, int, int]) -> None:
+    """Forearm, palm and five fingers, each skin-filled with a darker outline so that fingers
+    curled over the palm still show as knuckles."""
+    edge = tuple(int(c * 0.45) for c in skin)
+    line = max(2, round(pose.unit * 0.08))
+    forearm = [(-0.75, 0.5), (0.75, 0.5), (0.85, 4.0), (-0.85, 4.0)]
+    draw.polygon(_to_canvas(pose, forearm), fill=skin, outline=edge, width=line)
+    t = np.linspace(0.0, 2.0 * math.pi, 40, endpoint=False)
+    draw.polygon(_to_canvas(pose, np.stack([0.85 * np.cos(t), np.sin(t)], 1)), fill=skin, outline=edge, width=line)
+    for finger in (4, 3, 2, 1, 0):  # thumb last: it lies in front of the curled fingers
+        segments = (_THUMB_SEGMENTS if finger == 0 else _FINGER_SEGMENTS)[fingers[finger]]
+        chain = _finger_chain(finger, segments, pose.splay[finger])
+        width = _FINGER_WIDTHS[finger] * pose.unit
+        _thick_line(draw, _to_canvas(pose, chain), width + 2 * line, edge)
+        _thick_line(draw, _to_canvas(pose, chain), width, skin)
+
+
+def _finger_chain(finger: int, segments: tuple[tuple[float, float], ...], direction: float) -> list[tuple[float, float]]:
+    """Joint positions of one finger in palm units, from its base to its tip."""
+    x, y = _FINGER_BASES[finger]
+    points = [(x, y)]
+    for fraction, turn in segments:
+        direction += turn
+        length = fraction * _FINGER_LENGTHS[finger]
+        x += length * math.sin(math.radians(direction))
+        y -= length * math.cos(math.radians(direction))
+        points.append((x, y))
+    return points
+
+
+def _thick_line(draw: ImageDraw.ImageDraw, points: list[tuple[float, float]], width: float, colour: tuple[int, ...]) -> None:
+    draw.line(points, fill=colour, width=max(1, round(width)), joint="curve")
+    radius = width / 2  # PIL lines have square ends; fingers have round tips
+    for x, y in (points[0], points[-1]):
+        draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=colour)
+
+
+def _to_canvas(pose: _Pose, points) -> list[tuple[float, float]]:
+    theta = math.radians(pose.angle)
+    rotation = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+    xy = np.asarray(points, dtype=float) @ rotation.T * pose.unit + np.asarray(pose.center)
+    return [tuple(p) for p in xy.tolist()]
+
+
+def _finish(rng: np.random.Generator, image: Image.Image, scene: _Scene) -> Image.Image:
+    """Camera effects: contrast, uneven light that flickers a little, sensor noise."""
+    pixels = np.asarray(image, dtype=np.float32)
+    pixels = (pixels - 128.0) * scene.contrast + 128.0
+    pixels *= scene.gain * np.float32(rng.normal(1.0, 0.015))
+    pixels += rng.normal(0.0, scene.noise, pixels.shape).astype(np.float32)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+
+
+def _save_jpeg(image: Image.Image, path: Path) -> None:
+    # Write under a temporary name and rename, so a crash never leaves a truncated JPEG behind
+    # that a later stage would count as data.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        image.save(temporary, format="JPEG", quality=JPEG_QUALITY)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise

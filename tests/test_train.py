@@ -1,0 +1,151 @@
+"""The `train` stage end to end on the tiny profile: outputs, MLflow record, determinism, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, write_params
+from pipeline.checkpoint import checkpoint_path
+from pipeline.config import load_params
+from pipeline.paths import Paths
+from pipeline.train import run_train
+
+
+def train_here(workspace: Path, strategy: str = "dp") -> dict:
+    params_file = workspace / "params.yaml"
+    assert run_train(load_params(params_file), Paths(workspace), strategy, params_file) == 0
+    return json.loads(Paths(workspace).train_metrics(strategy).read_text())
+
+
+def start_cli(workspace: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> str:
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-4000:]
+    return output
+
+
+def run_of(workspace: Path, strategy: str):
+    run_id = json.loads((Paths(workspace).model_dir(strategy) / "run.json").read_text())["run_id"]
+    return MlflowClient().get_run(run_id)
+
+
+def test_dp_writes_outputs_and_one_complete_mlflow_run(tiny_workspace):
+    figures = train_here(tiny_workspace, "dp")
+    paths = Paths(tiny_workspace)
+    model_dir = paths.model_dir("dp")
+    assert {"model.safetensors", "model_config.json", "run.json"} <= {p.name for p in model_dir.iterdir()}
+    assert figures["world_size"] == 1 and figures["device"] == "cpu" and figures["epochs"] == 2
+    assert figures["images_per_second"] > 0 and 0 <= figures["val_accuracy"] <= 1
+    curves = paths.train_curve("dp").read_text().splitlines()
+    assert curves[0].startswith("epoch,") and len(curves) == 1 + 2
+
+    run = run_of(tiny_workspace, "dp")
+    assert run.info.status == "FINISHED"
+    tags = run.data.tags
+    assert (tags["stage"], tags["strategy"], tags["device"], tags["cpu_only"]) == ("train", "dp", "cpu", "true")
+    assert tags["git_commit"]
+    history = MlflowClient().get_metric_history(run.info.run_id, "epoch_seconds")
+    assert sorted(m.step for m in history) == [0, 1]
+    for name in ("train_seconds", "images_per_second", "world_size", "peak_memory_mb", "data_wait_fraction"):
+        assert name in run.data.metrics, name
+    assert run.data.params["model.name"] == "small_cnn"
+
+
+def test_same_seed_same_metrics(tiny_workspace):
+    first = train_here(tiny_workspace, "dp")
+    second = train_here(tiny_workspace, "dp")
+    for key in ("train_accuracy", "val_accuracy", "val_loss"):
+        assert first[key] == second[key], key
+
+
+def test_ddp_under_torchrun_logs_one_run_from_the_main_process(tiny_workspace):
+    output = finish(start_cli(tiny_workspace, "train", "ddp"))
+    figures = json.loads(Paths(tiny_workspace).train_metrics("ddp").read_text())
+    assert figures["world_size"] == 2, output[-2000:]
+    runs = mlflow.search_runs(experiment_names=["asl-alphabet"], filter_string="tags.stage = 'train'")
+    assert len(runs) == 1, "one run per training, never one per rank"
+    assert runs.iloc[0]["tags.strategy"] == "ddp" and runs.iloc[0]["metrics.world_size"] == 2
+
+
+def test_ddp_matches_dp_on_a_model_without_batchnorm(tiny_workspace):
+    """Same seed, same global batch: DDP over 2 processes ends where one process ends."""
+    dp = train_here(tiny_workspace, "dp")
+    finish(start_cli(tiny_workspace, "train", "ddp"))
+    ddp = json.loads(Paths(tiny_workspace).train_metrics("ddp").read_text())
+    assert ddp["val_loss"] == pytest.approx(dp["val_loss"], rel=1e-3)
+    assert ddp["train_accuracy"] == pytest.approx(dp["train_accuracy"], abs=0.02)
+
+
+def _wait_for_checkpoint(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, "training ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+
+
+def _worker_with_rank(process: subprocess.Popen, rank: str) -> psutil.Process:
+    for child in psutil.Process(process.pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == rank and "pipeline" in " ".join(child.cmdline()):
+                return child
+        except psutil.Error:
+            continue
+    raise AssertionError(f"no worker with RANK={rank}")
+
+
+def test_torchrun_restarts_a_killed_worker_and_resumes_from_the_checkpoint(tiny_workspace):
+    write_params(tiny_workspace, {"train": {"epochs": 40}, "distributed": {"max_restarts": 1}})
+    process = start_cli(tiny_workspace, "train", "ddp")
+    _wait_for_checkpoint(checkpoint_path(tiny_workspace, "ddp"), process)
+    _worker_with_rank(process, "1").send_signal(signal.SIGKILL)
+    output = finish(process)
+
+    figures = json.loads(Paths(tiny_workspace).train_metrics("ddp").read_text())
+    assert figures["resumed_from_epoch"] >= 1, output[-3000:]
+    assert figures["epochs"] == 40
+    run = run_of(tiny_workspace, "ddp")
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")]
+    assert set(steps) == set(range(40)), "every epoch logged to the same run"
+
+
+def test_resume_after_a_killed_dp_run_continues_the_same_run(tiny_workspace):
+    write_params(tiny_workspace, {"train": {"epochs": 40}})
+    process = start_cli(tiny_workspace, "train", "dp")
+    _wait_for_checkpoint(checkpoint_path(tiny_workspace, "dp"), process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    write_params(tiny_workspace, {"train": {"epochs": 40, "resume": True}})
+    figures = train_here(tiny_workspace, "dp")
+    assert figures["resumed_from_epoch"] >= 1 and figures["epochs"] == 40
+    runs = mlflow.search_runs(experiment_names=["asl-alphabet"], filter_string="tags.stage = 'train'")
+    assert len(runs) == 1, "the resumed training continues its run instead of opening a second"
+    assert runs.iloc[0]["status"] == "FINISHED"
+
+
+def test_resume_refuses_a_checkpoint_made_with_other_params(tiny_workspace):
+    write_params(tiny_workspace, {"train": {"epochs": 1}})
+    train_here(tiny_workspace, "dp")
+    write_params(tiny_workspace, {"train": {"epochs": 1, "lr": 0.01, "resume": True}})
+    from pipeline.errors import UserError
+
+    with pytest.raises(UserError, match="other params"):
+        train_here(tiny_workspace, "dp")
+    runs = mlflow.search_runs(experiment_names=["asl-alphabet"], filter_string="tags.stage = 'train'")
+    assert len(runs) == 1, "a refused resume opens no run"
