@@ -119,6 +119,26 @@ class DataParallelStrategy(Strategy):
         return nn.DataParallel(model, device_ids=list(range(self.gpus))) if self.gpus > 1 else model
 
 
+_COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+
+
+def attempt_store(world_size: int) -> dist.Store:
+    """The rendezvous store of this torchrun attempt.
+
+    torchrun's agent keeps one store for the whole job, across worker restarts, so the addresses
+    that the killed workers published are still in it; a restarted group that reads them tries to
+    connect to dead ports and fails. Every attempt therefore gets its own key prefix.
+    """
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and int(os.environ["RANK"]) == 0,
+        timeout=_COLLECTIVE_TIMEOUT,
+    )
+    return dist.PrefixStore(f"/pipeline/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 class DistributedStrategy(Strategy):
     name = "ddp"
 
@@ -143,7 +163,14 @@ class DistributedStrategy(Strategy):
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
         self.sync_batchnorm = sync_batchnorm
         super().__init__(device)
-        dist.init_process_group(backend, timeout=timedelta(minutes=10), device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            backend,
+            store=attempt_store(self.world_size),
+            rank=self.rank,
+            world_size=self.world_size,
+            timeout=_COLLECTIVE_TIMEOUT,
+            device_id=device if device.type == "cuda" else None,
+        )
 
     def per_process_batch(self, global_batch: int) -> int:
         check_batch_divides(global_batch, self.world_size)

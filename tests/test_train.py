@@ -28,15 +28,22 @@ def train_here(workspace: Path, strategy: str = "dp") -> dict:
     return json.loads(Paths(workspace).train_metrics(strategy).read_text())
 
 
-def start_cli(workspace: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+class CliRun:
+    """`python -m pipeline ARGS` started in a workspace. Output goes to a file rather than a pipe
+    that nobody reads while the test waits: a full pipe would stall the training."""
 
+    def __init__(self, workspace: Path, *args: str):
+        self.log = workspace / f"{'-'.join(args)}.log"
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        with open(self.log, "w") as out:
+            self.process = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=workspace, env=env, stdout=out, stderr=subprocess.STDOUT)
 
-def finish(process: subprocess.Popen, timeout: float = 300) -> str:
-    output, _ = process.communicate(timeout=timeout)
-    assert process.returncode == 0, output[-4000:]
-    return output
+    def finish(self, timeout: float = 300) -> str:
+        self.process.wait(timeout=timeout)
+        output = self.log.read_text()
+        errors = "\n".join(line for line in output.splitlines() if "Error" in line)
+        assert self.process.returncode == 0, errors[-3000:] + output[-1500:]
+        return output
 
 
 def run_of(workspace: Path, strategy: str):
@@ -74,7 +81,7 @@ def test_same_seed_same_metrics(tiny_workspace):
 
 
 def test_ddp_under_torchrun_logs_one_run_from_the_main_process(tiny_workspace):
-    output = finish(start_cli(tiny_workspace, "train", "ddp"))
+    output = CliRun(tiny_workspace, "train", "ddp").finish()
     figures = json.loads(Paths(tiny_workspace).train_metrics("ddp").read_text())
     assert figures["world_size"] == 2, output[-2000:]
     runs = mlflow.search_runs(experiment_names=["asl-alphabet"], filter_string="tags.stage = 'train'")
@@ -85,7 +92,7 @@ def test_ddp_under_torchrun_logs_one_run_from_the_main_process(tiny_workspace):
 def test_ddp_matches_dp_on_a_model_without_batchnorm(tiny_workspace):
     """Same seed, same global batch: DDP over 2 processes ends where one process ends."""
     dp = train_here(tiny_workspace, "dp")
-    finish(start_cli(tiny_workspace, "train", "ddp"))
+    CliRun(tiny_workspace, "train", "ddp").finish()
     ddp = json.loads(Paths(tiny_workspace).train_metrics("ddp").read_text())
     assert ddp["val_loss"] == pytest.approx(dp["val_loss"], rel=1e-3)
     assert ddp["train_accuracy"] == pytest.approx(dp["train_accuracy"], abs=0.02)
@@ -111,10 +118,10 @@ def _worker_with_rank(process: subprocess.Popen, rank: str) -> psutil.Process:
 
 def test_torchrun_restarts_a_killed_worker_and_resumes_from_the_checkpoint(tiny_workspace):
     write_params(tiny_workspace, {"train": {"epochs": 40}, "distributed": {"max_restarts": 1}})
-    process = start_cli(tiny_workspace, "train", "ddp")
-    _wait_for_checkpoint(checkpoint_path(tiny_workspace, "ddp"), process)
-    _worker_with_rank(process, "1").send_signal(signal.SIGKILL)
-    output = finish(process)
+    run = CliRun(tiny_workspace, "train", "ddp")
+    _wait_for_checkpoint(checkpoint_path(tiny_workspace, "ddp"), run.process)
+    _worker_with_rank(run.process, "1").send_signal(signal.SIGKILL)
+    output = run.finish()
 
     figures = json.loads(Paths(tiny_workspace).train_metrics("ddp").read_text())
     assert figures["resumed_from_epoch"] >= 1, output[-3000:]
@@ -127,10 +134,10 @@ def test_torchrun_restarts_a_killed_worker_and_resumes_from_the_checkpoint(tiny_
 
 def test_resume_after_a_killed_dp_run_continues_the_same_run(tiny_workspace):
     write_params(tiny_workspace, {"train": {"epochs": 40}})
-    process = start_cli(tiny_workspace, "train", "dp")
-    _wait_for_checkpoint(checkpoint_path(tiny_workspace, "dp"), process)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    run = CliRun(tiny_workspace, "train", "dp")
+    _wait_for_checkpoint(checkpoint_path(tiny_workspace, "dp"), run.process)
+    run.process.send_signal(signal.SIGKILL)
+    run.process.wait()
     write_params(tiny_workspace, {"train": {"epochs": 40, "resume": True}})
     figures = train_here(tiny_workspace, "dp")
     assert figures["resumed_from_epoch"] >= 1 and figures["epochs"] == 40
