@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import ArrayLike
 from PIL import Image, ImageDraw
 
 from pipeline.classes import CLASSES
@@ -43,28 +44,29 @@ NO_TEST_IMAGE = frozenset({"del"})
 JPEG_QUALITY = 90
 _SUPERSAMPLE = 2  # drawing at twice the size and box-filtering down is cheap antialiasing
 
-# Pose signatures, loosely after the ASL hand shapes, but moved apart where two letters would
-# differ by one barely visible knuckle: a few dozen low-resolution examples must tell them apart.
+# Pose signatures. The finger patterns loosely follow the ASL hand shapes, but the directions are
+# spread over eight so that any two classes differ in direction or in at least two fingers: many
+# ASL letters differ by one knuckle, too little to learn from a few dozen 32x32 examples.
 # Fingers (thumb, index, middle, ring, pinky): E extended, B bent (hooked), C curled into the palm.
-# Direction the fingers point: U up, L left, R right, D down, TL/TR tilted left/right.
+# Direction the fingers point: U up, D down, L left, R right, UL/UR/DL/DR in between.
 # Spread: n fingers together, w spread apart.
 _POSES: dict[str, tuple[str, str, str]] = {
-    "A": ("ECCCC", "U", "n"), "B": ("CEEEE", "U", "n"), "C": ("BBBBB", "L", "n"),
-    "D": ("BECCC", "U", "n"), "E": ("CBBBB", "U", "n"), "F": ("BBEEE", "U", "w"),
-    "G": ("EECCC", "L", "n"), "H": ("CEECC", "L", "n"), "I": ("CCCCE", "U", "n"),
-    "J": ("CCCCE", "TL", "w"), "K": ("EEECC", "TR", "w"), "L": ("EECCC", "U", "w"),
-    "M": ("CBBBC", "TL", "n"), "N": ("CBBCC", "TR", "n"), "O": ("BBBBB", "TR", "n"),
-    "P": ("EEECC", "D", "w"), "Q": ("EECCC", "D", "n"), "R": ("CEBCC", "D", "n"),
-    "S": ("BCCCC", "TR", "n"), "T": ("BBCCC", "TL", "n"), "U": ("CEECC", "U", "n"),
-    "V": ("CEECC", "TL", "w"), "W": ("CEEEC", "U", "w"), "X": ("CBCCC", "R", "n"),
-    "Y": ("ECCCE", "U", "w"), "Z": ("CECCC", "TL", "n"),
-    "del": ("EEEEE", "D", "w"), "space": ("ECCCC", "L", "w"),
+    "A": ("ECCCC", "UR", "n"), "B": ("CEEEE", "U", "n"), "C": ("BBBBB", "R", "n"),
+    "D": ("BECCC", "UL", "n"), "E": ("CBBBB", "U", "n"), "F": ("BBEEE", "R", "w"),
+    "G": ("EECCC", "R", "n"), "H": ("CEECC", "L", "n"), "I": ("CCCCE", "UL", "n"),
+    "J": ("CCCCE", "R", "w"), "K": ("EEECC", "UR", "w"), "L": ("EECCC", "L", "w"),
+    "M": ("CBBBC", "UL", "n"), "N": ("CBBCC", "D", "n"), "O": ("BBBBB", "UR", "n"),
+    "P": ("EEECC", "U", "w"), "Q": ("EECCC", "D", "n"), "R": ("CEBCC", "UR", "n"),
+    "S": ("BCCCC", "L", "n"), "T": ("BBCCC", "DR", "n"), "U": ("CEECC", "DR", "n"),
+    "V": ("CEECC", "DL", "w"), "W": ("CEEEC", "UL", "w"), "X": ("CBCCC", "DL", "n"),
+    "Y": ("ECCCE", "DL", "w"), "Z": ("CECCC", "U", "n"),
+    "del": ("EEEEE", "D", "w"), "space": ("ECCCC", "UL", "w"),
 }
-_DIRECTION_DEG = {"U": 0.0, "L": -90.0, "R": 90.0, "D": 180.0, "TL": -40.0, "TR": 40.0}
-_SPLAY_DEG = {"n": (-60.0, -5.0, -1.5, 1.5, 5.0), "w": (-85.0, -26.0, -9.0, 9.0, 26.0)}
+_DIRECTION_DEG = {"U": 0.0, "UR": 45.0, "R": 90.0, "DR": 135.0, "D": 180.0, "DL": -135.0, "L": -90.0, "UL": -45.0}
+_SPLAY_DEG = {"n": (-60.0, -7.0, -2.0, 2.0, 7.0), "w": (-85.0, -26.0, -9.0, 9.0, 26.0)}
 
 # Hand geometry in palm units (palm half-height = 1; x right, y down, angles clockwise from up).
-_FINGER_BASES = ((-0.70, 0.25), (-0.50, -0.72), (-0.17, -0.80), (0.17, -0.80), (0.50, -0.72))
+_FINGER_BASES = ((-0.70, 0.25), (-0.55, -0.70), (-0.18, -0.80), (0.18, -0.80), (0.55, -0.70))
 _FINGER_LENGTHS = (1.0, 1.2, 1.35, 1.25, 1.0)
 _FINGER_WIDTHS = (0.40, 0.34, 0.34, 0.33, 0.30)
 # Each state is a chain of (fraction of the finger length, turn in degrees before that segment).
@@ -110,8 +112,8 @@ def generate_synthetic_dataset(
     files under root are left alone."""
     if images_per_class < 1 or frames_per_run < 1:
         raise ValueError(f"images_per_class and frames_per_run must be >= 1, got {images_per_class}, {frames_per_run}")
-    if seed < 0 or size < 32:
-        raise ValueError(f"seed must be >= 0 and size >= 32, got seed={seed}, size={size}")
+    if seed < 0 or size < 32 or (workers is not None and workers < 1):
+        raise ValueError(f"need seed >= 0, size >= 32, workers None or >= 1; got {seed=}, {size=}, {workers=}")
     jobs = [(Path(root), index, images_per_class, frames_per_run, seed, size) for index in range(len(CLASSES))]
     workers = min(workers or os.cpu_count() or 1, len(jobs))
     if workers == 1:
@@ -184,21 +186,24 @@ def _random_background(rng: np.random.Generator, canvas: int, skin_level: float)
         pixels = pixels[::-1].transpose(1, 0, 2)
     image = Image.fromarray(pixels.astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(image)
-    for _ in range(rng.integers(0, 3)):
+    for _ in range(rng.integers(0, 4)):
         (x0, x1), (y0, y1) = np.sort(rng.uniform(0, canvas, (2, 2)), axis=1).tolist()
-        # Objects contrast only mildly with the wall: with few examples per class, a net would
-        # otherwise learn the furniture instead of the hand.
-        colour = tuple(int(c) for c in np.clip(wall + rng.normal(0.0, 25.0, 3), 0, 255))
-        if rng.uniform() < 0.5:
+        # Objects contrast only moderately with the wall: with few examples per class, a net
+        # would otherwise learn the furniture instead of the hand.
+        colour = tuple(int(c) for c in np.clip(wall + rng.normal(0.0, 40.0, 3), 0, 255))
+        shape = rng.integers(3)
+        if shape == 0:
             draw.rectangle((x0, y0, x1, y1), fill=colour)
-        else:
+        elif shape == 1:
             draw.ellipse((x0, y0, x1, y1), fill=colour)
+        else:
+            draw.line((x0, y1, x1, y0), fill=colour, width=int(rng.integers(2, canvas // 40)))
     return image
 
 
 def _room_colour(rng: np.random.Generator, skin_level: float) -> np.ndarray:
     # Mostly greys and muted tints, now and then a saturated one, as in rooms people film in;
-    # never within `gap` grey levels of the skin, as nobody films a sign that cannot be seen.
+    # never close to the skin's brightness, as nobody films a sign that cannot be seen.
     grey = _away_from(rng, skin_level, 45.0)
     tint = rng.normal(0.0, 20.0 if rng.uniform() < 0.8 else 60.0, 3)
     return np.clip(grey + tint, 0.0, 255.0)
@@ -207,20 +212,21 @@ def _room_colour(rng: np.random.Generator, skin_level: float) -> np.ndarray:
 def _away_from(rng: np.random.Generator, level: float, gap: float) -> float:
     """A grey level in [25, 235] at least `gap` away from `level`."""
     below, above = max(0.0, level - gap - 25.0), max(0.0, 235.0 - level - gap)
-    draw = rng.uniform(0.0, below + above)
-    return 25.0 + draw if draw < below else level + gap + (draw - below)
+    pick = rng.uniform(0.0, below + above)
+    return 25.0 + pick if pick < below else level + gap + (pick - below)
 
 
 def _random_pose(rng: np.random.Generator, name: str, canvas: int) -> _Pose:
     direction, spread = _POSES[name][1:] if name in _POSES else ("U", "n")
     angle = _DIRECTION_DEG[direction] + rng.normal(0.0, 7.0)
-    unit = canvas * rng.uniform(0.2, 0.24)
-    # Centre the hand (palm plus fingers), not the palm, then move it around a little.
+    unit = canvas * rng.uniform(0.19, 0.23)
+    # Centre the hand (palm bottom at +1 to fingertips at -2.3), not the palm, so that no finger
+    # leaves the frame, then move it around a little.
     theta = math.radians(angle)
-    offset = 0.5 * unit
+    offset = 0.65 * unit
     center = (
-        canvas / 2 - offset * math.sin(theta) + rng.uniform(-0.06, 0.06) * canvas,
-        canvas / 2 + offset * math.cos(theta) + rng.uniform(-0.06, 0.06) * canvas,
+        canvas / 2 - offset * math.sin(theta) + rng.uniform(-0.05, 0.05) * canvas,
+        canvas / 2 + offset * math.cos(theta) + rng.uniform(-0.05, 0.05) * canvas,
     )
     splay = tuple(float(s) for s in np.asarray(_SPLAY_DEG[spread]) + rng.normal(0.0, 4.0, 5))
     return _Pose(angle=angle, unit=unit, center=center, splay=splay)
@@ -274,7 +280,8 @@ def _thick_line(draw: ImageDraw.ImageDraw, points: list[tuple[float, float]], wi
         draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=colour)
 
 
-def _to_canvas(pose: _Pose, points) -> list[tuple[float, float]]:
+def _to_canvas(pose: _Pose, points: ArrayLike) -> list[tuple[float, float]]:
+    """Palm units to canvas pixels: rotate, scale, move."""
     theta = math.radians(pose.angle)
     rotation = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
     xy = np.asarray(points, dtype=float) @ rotation.T * pose.unit + np.asarray(pose.center)
