@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import Annotated, Callable
+from typing import Annotated, Callable, Optional
 
 import typer
 
@@ -38,8 +38,14 @@ def user_errors(command: Callable) -> Callable:
     return wrapper
 
 
-def _load(params_file: Path) -> tuple[Params, Paths]:
-    return load_params(params_file), workspace_paths()
+WorkspaceOption = Annotated[
+    Optional[Path],
+    typer.Option("--workspace", help="folder whose data/, models/ and metrics/ to use (default: the one holding dvc.yaml)"),
+]
+
+
+def _load(params_file: Path, workspace: Path | None = None) -> tuple[Params, Paths]:
+    return load_params(params_file), Paths(workspace.resolve()) if workspace else workspace_paths()
 
 
 def _strategy(value: str) -> str:
@@ -71,11 +77,12 @@ def preprocess(params_file: ParamsFile = Path("params.yaml")) -> None:
 def train(
     strategy: Annotated[str, typer.Argument(help="dp (DataParallel) or ddp (DistributedDataParallel via torchrun)", callback=_strategy)],
     params_file: ParamsFile = Path("params.yaml"),
+    workspace: WorkspaceOption = None,
 ) -> None:
     """Train the classifier under one strategy; ddp starts torchrun with `gpus` processes per node."""
     from pipeline.train import run_train
 
-    code = run_train(*_load(params_file), strategy, params_file)
+    code = run_train(*_load(params_file, workspace), strategy, params_file)
     if code:
         raise typer.Exit(code)
 
@@ -99,3 +106,48 @@ def promote(params_file: ParamsFile = Path("params.yaml")) -> None:
     from pipeline.promote import run_promote
 
     run_promote(*_load(params_file))
+
+
+@app.command()
+@user_errors
+def scaling(params_file: ParamsFile = Path("params.yaml")) -> None:
+    """Train dp and ddp for every count in scaling.gpu_counts; write reports/scaling/ (figure, CSV)."""
+    from pipeline.scaling import run_scaling
+
+    run_scaling(*_load(params_file))
+
+
+@app.command()
+@user_errors
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="image files, or folders of .jpg/.jpeg/.png images (searched recursively)")],
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a model folder [default: the champion]"),
+    ] = None,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="classes to show per image")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    params_file: ParamsFile = Path("params.yaml"),
+) -> None:
+    """Classify images with the registered champion (or --model); exit code 1 if any image failed."""
+    from pipeline.predict import champion_uri, run_predict
+
+    # params.yaml only names the default model: with --model the command runs anywhere.
+    uri = model or champion_uri(load_params(params_file).mlflow.registered_model)
+    code = run_predict(images, uri, top_k, as_json)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command("serve-ui")
+@user_errors
+def serve_ui(
+    model: Annotated[str | None, typer.Option("--model", help="model to serve (any --model of `predict`) [default: the champion]")] = None,
+    params_file: ParamsFile = Path("params.yaml"),
+) -> None:
+    """Serve the web page: upload or photograph a sign, see the prediction (serve.host:serve.port)."""
+    from pipeline.predict import champion_uri
+    from pipeline.webapp import run_server
+
+    params = load_params(params_file)
+    run_server(model or champion_uri(params.mlflow.registered_model), params.serve)

@@ -356,3 +356,15 @@ def to_flat_dict(params: Any, prefix: str = "") -> dict[str, Any]:
         else:
             flat[prefix + f.name] = list(value) if isinstance(value, tuple) else value
     return flat
+
+
+def to_yaml_dict(params: Any) -> dict[str, Any]:
+    """Nested plain values (tuples as lists) that `params_from_dict` reads back to an equal `Params`."""
+    values = dataclasses.asdict(params)
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return list(value) if isinstance(value, tuple) else value
+
+    return plain(values)

@@ -46,7 +46,7 @@ from pipeline.strategy import (
 )
 
 
-def torchrun_command(params: Params, params_file: Path) -> list[str]:
+def torchrun_command(params: Params, params_file: Path, workspace: Path) -> list[str]:
     """The torchrun invocation that starts `gpus` copies of `train ddp` on this node."""
     dist = params.distributed
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={params.gpus}", f"--max-restarts={dist.max_restarts}"]
@@ -56,12 +56,12 @@ def torchrun_command(params: Params, params_file: Path) -> list[str]:
     else:
         host, port = dist.rdzv_endpoint.rsplit(":", 1)
         command += [f"--nnodes={dist.nnodes}", f"--node-rank={dist.node_rank}", f"--master-addr={host}", f"--master-port={port}"]
-    return command + ["-m", "pipeline", "train", "ddp", "--params", str(params_file)]
+    return command + ["-m", "pipeline", "train", "ddp", "--params", str(params_file), "--workspace", str(workspace)]
 
 
-def launch_ddp(params: Params, params_file: Path) -> int:
+def launch_ddp(params: Params, params_file: Path, workspace: Path) -> int:
     """Start torchrun and wait for it; returns its exit code."""
-    return subprocess.run(torchrun_command(params, params_file)).returncode
+    return subprocess.run(torchrun_command(params, params_file, workspace)).returncode
 
 
 def seed_everything(seed: int) -> None:
@@ -317,7 +317,7 @@ def run_train(params: Params, paths: Paths, strategy_name: str, params_file: Pat
         return 0
     preflight(params, paths, strategy_name)
     if strategy_name == "ddp":
-        return launch_ddp(params, params_file)
+        return launch_ddp(params, params_file, paths.root)
     train_worker(params, paths, strategy_name)
     return 0
 
