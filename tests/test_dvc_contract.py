@@ -1,0 +1,62 @@
+"""dvc.yaml and the code must name the same files and the same params."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from conftest import REPO
+from pipeline.config import Params, to_flat_dict
+from pipeline.paths import Paths
+
+PATHS = Paths(REPO)
+
+
+def stages() -> dict[str, dict]:
+    """dvc.yaml's stages with `foreach` expanded, keyed like DVC names them (`train@dp`)."""
+    expanded = {}
+    for name, stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items():
+        if "foreach" not in stage:
+            expanded[name] = stage
+            continue
+        for item in stage["foreach"]:
+            text = yaml.safe_dump(stage["do"]).replace("${item}", item)
+            expanded[f"{name}@{item}"] = yaml.safe_load(text)
+    return expanded
+
+
+def declared_files(stage: dict, key: str) -> set[Path]:
+    files = set()
+    for entry in stage.get(key, []):
+        files.add(REPO / (entry if isinstance(entry, str) else next(iter(entry))))
+    return files
+
+
+def test_stage_outputs_are_the_paths_the_code_writes():
+    s = stages()
+    assert declared_files(s["fetch"], "outs") == {PATHS.raw}
+    assert declared_files(s["preprocess"], "outs") == {PATHS.shards}
+    for strategy in ("dp", "ddp"):
+        assert declared_files(s[f"train@{strategy}"], "outs") == {PATHS.model_dir(strategy)}
+        assert declared_files(s[f"train@{strategy}"], "metrics") == {PATHS.train_metrics(strategy)}
+        assert declared_files(s[f"train@{strategy}"], "plots") == {PATHS.train_curve(strategy)}
+        assert declared_files(s[f"evaluate@{strategy}"], "metrics") == {PATHS.eval_metrics(strategy)}
+        assert declared_files(s[f"evaluate@{strategy}"], "plots") == {PATHS.eval_predictions(strategy), PATHS.eval_confusion_png(strategy)}
+    assert declared_files(s["promote"], "metrics") == {PATHS.promotion}
+
+
+def test_every_declared_param_exists():
+    known = set(to_flat_dict(Params()))
+    for name, stage in stages().items():
+        for key in stage.get("params", []):
+            assert key in known or any(k.startswith(key + ".") for k in known), f"{name}: unknown param {key}"
+
+
+def test_every_stage_depends_on_its_own_module():
+    for name, stage in stages().items():
+        module = f"pipeline/{name.split('@')[0]}.py"
+        assert module in stage["deps"], f"{name} must rerun when {module} changes"
+        assert stage["cmd"].startswith(f"python -m pipeline {name.split('@')[0]}")
+        for dep in stage["deps"]:
+            assert (REPO / dep).exists() or dep.startswith(("data/", "models/", "metrics/")), f"{name}: {dep} does not exist"
