@@ -136,12 +136,11 @@ def _read_shard_into(path: Path, sha256: str, targets: dict) -> None:
                 position = end
             if handle.read(1):
                 raise ValueError("trailing bytes")
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        except (ValueError, KeyError, TypeError, AttributeError) as err:  # JSON and Unicode errors are ValueErrors
             # A damaged file normally fails the checksum; one that passes it was written by
             # something else (or the manifest was edited).
-            if sha256_of(path) != sha256:
-                raise UserError(f"shard {path} is corrupt (sha256 does not match manifest.json): run `dvc repro -f preprocess` to rebuild it") from None
-            raise UserError(f"shard {path} does not match manifest.json ({err}): run `dvc repro -f preprocess` to rebuild it") from None
+            problem = "is corrupt (sha256 does not match manifest.json)" if sha256_of(path) != sha256 else f"does not match manifest.json ({err})"
+            raise UserError(f"shard {path} {problem}: run `dvc repro -f preprocess` to rebuild it") from None
     if digest.hexdigest() != sha256:
         raise UserError(f"shard {path} is corrupt (sha256 does not match manifest.json): run `dvc repro -f preprocess` to rebuild it")
 

@@ -112,8 +112,8 @@ def generate_synthetic_dataset(
     files under root are left alone."""
     if images_per_class < 1 or frames_per_run < 1:
         raise ValueError(f"images_per_class and frames_per_run must be >= 1, got {images_per_class}, {frames_per_run}")
-    if seed < 0 or size < 32 or (workers is not None and workers < 1):
-        raise ValueError(f"need seed >= 0, size >= 32, workers None or >= 1; got {seed=}, {size=}, {workers=}")
+    if seed < 0 or size < 64 or (workers is not None and workers < 1):
+        raise ValueError(f"need seed >= 0, size >= 64, workers None or >= 1; got {seed=}, {size=}, {workers=}")
     jobs = [(Path(root), index, images_per_class, frames_per_run, seed, size) for index in range(len(CLASSES))]
     workers = min(workers or os.cpu_count() or 1, len(jobs))
     if workers == 1:

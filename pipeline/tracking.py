@@ -32,7 +32,7 @@ def store_dir() -> Path:
     sqlite file that `MLFLOW_TRACKING_URI` names."""
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if uri.startswith("sqlite:///"):
-        return Path(uri.removeprefix("sqlite:///")).parent
+        return Path(uri.removeprefix("sqlite:///")).resolve().parent
     return repository_root() / "mlruns"
 
 

@@ -60,3 +60,14 @@ def test_every_stage_depends_on_its_own_module():
         assert stage["cmd"].startswith(f"python -m pipeline {name.split('@')[0]}")
         for dep in stage["deps"]:
             assert (REPO / dep).exists() or dep.startswith(("data/", "models/", "metrics/")), f"{name}: {dep} does not exist"
+
+
+def test_shipped_params_file_holds_every_declared_param():
+    """DVC refuses to run a stage whose declared params are missing from params.yaml."""
+    shipped = yaml.safe_load((REPO / "params.yaml").read_text())
+    for name, stage in stages().items():
+        for key in stage.get("params", []):
+            node = shipped
+            for part in key.split("."):
+                assert isinstance(node, dict) and part in node, f"{name}: params.yaml lacks {key}"
+                node = node[part]

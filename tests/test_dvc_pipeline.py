@@ -22,6 +22,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, TINY_PARAMS, deep_merge
+from pipeline.config import params_from_dict, to_yaml_dict
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +56,8 @@ def make_project_copy(target: Path, params: dict) -> Path:
         if source.is_file():
             (target / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target / name)
-    (target / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # Every key written out: DVC refuses a stage whose declared params are missing from the file.
+    (target / "params.yaml").write_text(yaml.safe_dump(to_yaml_dict(params_from_dict(params)), sort_keys=False))
     sh(target, "git", "init", "-q", "-b", "main")
     sh(target, "git", "add", "-A")
     sh(target, "git", "commit", "-q", "-m", "tiny params")
