@@ -156,3 +156,38 @@ def test_resume_refuses_a_checkpoint_made_with_other_params(tiny_workspace):
         train_here(tiny_workspace, "dp")
     runs = mlflow.search_runs(experiment_names=["asl-alphabet"], filter_string="tags.stage = 'train'")
     assert len(runs) == 1, "a refused resume opens no run"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_nodes_on_loopback_train_as_one_job(tiny_workspace):
+    """Two torchrun agents on this machine, one process each, meeting at one rendezvous endpoint."""
+    endpoint = f"127.0.0.1:{_free_port()}"
+    runs = []
+    for node_rank in (0, 1):
+        params = tiny_workspace / f"params-node{node_rank}.yaml"
+        write_params(tiny_workspace, {"gpus": 1, "distributed": {"nnodes": 2, "node_rank": node_rank, "rdzv_endpoint": endpoint}}).rename(params)
+        runs.append(CliRun(tiny_workspace, "train", "ddp", "--params", params.name))
+    for run in runs:
+        run.finish()
+
+    figures = json.loads(Paths(tiny_workspace).train_metrics("ddp").read_text())
+    assert figures["world_size"] == 2
+    train_runs = mlflow.search_runs(experiment_names=["asl-alphabet"], filter_string="tags.stage = 'train'")
+    assert len(train_runs) == 1 and train_runs.iloc[0]["params.distributed.nnodes"] == "2"
+
+
+def test_a_terminated_training_is_marked_failed_not_left_running(tiny_workspace):
+    write_params(tiny_workspace, {"train": {"epochs": 40}})
+    run = CliRun(tiny_workspace, "train", "dp")
+    _wait_for_checkpoint(checkpoint_path(tiny_workspace, "dp"), run.process)
+    run.process.send_signal(signal.SIGTERM)
+    assert run.process.wait(timeout=60) != 0
+    [record] = mlflow.search_runs(experiment_names=["asl-alphabet"], filter_string="tags.stage = 'train'", output_format="list")
+    assert record.info.status == "FAILED"
