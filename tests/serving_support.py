@@ -1,0 +1,169 @@
+"""What the serving tests share (predict, web page, model server): a registered champion in seconds,
+and starting and stopping a real server process.
+
+The champion is a `small_cnn` trained for a few steps to tell red (A), green (B) and blue (C) apart: accurate on
+those colours, so a test can assert "the right class", and logged exactly as training logs a model
+(`log_pyfunc_model`), registered and given the alias `champion` in a private sqlite store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import requests
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+from safetensors.torch import save_file
+
+from pipeline.classes import CLASSES
+from pipeline.config import ModelConfig
+from pipeline.imaging import IMAGENET_MEAN, IMAGENET_STD, normalize
+from pipeline.models import build_model
+from pipeline.serving_model import CONFIG_FILE, WEIGHTS_FILE, log_pyfunc_model
+
+SIZE = 32
+COLOURS = {"A": (220, 30, 30), "B": (30, 200, 30), "C": (30, 30, 220)}
+MODEL_NAME = "asl-colours"
+
+
+@dataclass(frozen=True)
+class Champion:
+    tracking_uri: str
+    root: Path
+    name: str
+    version: int
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}@champion"
+
+
+def encode(image: Image.Image, fmt: str = "JPEG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def solid(rgb: tuple[int, int, int], width: int = 64, height: int = 64, fmt: str = "JPEG") -> bytes:
+    return encode(Image.new("RGB", (width, height), rgb), fmt)
+
+
+def noisy(seed: int, width: int = 80, height: int = 60, fmt: str = "JPEG") -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    return encode(Image.fromarray(pixels), fmt)
+
+
+def train_colour_model(folder: Path) -> Path:
+    """A trained model folder (weights + model_config.json), as `pipeline.train` writes one."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = build_model(ModelConfig(name="small_cnn"), len(CLASSES))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(25):
+        images, labels = [], []
+        for name, rgb in COLOURS.items():
+            noise = rng.integers(-40, 40, size=(4, SIZE, SIZE, 3))
+            images.append(np.clip(np.asarray(rgb) + noise, 0, 255).astype(np.uint8))
+            labels += [CLASSES.index(name)] * 4
+        loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(normalize(np.concatenate(images)))), torch.tensor(labels))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().float().contiguous() for k, v in model.eval().state_dict().items()}, str(folder / WEIGHTS_FILE))
+    config = {
+        "model": {"name": "small_cnn", "pretrained": False, "freeze_backbone": False},
+        "classes": list(CLASSES),
+        "image_size": SIZE,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+    }
+    (folder / CONFIG_FILE).write_text(json.dumps(config))
+    return folder
+
+
+def register_champion(model_dir: Path, name: str, artifacts: Path) -> int:
+    """Log `model_dir` in a new run of the current store, register it, alias it `champion`."""
+    experiment = mlflow.get_experiment_by_name("serving") or mlflow.get_experiment(
+        mlflow.create_experiment("serving", artifact_location=artifacts.as_uri())
+    )
+    with mlflow.start_run(experiment_id=experiment.experiment_id):
+        info = log_pyfunc_model(model_dir, registered_model_name=name)
+    version = int(info.registered_model_version)
+    MlflowClient().set_registered_model_alias(name, "champion", str(version))
+    return version
+
+
+@contextlib.contextmanager
+def colour_champion(root: Path, name: str = MODEL_NAME) -> Iterator[Champion]:
+    """A store under `root` holding `name@champion`; MLFLOW_TRACKING_URI points at it meanwhile
+    (so subprocesses find it too), and MLflow's process-wide URIs are reset afterwards."""
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", uri)
+        env.setenv("MLFLOW_REGISTRY_URI", uri)
+        env.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        try:
+            version = register_champion(train_colour_model(root / "model"), name, root / "artifacts")
+            yield Champion(uri, root, name, version)
+        finally:
+            mlflow.set_tracking_uri(None)
+            mlflow.set_registry_uri(None)
+
+
+# --- server processes -------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(command: list[str], log: Path, *, cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    """`command` in its own process group (servers start children), output into `log`."""
+    with log.open("wb") as out:
+        return subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_until_up(process: subprocess.Popen, url: str, log: Path, timeout: float = 90) -> None:
+    """Poll `url` until it answers 200; fail with the server's log if it exits or never does."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"the server did not answer {url} within {timeout} s:\n{log.read_text()[-4000:]}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM the server's process group, SIGKILL if it lingers."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
