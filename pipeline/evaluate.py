@@ -276,7 +276,9 @@ def run_evaluate(params: Params, paths: Paths, strategy: str) -> dict[str, float
     atomic_write_bytes(paths.eval_confusion_png(strategy), confusion_png(val[0], val[1], classes, title))
     report = _report_text(strategy, run_info["run_id"], val_text, test_text, metrics)
 
-    with tracked_run(params.mlflow.experiment, "evaluate", strategy=strategy, run_id=run_info["run_id"], tags={"evaluated": "true"}):
+    with tracked_run(
+        params.mlflow.experiment, "evaluate", strategy=strategy, run_id=run_info["run_id"], tags={"evaluated": "true"}, keep_status_on_error=True
+    ):
         client = MlflowClient()
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=_metric_step(client, run_info["run_id"]))
         for path in (paths.eval_metrics(strategy), paths.eval_confusion_png(strategy), paths.eval_predictions(strategy)):

@@ -17,6 +17,9 @@ from PIL import Image, ImageOps
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# The formats a camera or browser produces. PIL reads many more (TIFF, PSD, EPS via Ghostscript...);
+# every one of them is attack surface for a served model that decodes untrusted bytes.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
 
 
 class ImageTooLarge(ValueError):
@@ -32,7 +35,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _check_pixels(width: int, height: int, max_pixels: int | None) -> None:
+def check_pixels(width: int, height: int, max_pixels: int | None) -> None:
     if max_pixels is not None and width * height > max_pixels:
         raise ImageTooLarge(f"{width}x{height} pixels is over the limit of {max_pixels}")
 
@@ -55,8 +58,8 @@ def decode_image(source: Path | str | bytes, size: int, max_pixels: int | None =
     Raises PIL's errors (or `ImageTooLarge`) for anything that is not a readable image.
     """
     handle = io.BytesIO(source) if isinstance(source, bytes) else source
-    with Image.open(handle) as image:
-        _check_pixels(image.width, image.height, max_pixels)
+    with Image.open(handle, formats=IMAGE_FORMATS) as image:
+        check_pixels(image.width, image.height, max_pixels)
         # JPEG can decode straight at 1/2, 1/4 or 1/8 scale: far less work than decoding 200x200
         # and throwing most of it away. draft() never goes below the requested size.
         image.draft("RGB", (size, size))
@@ -76,7 +79,7 @@ def resize_pixels(pixels: np.ndarray, size: int, max_pixels: int | None = None) 
         raise ValueError(f"pixels must be HxW, HxWx3 or HxWx4, got shape {pixels.shape}")
     if pixels.shape[0] == 0 or pixels.shape[1] == 0:
         raise ValueError(f"pixels must not be empty, got shape {pixels.shape}")
-    _check_pixels(pixels.shape[1], pixels.shape[0], max_pixels)
+    check_pixels(pixels.shape[1], pixels.shape[0], max_pixels)
     return _square_and_resize(_to_rgb(Image.fromarray(pixels)), size)
 
 

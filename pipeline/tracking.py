@@ -12,6 +12,8 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -80,13 +82,20 @@ def git_commit(cwd: Path | None = None) -> str:
 
 
 def standard_tags(stage: str, strategy: str | None = None, **extra: str) -> dict[str, str]:
-    tags = {"stage": stage, "git_commit": git_commit()}
+    tags = {"stage": stage, "git_commit": git_commit(), "device": _device()}
     if strategy:
         tags["strategy"] = strategy
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
     tags.update({k: str(v) for k, v in extra.items()})
     return tags
+
+
+def _device() -> str:
+    """What the stage ran on; a training overrides it with its own device. A stage that never
+    imported torch (fetch, preprocess, promote) did its work on the CPU."""
+    torch = sys.modules.get("torch")
+    return torch.cuda.get_device_name(0) if torch is not None and torch.cuda.is_available() else "cpu"
 
 
 def _raise_on_sigterm(signum: int, frame: Any) -> None:
@@ -105,32 +114,39 @@ def tracked_run(
     run_name: str | None = None,
     params: Mapping[str, Any] | None = None,
     tags: Mapping[str, str] | None = None,
-    nested: bool = False,
+    keep_status_on_error: bool = False,
 ) -> Iterator[mlflow.ActiveRun]:
-    """Open (or reopen, with `run_id`) a run carrying the standard tags; FAILED if the body raises."""
+    """Open (or reopen, with `run_id`) a run carrying the standard tags; FAILED if the body raises.
+
+    `keep_status_on_error`: a later stage writing into a finished run (evaluate into its training's
+    run) must not turn a good training into a FAILED one when the later stage fails.
+    """
     configure(experiment)
+    status_on_error = "FAILED"
+    if run_id is not None and keep_status_on_error:
+        status_on_error = mlflow.get_run(run_id).info.status
     previous = signal.getsignal(signal.SIGTERM)
-    in_main_thread = _is_main_thread()
+    in_main_thread = threading.current_thread() is threading.main_thread()
     if in_main_thread:
         signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    run = mlflow.start_run(run_id=run_id, run_name=run_name)
     try:
-        with mlflow.start_run(run_id=run_id, run_name=run_name, nested=nested) as run:
-            new_tags = standard_tags(stage, strategy, **(tags or {}))
-            if run_id is not None:
-                # A reopened run (evaluate writing into its training's run, a resumed training)
-                # keeps the stage and commit it was created with; the later stage adds its own tags.
-                del new_tags["stage"], new_tags["git_commit"]
-            mlflow.set_tags(new_tags)
-            if params:
-                mlflow.log_params(dict(params))
-            yield run
+        new_tags = standard_tags(stage, strategy, **(tags or {}))
+        if run_id is not None:
+            # A reopened run (evaluate writing into its training's run, a resumed training)
+            # keeps the stage and commit it was created with; the later stage adds its own tags.
+            del new_tags["stage"], new_tags["git_commit"]
+        mlflow.set_tags(new_tags)
+        if params:
+            mlflow.log_params(dict(params))
+        yield run
+    except BaseException:
+        mlflow.end_run(status=status_on_error)
+        raise
+    else:
+        mlflow.end_run(status="FINISHED")
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
 
-
-def _is_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 

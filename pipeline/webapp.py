@@ -38,13 +38,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.config import ServeConfig
+from pipeline.imaging import IMAGE_FORMATS, ImageTooLarge, check_pixels
 from pipeline.predict import LoadedModel, classify, load_model, top_k
 
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 UPLOAD_FIELD = "file"
 TOP = 5
-# What a browser upload or webcam snapshot is; other formats PIL reads widen the attack surface.
-ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP")
 # Browsers may render the page and fetch our own API; nothing else (no external scripts or fonts).
 _PAGE_HEADERS = {
     "Content-Security-Policy": (
@@ -129,7 +128,7 @@ def check_image(data: bytes, max_pixels: int) -> None:
         raise Rejected(400, "the upload is empty: choose an image file")
     try:
         # Image.open reads only the header: the size is known before a single pixel is decoded.
-        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as image:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
             width, height = image.size
     except Image.DecompressionBombError as err:
         raise Rejected(413, f"the image is too large: {err}") from None
@@ -137,10 +136,10 @@ def check_image(data: bytes, max_pixels: int) -> None:
         raise Rejected(415, "not an image: send a JPEG, PNG or WebP file") from None
     except (OSError, ValueError, SyntaxError, EOFError, struct.error) as err:
         raise Rejected(400, f"unreadable image ({type(err).__name__}: {err})") from None
-    if width * height > max_pixels:
-        raise Rejected(
-            413, f"the image is {width}x{height} pixels, over the limit of {max_pixels} pixels (serve.max_image_pixels)"
-        )
+    try:
+        check_pixels(width, height, max_pixels)
+    except ImageTooLarge as err:
+        raise Rejected(413, f"the image is too large: {err} (serve.max_image_pixels)") from None
 
 
 # --- the app ---------------------------------------------------------------------------------------

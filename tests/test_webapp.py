@@ -130,7 +130,7 @@ BAD_UPLOADS = {
     "gif": (encode(Image.new("RGB", (8, 8)), "GIF"), 415, "JPEG, PNG or WebP"),
     "truncated-jpeg": (_truncated_jpeg(), 400, "truncated"),
     "bomb-20000x20000": (_png_header(20000, 20000), 413, "too large"),
-    "header-over-limit": (_png_header(5000, 5000), 413, "5000x5000 pixels, over the limit of 1000000"),
+    "header-over-limit": (_png_header(5000, 5000), 413, "5000x5000 pixels is over the limit of 1000000"),
     "real-over-limit": (solid((1, 2, 3), 1001, 1000, fmt="PNG"), 413, "1001x1000"),
 }
 
