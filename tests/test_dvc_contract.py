@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import yaml
@@ -71,3 +72,29 @@ def test_shipped_params_file_holds_every_declared_param():
             for part in key.split("."):
                 assert isinstance(node, dict) and part in node, f"{name}: params.yaml lacks {key}"
                 node = node[part]
+
+
+# Modules that shape no output: plumbing every stage shares. A change to them must not rerun the
+# pipeline; any other pipeline module a stage imports decides what it writes.
+PLUMBING = {"pipeline/errors.py", "pipeline/paths.py", "pipeline/config.py", "pipeline/tracking.py", "pipeline/cli.py", "pipeline/__init__.py"}
+
+
+def imported_modules(module: str, seen: set[str] | None = None) -> set[str]:
+    """`pipeline/*.py` files that `module` imports, directly or through each other (lazy imports too)."""
+    seen = set() if seen is None else seen
+    for node in ast.walk(ast.parse((REPO / module).read_text())):
+        names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else [a.name for a in getattr(node, "names", [])] if isinstance(node, ast.Import) else []
+        for name in names:
+            path = name.replace(".", "/") + ".py"
+            if name.startswith("pipeline.") and (REPO / path).is_file() and path not in seen:
+                seen.add(path)
+                imported_modules(path, seen)
+    return seen
+
+
+def test_every_stage_depends_on_the_code_it_runs():
+    for name, stage in stages().items():
+        module = f"pipeline/{name.split('@')[0]}.py"
+        needed = (imported_modules(module) | {module}) - PLUMBING
+        missing = needed - set(stage["deps"])
+        assert not missing, f"{name}: add {sorted(missing)} to its deps in dvc.yaml"
