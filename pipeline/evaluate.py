@@ -34,6 +34,7 @@ import torch
 
 from pipeline.config import Params
 from pipeline.errors import UserError
+from pipeline.models import class_probabilities
 from pipeline.paths import Paths
 from pipeline.shards import atomic_write_bytes, atomic_write_json, load_split, read_manifest
 
@@ -88,19 +89,6 @@ def load_trained(model_dir: Path, strategy: str) -> tuple[torch.nn.Module, dict[
 
 
 # --- inference and metrics ---------------------------------------------------------------------
-
-
-@torch.inference_mode()
-def predict_probabilities(network: torch.nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> np.ndarray:
-    """Softmax probabilities (float64 N x classes) for every image once, in order, float32 inputs."""
-    network = network.to(device).eval()
-    chunks = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size].to(device=device, dtype=torch.float32)
-        chunks.append(torch.softmax(network(batch).float(), dim=1).double().cpu().numpy())
-    if not chunks:
-        return np.zeros((0, 0))
-    return np.concatenate(chunks)
 
 
 def _present_labels(y_true: np.ndarray, y_pred: np.ndarray) -> list[int]:
@@ -195,7 +183,7 @@ def _evaluate_split(network, paths: Paths, manifest: dict, split: str, params: P
     images, labels = load_split(paths.shards, split, manifest)
     if len(labels) == 0:
         return None
-    probabilities = predict_probabilities(network, images, params.evaluate.batch_size, device)
+    probabilities = class_probabilities(network, images, params.evaluate.batch_size, device)
     y_true, y_pred = labels.numpy(), probabilities.argmax(axis=1)
     return y_true, y_pred, probabilities
 

@@ -6,6 +6,7 @@ the original study did) is a module the wrapper never registered, so DDP does no
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -71,6 +72,13 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     return model
 
 
-def head_parameter_names(model: nn.Module) -> list[str]:
-    """Names of the parameters that still train (all of them unless the backbone is frozen)."""
-    return [name for name, p in model.named_parameters() if p.requires_grad]
+@torch.inference_mode()
+def class_probabilities(network: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> np.ndarray:
+    """Softmax probabilities (float64, N x classes) of normalized images (N x 3 x S x S, any float
+    dtype), in order, `batch_size` at a time so memory stays bounded whatever N is."""
+    network = network.to(device).eval()
+    chunks = [np.zeros((0, 0))]
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size].to(device=device, dtype=torch.float32)
+        chunks.append(torch.softmax(network(batch).float(), dim=1).double().cpu().numpy())
+    return np.concatenate(chunks[1:]) if len(chunks) > 1 else chunks[0]

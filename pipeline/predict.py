@@ -30,8 +30,8 @@ import pandas as pd
 
 from pipeline.errors import UserError
 from pipeline.imaging import is_image_name
+from pipeline.promote import CHAMPION
 
-CHAMPION = "champion"
 _BATCH = 64  # files per model call: bounds memory for a folder of thousands
 _REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))?/?$")
 

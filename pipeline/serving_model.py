@@ -55,7 +55,7 @@ from torch import nn
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
 from pipeline.imaging import ImageTooLarge, normalize, prepare_pixels
-from pipeline.models import build_model
+from pipeline.models import build_model, class_probabilities
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model_config.json"
@@ -235,14 +235,11 @@ class AslClassifier(mlflow.pyfunc.PythonModel):
             reason = _describe_decode_error(err) if isinstance(source, bytes) else str(err)
             raise InvalidImage(position, reason, label) from None
 
-    @torch.inference_mode()
     def _probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        chunks = [np.zeros((0, len(self.classes)), np.float32)]
-        for start in range(0, len(pixels), _FORWARD_BATCH):
-            batch = torch.from_numpy(normalize(pixels[start : start + _FORWARD_BATCH], self.mean, self.std))
-            logits = self.network(batch.to(self.device))
-            chunks.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
-        return np.concatenate(chunks)
+        if len(pixels) == 0:
+            return np.zeros((0, len(self.classes)))
+        images = torch.from_numpy(normalize(pixels, self.mean, self.std))
+        return class_probabilities(self.network, images, _FORWARD_BATCH, self.device)
 
     def _result_frame(self, probabilities: np.ndarray) -> pd.DataFrame:
         best = probabilities.argmax(axis=1)

@@ -28,7 +28,6 @@ import numpy as np
 
 from pipeline.errors import UserError
 
-SPLITS = ("train", "val", "test")
 
 
 def sha256_of(path: Path) -> str:

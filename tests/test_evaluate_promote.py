@@ -35,7 +35,8 @@ from conftest import REPO, write_params
 from pipeline.cli import app
 from pipeline.config import load_params
 from pipeline.errors import UserError
-from pipeline.evaluate import METRIC_NAMES, classification_metrics, load_trained, predict_probabilities, run_evaluate
+from pipeline.evaluate import METRIC_NAMES, classification_metrics, load_trained, run_evaluate
+from pipeline.models import class_probabilities
 from pipeline.paths import workspace_paths
 from pipeline.promote import pick_candidate, run_promote
 from pipeline.shards import load_split, read_manifest, split_files
@@ -324,7 +325,7 @@ def test_champion_alias_serves_the_evaluated_predictions_from_raw_pixels(ws):
     # cannot resolve: an untrained-ish tiny model has some, and there either answer is right.
     network, config = load_trained(ws / "models" / strategy, strategy)
     images, _ = load_split(ws / "data" / "shards", "val", manifest)
-    reference = predict_probabilities(network, images, 64, torch.device("cpu"))
+    reference = class_probabilities(network, images, 64, torch.device("cpu"))
     np.testing.assert_allclose(np.stack(served["probabilities"].to_numpy()), reference, atol=2e-3)
     classes = config["classes"]
     for row, (label, expected) in enumerate(zip(served["label"], evaluated)):
