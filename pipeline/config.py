@@ -118,6 +118,14 @@ class DistributedConfig:
         host, _, port = self.rdzv_endpoint.rpartition(":")
         _require(bool(host) and port.isdigit() and 0 < int(port) < 65536, "distributed.rdzv_endpoint", self.rdzv_endpoint, "host:port")
         _require(self.max_restarts >= 0, "distributed.max_restarts", self.max_restarts, "an integer >= 0")
+        # Across nodes torchrun's static rendezvous restarts each node on its own, so the nodes'
+        # attempts drift apart and the restarted ranks never meet again.
+        _require(
+            self.nnodes == 1 or self.max_restarts == 0,
+            "distributed.max_restarts",
+            self.max_restarts,
+            "0 when distributed.nnodes > 1 (restarts work on one node; resume a multi-node job with train.resume: true)",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,13 +135,13 @@ class TrainConfig:
     batch_size: int = 64
     """Global batch: images per optimizer step, whatever the strategy and `gpus`."""
     lr: float = 0.003
-    """Peak learning rate of AdamW (cosine decay over the run)."""
+    """Peak learning rate of AdamW (one-cycle schedule: 15% warm-up, then cosine decay)."""
     weight_decay: float = 0.05
     """AdamW weight decay."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing."""
     resume: bool = False
-    """Continue from the last checkpoint in models/<strategy>/ if there is one."""
+    """Continue from the last checkpoint in checkpoints/<strategy>/ if an unfinished one is there."""
     sync_batchnorm: bool = False
     """Convert batch-norm to SyncBatchNorm under ddp, so results do not depend on how a batch is split."""
     compile: bool = False

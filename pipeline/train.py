@@ -12,38 +12,25 @@ metrics/train_<strategy>.json, metrics/curves_<strategy>.csv, checkpoints/<strat
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import io
-import json
-import os
-import random
-import resource
+import signal
 import subprocess
 import sys
-import time
-from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch import nn
 
-from pipeline.checkpoint import checkpoint_path, fingerprint, load_checkpoint, save_checkpoint
-from pipeline.config import Params, to_flat_dict
+from pipeline.config import Params
 from pipeline.errors import UserError
-from pipeline.loop import EpochStats, StepSettings, evaluate, train_one_epoch
-from pipeline.models import build_model
 from pipeline.paths import Paths
-from pipeline.shards import atomic_write_bytes, atomic_write_json, load_split, read_manifest
+from pipeline.shards import read_manifest
 from pipeline.strategy import (
     SYNC_BATCHNORM_NEEDS_CUDA,
-    Strategy,
     check_batch_divides,
     check_visible_gpus,
     inside_torchrun,
     make_strategy,
 )
+from pipeline.trainer import fit
 
 
 def torchrun_command(params: Params, params_file: Path, workspace: Path) -> list[str]:
@@ -60,245 +47,17 @@ def torchrun_command(params: Params, params_file: Path, workspace: Path) -> list
 
 
 def launch_ddp(params: Params, params_file: Path, workspace: Path) -> int:
-    """Start torchrun and wait for it; returns its exit code."""
-    return subprocess.run(torchrun_command(params, params_file, workspace)).returncode
+    """Start torchrun and wait for it; returns its exit code.
 
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def step_settings(params: Params, strategy: Strategy) -> StepSettings:
-    cuda = strategy.device.type == "cuda"
-    return StepSettings(device=strategy.device, channels_last=params.train.channels_last, bf16=params.train.bf16 and cuda)
-
-
-def place_data(images: torch.Tensor, labels: torch.Tensor, params: Params, device: torch.device):
-    """Move a split onto the GPU when asked and when it fits with room to spare; else keep it on the host."""
-    if device.type != "cuda" or not params.train.data_on_device:
-        return images, labels
-    free, _ = torch.cuda.mem_get_info(device)
-    if images.nbytes > 0.5 * free:
-        return images, labels
-    return images.to(device), labels.to(device)
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-class TrainingState:
-    """Model, optimizer and schedule of one training, plus how far it got."""
-
-    def __init__(self, params: Params, strategy: Strategy, num_classes: int, steps_per_epoch: int):
-        model = build_model(params.model, num_classes)
-        if params.train.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        wrapped = strategy.wrap(model)
-        self.bare = strategy.unwrap(wrapped)  # what checkpoints and the exported model hold
-        self.eval_model = strategy.eval_model(wrapped)
-        self.model = torch.compile(wrapped) if params.train.compile else wrapped
-        trainable = [p for p in self.bare.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=params.train.lr, weight_decay=params.train.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            self.optimizer, max_lr=params.train.lr, total_steps=max(1, steps_per_epoch * params.train.epochs), pct_start=0.15
-        )
-        self.strategy = strategy
-        self.next_epoch = 0
-        self.history: list[dict] = []
-        self.run_id: str | None = None
-        self.resumed_from: int | None = None
-
-    def state_dict(self, fingerprint_: str) -> dict:
-        return {
-            "fingerprint": fingerprint_,
-            "model": self.bare.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "next_epoch": self.next_epoch,
-            "history": self.history,
-            "run_id": self.run_id,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.bare.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.next_epoch, self.history, self.run_id = state["next_epoch"], list(state["history"]), state["run_id"]
-        self.resumed_from = self.next_epoch
-
-
-def should_resume(params: Params) -> bool:
-    # torchrun restarts the whole worker group after a failure; the restarted ranks must pick up
-    # from the last checkpoint whether or not the user asked for a resume.
-    return params.train.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-
-
-def restore(state: TrainingState, params: Params, paths: Paths, fingerprint_: str) -> None:
-    """Load the last checkpoint on the main process and share it, or its error, with every rank."""
-    if not should_resume(params):
-        return
-    strategy = state.strategy
-    saved, error = None, None
-    if strategy.is_main:
-        try:
-            saved = load_checkpoint(checkpoint_path(paths.root, strategy.name), fingerprint_)
-        except UserError as err:
-            error = str(err)
-    # Every rank must raise together: one rank failing alone would leave the others in a collective.
-    saved, error = strategy.broadcast_object((saved, error))
-    if error:
-        raise UserError(error)
-    if saved is not None:
-        state.load_state_dict(saved)
-
-
-def epoch_record(epoch: int, stats: EpochStats, val_loss: float, val_accuracy: float) -> dict:
-    return {
-        "epoch": epoch,
-        "train_loss": stats.loss,
-        "train_accuracy": stats.accuracy,
-        "val_loss": val_loss,
-        "val_accuracy": val_accuracy,
-        "epoch_seconds": stats.seconds,
-        "images_per_second": stats.images / stats.seconds if stats.seconds > 0 else 0.0,
-        "data_wait_fraction": stats.data_wait_seconds / stats.seconds if stats.seconds > 0 else 0.0,
-        "images": stats.images,
-    }
-
-
-@contextlib.contextmanager
-def main_process_run(params: Params, strategy: Strategy, state: TrainingState):
-    """The MLflow run of this training (reopened on resume); other ranks get no run at all."""
-    if not strategy.is_main:
-        yield None
-        return
-    from pipeline.tracking import tracked_run
-
-    tags = {"device": strategy.device_label, "world_size": str(strategy.world_size), "gpus": str(params.gpus)}
-    if strategy.device.type == "cpu":
-        tags["cpu_only"] = "true"  # a process stands in for each GPU: not a GPU figure
-    run_name = f"train-{strategy.name}-{params.gpus}gpu" + (f"-{os.environ['DVC_EXP_NAME']}" if os.environ.get("DVC_EXP_NAME") else "")
-    flat = {k: v for k, v in to_flat_dict(params).items() if k.split(".")[0] in ("seed", "gpus", "data", "model", "train", "distributed")}
-    with tracked_run(params.mlflow.experiment, "train", strategy=strategy.name, run_id=state.run_id, run_name=run_name, params=None, tags=tags) as run:
-        if state.run_id is None:
-            import mlflow
-
-            mlflow.log_params({k: str(v) for k, v in flat.items()})
-        state.run_id = run.info.run_id
-        yield run
-
-
-def fit(params: Params, paths: Paths, strategy: Strategy) -> dict | None:
-    """Train to `train.epochs`, checkpointing every epoch; returns the final figures on the main process."""
-    seed_everything(params.seed)
-    manifest = read_manifest(paths.shards)
-    settings = step_settings(params, strategy)
-    train_x, train_y = place_data(*load_split(paths.shards, "train", manifest), params, strategy.device)
-    val_x, val_y = place_data(*load_split(paths.shards, "val", manifest), params, strategy.device)
-    sampler = strategy.sampler(len(train_y), params.seed)
-    batch = strategy.per_process_batch(params.train.batch_size)
-    if len(sampler) < batch:
-        raise UserError(f"train.batch_size={params.train.batch_size} is larger than the training split ({len(train_y)} images): lower it")
-    state = TrainingState(params, strategy, len(manifest["classes"]), len(sampler) // batch)
-    fingerprint_ = fingerprint(params, manifest)
-    restore(state, params, paths, fingerprint_)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=params.train.label_smoothing)
-    with main_process_run(params, strategy, state):
-        for epoch in range(state.next_epoch, params.train.epochs):
-            sampler.set_epoch(epoch)  # a new permutation every epoch, the same on every rank
-            stats = train_one_epoch(state.model, state.optimizer, state.scheduler, loss_fn, train_x, train_y, list(sampler), batch, strategy, settings)
-            val_loss, val_accuracy = evaluate(state.eval_model, val_x, val_y, params.evaluate.batch_size, strategy, settings)
-            record = epoch_record(epoch, stats, val_loss, val_accuracy)
-            state.history.append(record)
-            state.next_epoch = epoch + 1
-            if strategy.is_main:
-                log_epoch(record, params)
-                save_checkpoint(checkpoint_path(paths.root, strategy.name), state.state_dict(fingerprint_))
-        return finish(params, paths, strategy, state, manifest) if strategy.is_main else None
-
-
-def log_epoch(record: dict, params: Params) -> None:
-    import mlflow
-
-    epoch = record["epoch"]
-    mlflow.log_metrics({k: v for k, v in record.items() if k not in ("epoch", "images")}, step=epoch)
-    print(
-        f"epoch {epoch + 1}/{params.train.epochs}: loss {record['train_loss']:.3f} acc {record['train_accuracy']:.3f} | "
-        f"val loss {record['val_loss']:.3f} acc {record['val_accuracy']:.3f} | {record['epoch_seconds']:.1f}s "
-        f"{record['images_per_second']:.0f} img/s, data wait {record['data_wait_fraction']:.1%}",
-        flush=True,
-    )
-
-
-def model_config(params: Params, manifest: dict) -> dict:
-    """What the exported model needs to prepare an image exactly as training did."""
-    return {
-        "model": asdict(params.model),
-        "classes": manifest["classes"],
-        "image_size": manifest["image_size"],
-        "mean": manifest["mean"],
-        "std": manifest["std"],
-        "max_image_pixels": params.serve.max_image_pixels,
-    }
-
-
-def summary(params: Params, strategy: Strategy, state: TrainingState) -> dict:
-    seconds = sum(r["epoch_seconds"] for r in state.history)
-    images = sum(r["images"] for r in state.history)
-    last = state.history[-1]
-    return {
-        "strategy": strategy.name,
-        "world_size": strategy.world_size,
-        "gpus": params.gpus,
-        "device": strategy.device_label,
-        "epochs": len(state.history),
-        "train_seconds": seconds,
-        "images_per_second": images / seconds if seconds > 0 else 0.0,
-        "data_wait_fraction": sum(r["data_wait_fraction"] * r["epoch_seconds"] for r in state.history) / max(seconds, 1e-9),
-        "peak_memory_mb": peak_memory_bytes(strategy.device) / 2**20,
-        "train_accuracy": last["train_accuracy"],
-        "val_accuracy": last["val_accuracy"],
-        "val_loss": last["val_loss"],
-        "resumed_from_epoch": state.resumed_from if state.resumed_from is not None else -1,
-    }
-
-
-def write_curves(path: Path, history: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(history[0]))
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write_bytes(path, buffer.getvalue().encode())
-
-
-def finish(params: Params, paths: Paths, strategy: Strategy, state: TrainingState, manifest: dict) -> dict:
-    """Write the model folder and metrics, and log them and the servable model to the run."""
-    import mlflow
-    from safetensors.torch import save_file
-
-    from pipeline.serving_model import log_pyfunc_model
-
-    model_dir = paths.model_dir(strategy.name)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().float().contiguous().cpu() for k, v in state.bare.state_dict().items()}
-    save_file(weights, str(model_dir / "model.safetensors"))
-    atomic_write_json(model_dir / "model_config.json", model_config(params, manifest))
-    figures = summary(params, strategy, state)
-    atomic_write_json(paths.train_metrics(strategy.name), figures)
-    write_curves(paths.train_curve(strategy.name), state.history)
-
-    mlflow.log_metrics({k: float(v) for k, v in figures.items() if isinstance(v, (int, float)) and k != "gpus"})
-    mlflow.log_artifact(str(paths.train_curve(strategy.name)))
-    info = log_pyfunc_model(model_dir, name="model")
-    run = mlflow.active_run()
-    atomic_write_json(model_dir / "run.json", {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "model_uri": info.model_uri})
-    print(f"train {strategy.name}: {figures['train_seconds']:.1f}s, {figures['images_per_second']:.0f} img/s, val accuracy {figures['val_accuracy']:.3f} (run {run.info.run_id})")
-    return figures
+    A SIGTERM to this process (`dvc queue kill`, a scheduler) is passed on to torchrun, which stops
+    its workers and lets them mark the MLflow run FAILED; otherwise they would run on, orphaned.
+    """
+    torchrun = subprocess.Popen(torchrun_command(params, params_file, workspace))
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: torchrun.send_signal(signum))
+    try:
+        return torchrun.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def train_worker(params: Params, paths: Paths, strategy_name: str) -> dict | None:

@@ -31,6 +31,7 @@ def main(out_dir: Path) -> None:
         labels = torch.randint(0, 29, (IMAGES,), generator=data)
         torch.manual_seed(SEED)
         model = strategy.wrap(build_model(ModelConfig(name="small_cnn"), 29))
+        initial = {k: v.detach().clone() for k, v in strategy.unwrap(model).state_dict().items()}
         # SGD, not Adam: Adam divides by sqrt(v), which turns float noise in a near-zero gradient
         # into a full-size step and would hide real agreement behind a few outlier weights.
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -44,7 +45,7 @@ def main(out_dir: Path) -> None:
             seen.append(order)
             train_one_epoch(model, optimizer, scheduler, nn.CrossEntropyLoss(), images, labels, order, strategy.per_process_batch(GLOBAL_BATCH), strategy, settings)
         state = {k: v.detach().clone() for k, v in strategy.unwrap(model).state_dict().items()}
-        torch.save({"seen": seen, "state": state, "world_size": strategy.world_size}, out_dir / f"rank{strategy.rank}.pt")
+        torch.save({"seen": seen, "state": state, "initial": initial, "world_size": strategy.world_size}, out_dir / f"rank{strategy.rank}.pt")
     finally:
         strategy.close()
 
