@@ -44,9 +44,8 @@ def _batch(images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, sett
         if settings.device.type == "cuda":
             x, y = x.pin_memory(), y.pin_memory()
         x, y = x.to(settings.device, non_blocking=True), y.to(settings.device, non_blocking=True)
-    x = x.float()
-    if settings.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    # One conversion: float16 -> float32 straight into the memory format the model uses.
+    x = x.to(torch.float32, memory_format=torch.channels_last if settings.channels_last else torch.contiguous_format)
     return x, y
 
 

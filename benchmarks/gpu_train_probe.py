@@ -1,0 +1,289 @@
+"""Training throughput of the pipeline's own loop under dp or ddp, without MLflow: the driver that
+benchmarks/gpu_check.sh runs on a lent GPU machine (and, tiny, on CPU to test its logic).
+
+    python benchmarks/gpu_train_probe.py --prepare DIR [--images-per-class N] [--size S]
+        make DIR/shards: synthetic JPEGs + build_shards (falls back to random tensors, recorded in
+        DIR/data.json, when PIL/yaml/tqdm are missing on the machine)
+    python benchmarks/gpu_train_probe.py --strategy dp --gpus N --data DIR --json OUT.json
+    torchrun --standalone --nproc-per-node=N benchmarks/gpu_train_probe.py --strategy ddp --data DIR --json OUT.json
+    python benchmarks/gpu_train_probe.py --table OUT1.json OUT2.json ...
+
+The step is the real one: `pipeline.loop.train_one_epoch` and `evaluate` with `pipeline.strategy`
+(DataParallel over N devices, or DDP over NCCL/gloo under torchrun), and, where pipeline.config can
+be imported (it needs PyYAML), the optimizer, schedule and StepSettings of `pipeline.trainer`
+(`TrainingState`, `step_settings`, `place_data`): on CUDA that is bf16 autocast, channels_last and
+the whole split on the GPU. Without PyYAML the same pieces are built here the same way.
+Needs only torch, torchvision (resnet18) and numpy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+CLASSES = 29
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+
+def prepare(root: Path, images_per_class: int, size: int, seed: int = 0) -> dict:
+    """Synthetic 200x200 JPEGs preprocessed into shards under root; random tensors if that cannot run here."""
+    root.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    try:
+        from pipeline.config import params_from_dict
+        from pipeline.paths import Paths
+        from pipeline.preprocess import build_shards
+        from pipeline.synthetic import generate_synthetic_dataset
+
+        small = images_per_class < 50  # validation blocks of 10 frames (+1 gap) need more frames than that
+        data = {"synthetic": {"images_per_class": images_per_class}, "image_size": size, "block_size": 4 if small else 10, "block_gap": 0 if small else 1}
+        params = params_from_dict({"seed": seed, "data": data})
+        paths = Paths(root)
+        generate_synthetic_dataset(paths.raw, images_per_class=images_per_class, frames_per_run=10, seed=seed, size=200)
+        manifest = build_shards(params.data, params.seed, paths.raw, paths.raw_train, paths.raw_test, paths.shards)
+        info = {"kind": "shards", "shards": str(paths.shards), "train": manifest["splits"]["train"]["count"], "val": manifest["splits"]["val"]["count"]}
+    except ImportError as err:  # PIL, PyYAML or tqdm missing on this machine: throughput does not depend on pixels
+        count = images_per_class * CLASSES
+        info = {"kind": "random", "why": f"{type(err).__name__}: {err}", "train": int(count * 0.8), "val": count - int(count * 0.8), "size": size, "seed": seed}
+    info["seconds"] = round(time.perf_counter() - started, 1)
+    (root / "data.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def load_data(root: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    info = json.loads((root / "data.json").read_text())
+    if info["kind"] == "shards":
+        from pipeline.shards import load_split
+
+        shards = Path(info["shards"])
+        return (*load_split(shards, "train"), *load_split(shards, "val"), "synthetic JPEGs -> shards")
+    generator = torch.Generator().manual_seed(info["seed"])
+    size, train, val = info["size"], info["train"], info["val"]
+    images = torch.randn(train + val, 3, size, size, generator=generator).half()
+    labels = torch.randint(0, CLASSES, (train + val,), generator=generator)
+    return images[:train], labels[:train], images[train:], labels[train:], f"random tensors ({info['why']})"
+
+
+# --- the training pieces ------------------------------------------------------------------------------
+
+
+def build(strategy, args, steps_per_epoch: int):
+    """Model, optimizer, schedule and StepSettings as pipeline.trainer builds them; and how the data is placed."""
+    values = {
+        "gpus": max(1, args.gpus),
+        "model": {"name": args.model},
+        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "channels_last": True, "bf16": True, "data_on_device": True},
+    }
+    try:
+        from pipeline.config import params_from_dict
+        from pipeline.trainer import TrainingState, place_data, step_settings
+    except ImportError as err:
+        print(f"probe: pipeline.trainer not importable ({err}); building the same pieces here", flush=True)
+        return _build_here(strategy, args, steps_per_epoch), "replica (no PyYAML)"
+    params = params_from_dict(values)
+    torch.manual_seed(0)
+    state = TrainingState(params, strategy, CLASSES, steps_per_epoch)
+    return SimpleNamespace(
+        model=state.model,
+        bare=state.bare,
+        eval_model=state.eval_model,
+        optimizer=state.optimizer,
+        scheduler=state.scheduler,
+        settings=step_settings(params, strategy),
+        place=lambda x, y: place_data(x, y, params, strategy.device),
+    ), "pipeline.trainer"
+
+
+def _build_here(strategy, args, steps_per_epoch: int) -> SimpleNamespace:
+    import torchvision
+
+    from pipeline.loop import StepSettings
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(args.model, weights=None, num_classes=CLASSES).to(memory_format=torch.channels_last)
+    wrapped = strategy.wrap(model)
+    bare = strategy.unwrap(wrapped)
+    fused = strategy.device.type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(bare.parameters(), lr=0.003, weight_decay=0.05, fused=fused or None)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.003, total_steps=max(1, steps_per_epoch * args.epochs), pct_start=0.15)
+    cuda = strategy.device.type == "cuda"
+
+    def place(x, y):
+        if not cuda:
+            return x, y
+        free, _ = torch.cuda.mem_get_info(strategy.device)
+        return (x.to(strategy.device), y.to(strategy.device)) if x.nbytes < 0.5 * free else (x, y)
+
+    return SimpleNamespace(
+        model=wrapped,
+        bare=bare,
+        eval_model=strategy.eval_model(wrapped),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        settings=StepSettings(device=strategy.device, channels_last=True, bf16=cuda),
+        place=place,
+    )
+
+
+def peak_memory_mb(strategy, dp_devices: int) -> float:
+    if strategy.device.type == "cuda":
+        devices = range(dp_devices) if strategy.name == "dp" else [strategy.device.index]
+        return max(torch.cuda.max_memory_allocated(d) for d in devices) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def weights_digest(module: nn.Module) -> str:
+    """Hash of the parameters. Not the buffers: without sync_batchnorm each rank's batch-norm running
+    statistics come from its own last batch (DDP broadcasts rank 0's before each forward, and the
+    forward then updates them locally), so they legitimately differ between ranks."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.named_parameters()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def run(args) -> None:
+    from pipeline.loop import evaluate, train_one_epoch
+    from pipeline.strategy import DistributedStrategy, inside_torchrun, make_strategy
+
+    if args.strategy == "ddp" and not inside_torchrun():
+        raise SystemExit("probe: --strategy ddp runs under torchrun (torchrun --standalone --nproc-per-node=N ...)")
+    strategy = DistributedStrategy() if args.strategy == "ddp" else make_strategy("dp", args.gpus)
+    try:
+        train_x, train_y, val_x, val_y, data_kind = load_data(args.data)
+        sampler = strategy.sampler(len(train_y), 0)
+        batch = strategy.per_process_batch(args.batch_size)
+        steps = len(sampler) // batch
+        if steps < 1:
+            raise SystemExit(f"probe: {len(train_y)} training images are fewer than one batch of {args.batch_size}")
+        parts, built_by = build(strategy, args, steps)
+        if strategy.device.type == "cuda":  # only the devices this process uses: touching others would create contexts there
+            for d in range(args.gpus) if args.strategy == "dp" else [strategy.device.index]:
+                torch.cuda.reset_peak_memory_stats(d)
+        train_x, train_y = parts.place(train_x, train_y)
+        val_x, val_y = parts.place(val_x, val_y)
+        loss_fn = nn.CrossEntropyLoss()
+        epochs = []
+        for epoch in range(args.epochs):
+            sampler.set_epoch(epoch)
+            stats = train_one_epoch(parts.model, parts.optimizer, parts.scheduler, loss_fn, train_x, train_y, list(sampler), batch, strategy, parts.settings)
+            epochs.append(stats)
+            if strategy.is_main:
+                print(f"probe {args.strategy}: epoch {epoch + 1}/{args.epochs} {stats.seconds:.2f}s {stats.images / stats.seconds:.0f} img/s loss {stats.loss:.3f}", flush=True)
+        val_loss, val_accuracy = evaluate(parts.eval_model, val_x, val_y, 256, strategy, parts.settings)
+        # Steady state: the epochs after the first (which pays for cuDNN autotuning and allocations).
+        steady = epochs[1:] or epochs
+        seconds = sum(s.seconds for s in steady)
+        images = sum(s.images for s in steady)
+        peak = torch.tensor([peak_memory_mb(strategy, getattr(strategy, "gpus", 0))], dtype=torch.float64)
+        digests = [weights_digest(parts.bare)]
+        if strategy.world_size > 1:
+            import torch.distributed as dist
+
+            peak = peak.to(strategy.device)
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            digests = [None] * strategy.world_size
+            dist.all_gather_object(digests, weights_digest(parts.bare))
+        if strategy.is_main:
+            cuda = strategy.device.type == "cuda"
+            result = {
+                "strategy": args.strategy,
+                "gpus": (strategy.world_size if args.strategy == "ddp" else max(getattr(strategy, "gpus", 0), 1)) if cuda else 0,
+                "processes": strategy.world_size,
+                "device": strategy.device_label,
+                "backend": (("nccl" if cuda else "gloo") if args.strategy == "ddp" else "DataParallel" if getattr(strategy, "gpus", 0) > 1 else "single device"),
+                "model": args.model,
+                "image_size": int(train_x.shape[-1]),
+                "global_batch": args.batch_size,
+                "data": data_kind,
+                "data_on_device": train_x.device.type == "cuda",
+                "built_by": built_by,
+                "bf16": parts.settings.bf16,
+                "channels_last": parts.settings.channels_last,
+                "epochs": [round(s.seconds, 3) for s in epochs],
+                "images_per_second": images / seconds if seconds > 0 else 0.0,
+                "data_wait_fraction": sum(s.data_wait_seconds for s in steady) / seconds if seconds > 0 else 0.0,
+                "peak_memory_mb": float(peak.item()),
+                "train_loss": epochs[-1].loss,
+                "val_accuracy": val_accuracy,
+                "val_loss": val_loss,
+                "ranks_agree": len(set(digests)) == 1,
+            }
+            if args.json:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(result, indent=2))
+            print("probe result: " + json.dumps(result), flush=True)
+        if args.save_weights:  # every rank: the tests compare them
+            args.save_weights.mkdir(parents=True, exist_ok=True)
+            state = {k: v.detach().cpu().clone() for k, v in parts.bare.state_dict().items()}
+            parameters = sorted(name for name, _ in parts.bare.named_parameters())
+            torch.save({"state": state, "parameters": parameters, "world_size": strategy.world_size, "rank": strategy.rank}, args.save_weights / f"rank{strategy.rank}.pt")
+    finally:
+        strategy.close()
+
+
+def table(paths: list[Path]) -> str:
+    rows = []
+    for path in paths:
+        try:
+            rows.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as err:
+            rows.append({"strategy": path.stem, "error": f"no result ({type(err).__name__})"})
+    header = f"{'strategy':<8} {'GPUs':>4} {'procs':>5} {'backend':<13} {'images/s':>10} {'data wait':>9} {'peak mem MiB':>12} {'ranks agree':>11}  {'epochs (s)':<24} device / data"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['strategy']:<8} {r['error']}")
+            continue
+        lines.append(
+            f"{r['strategy']:<8} {r['gpus']:>4} {r['processes']:>5} {r['backend']:<13} {r['images_per_second']:>10,.0f} {r['data_wait_fraction']:>9.1%} "
+            f"{r['peak_memory_mb']:>12,.0f} {str(r['ranks_agree']):>11}  {str(r['epochs']):<24} {r['device']}, {r['model']} {r['image_size']}px "
+            f"batch {r['global_batch']}, bf16={r['bf16']} channels_last={r['channels_last']} data_on_device={r['data_on_device']}, {r['data']}"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prepare", type=Path, help="make the data under this folder and exit")
+    parser.add_argument("--images-per-class", type=int, default=140)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--strategy", choices=("dp", "ddp"))
+    parser.add_argument("--gpus", type=int, default=1, help="dp: devices for DataParallel (ignored without CUDA)")
+    parser.add_argument("--data", type=Path, help="a folder made by --prepare")
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=64, help="global batch, as train.batch_size")
+    parser.add_argument("--json", type=Path, help="write the result here (main process)")
+    parser.add_argument("--save-weights", type=Path, help="every rank saves its final weights here as rank<r>.pt")
+    parser.add_argument("--table", type=Path, nargs="+", help="print one table of these result files and exit")
+    args = parser.parse_args()
+    if args.table:
+        print(table(args.table))
+    elif args.prepare:
+        print("probe data: " + json.dumps(prepare(args.prepare, args.images_per_class, args.size)), flush=True)
+    elif args.strategy and args.data:
+        run(args)
+    else:
+        parser.error("give --prepare DIR, --table FILES, or --strategy with --data")
+
+
+if __name__ == "__main__":
+    main()
