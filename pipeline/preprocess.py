@@ -147,18 +147,23 @@ class ShardWriter:
         self.labels, self.files = [], []
 
 
-def decode_into_shards(pool: Executor, jobs: list[Job], writer: ShardWriter, image_size: int, progress: tqdm) -> list[dict]:
-    """Decode `jobs` in the pool, in order, feeding the writer; returns the skipped files."""
+def decode_into_shards(pool: Executor, plan: dict[str, list[Job]], writers: dict[str, ShardWriter], image_size: int, progress: tqdm) -> list[dict]:
+    """Decode every split's jobs, in order, feeding each split's writer; returns the skipped files.
+
+    One stream for all splits: a stream per split would leave the workers idle while the parent
+    writes the last shard of each split."""
+    jobs = [(split, path, label) for split, split_jobs in plan.items() for path, label in split_jobs]
+    tasks = ((i, str(path), image_size) for i, (_, path, _) in enumerate(jobs))
     skipped = []
-    tasks = ((i, str(path), image_size) for i, (path, _) in enumerate(jobs))
-    for index, pixels, reason in pool.map(_decode_job, tasks, chunksize=16):
-        path, label = jobs[index]
+    for index, pixels, reason in pool.map(_decode_job, tasks, chunksize=64):
+        split, path, label = jobs[index]
         if pixels is None:
-            skipped.append({"file": writer.relative_name(path), "reason": reason})
+            skipped.append({"file": writers[split].relative_name(path), "reason": reason})
         else:
-            writer.add(pixels, label, path)
+            writers[split].add(pixels, label, path)
         progress.update(1)
-    writer.flush()
+    for writer in writers.values():
+        writer.flush()
     return skipped
 
 
@@ -173,17 +178,14 @@ def build_shards(cfg: DataConfig, seed: int, raw_dir: Path, train_dir: Path, tes
     out_dir.mkdir(parents=True)
 
     workers = cfg.workers or os.cpu_count() or 1
-    shards, skipped = [], []
+    writers = {split: ShardWriter(out_dir, split, cfg.image_size, cfg.shard_size, raw_dir) for split in plan}
     # fork: the workers need only PIL and numpy, and start instantly instead of re-importing the CLI.
     # Not multiprocessing.Pool: its worker-handler thread spins while results wait in the pipe, which
     # on a busy machine cost the parent ~90 us of CPU per image; a dead worker also hangs it forever.
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
     try:
         with tqdm(total=total, desc="preprocess", unit="img", disable=not sys.stderr.isatty()) as progress:
-            for split, jobs in plan.items():
-                writer = ShardWriter(out_dir, split, cfg.image_size, cfg.shard_size, raw_dir)
-                skipped += decode_into_shards(pool, jobs, writer, cfg.image_size, progress)
-                shards += writer.shards
+            skipped = decode_into_shards(pool, plan, writers, cfg.image_size, progress)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # after a failure: drop the queued work, don't finish it
 
@@ -193,6 +195,7 @@ def build_shards(cfg: DataConfig, seed: int, raw_dir: Path, train_dir: Path, tes
             f"{len(skipped)} of {total} images could not be read (limit data.max_skipped_fraction="
             f"{cfg.max_skipped_fraction}), e.g. {examples}: check data.source points at the right data"
         )
+    shards = [shard for writer in writers.values() for shard in writer.shards]
     manifest = make_manifest(cfg, shards, skipped, dropped)
     atomic_write_json(out_dir / "manifest.json", manifest)  # written last: its presence means "complete"
     return manifest
