@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
