@@ -83,14 +83,20 @@ def train_colour_model(folder: Path) -> Path:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    return write_model_dir(folder, model.eval())
+
+
+def write_model_dir(folder: Path, model: torch.nn.Module, **extra: object) -> Path:
+    """A `small_cnn` model folder as training writes one: weights + model_config.json (+ `extra` keys)."""
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().float().contiguous() for k, v in model.eval().state_dict().items()}, str(folder / WEIGHTS_FILE))
+    save_file({k: v.detach().float().contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS_FILE))
     config = {
         "model": {"name": "small_cnn", "pretrained": False, "freeze_backbone": False},
         "classes": list(CLASSES),
         "image_size": SIZE,
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
+        **extra,
     }
     (folder / CONFIG_FILE).write_text(json.dumps(config))
     return folder

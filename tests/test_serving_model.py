@@ -26,17 +26,15 @@ from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModelContext
 from mlflow.pyfunc.scoring_server import invocations
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from pipeline.classes import CLASSES
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
-from pipeline.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_image, normalize
+from pipeline.imaging import decode_image, normalize
 from pipeline.models import build_model
 from pipeline.serving_model import CONFIG_FILE, WEIGHTS_FILE, AslClassifier, log_pyfunc_model
-
-SIZE = 32
-COLOURS = {"A": (220, 30, 30), "B": (30, 200, 30), "C": (30, 30, 220)}
+from serving_support import COLOURS, SIZE, write_model_dir
 
 
 # --- fixtures ----------------------------------------------------------------------------------
@@ -49,21 +47,6 @@ def _colour_batch(rng: np.random.Generator, per_class: int) -> tuple[np.ndarray,
         images.append(np.clip(np.asarray(rgb) + noise, 0, 255).astype(np.uint8))
         labels += [CLASSES.index(name)] * per_class
     return np.concatenate(images), np.asarray(labels)
-
-
-def _write_model_dir(folder: Path, model: torch.nn.Module, **extra: object) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().float().contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS_FILE))
-    config = {
-        "model": {"name": "small_cnn", "pretrained": False, "freeze_backbone": False},
-        "classes": list(CLASSES),
-        "image_size": SIZE,
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-        **extra,
-    }
-    (folder / CONFIG_FILE).write_text(json.dumps(config))
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +67,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             optimizer.step()
     finally:
         torch.set_num_threads(threads)
-    return _write_model_dir(tmp_path_factory.mktemp("models") / "dp", model.eval())
+    return write_model_dir(tmp_path_factory.mktemp("models") / "dp", model.eval())
 
 
 @pytest.fixture(scope="module")
@@ -374,7 +357,7 @@ def test_logging_needs_an_active_run(model_dir: Path, tmp_path: Path) -> None:
 
 def test_a_folder_that_cannot_serve_is_not_logged(logged, model_dir: Path, tmp_path: Path) -> None:
     """MLflow only warns when the input example fails; log_pyfunc_model must refuse outright."""
-    broken = _write_model_dir(tmp_path / "broken", build_model(ModelConfig(name="small_cnn"), 3))  # 3-class head, 29 classes
+    broken = write_model_dir(tmp_path / "broken", build_model(ModelConfig(name="small_cnn"), 3))  # 3-class head, 29 classes
     experiment = mlflow.get_experiment_by_name("serving-test").experiment_id
     with mlflow.start_run(experiment_id=experiment):
         with pytest.raises(RuntimeError, match="size mismatch"):

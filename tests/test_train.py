@@ -107,6 +107,14 @@ def _wait_for_checkpoint(path: Path, process: subprocess.Popen, timeout: float =
         time.sleep(0.02)
 
 
+def _interrupt_dp_training(workspace: Path, signum: int) -> int:
+    """Start `train dp`, send `signum` once its first checkpoint exists; returns its exit code."""
+    run = CliRun(workspace, "train", "dp")
+    _wait_for_checkpoint(checkpoint_path(workspace, "dp"), run.process)
+    run.process.send_signal(signum)
+    return run.process.wait(timeout=60)
+
+
 def _worker_with_rank(process: subprocess.Popen, rank: str) -> psutil.Process:
     for child in psutil.Process(process.pid).children(recursive=True):
         try:
@@ -135,10 +143,7 @@ def test_torchrun_restarts_a_killed_worker_and_resumes_from_the_checkpoint(tiny_
 
 def test_resume_after_a_killed_dp_run_continues_the_same_run(tiny_workspace):
     write_params(tiny_workspace, {"train": {"epochs": 40}})
-    run = CliRun(tiny_workspace, "train", "dp")
-    _wait_for_checkpoint(checkpoint_path(tiny_workspace, "dp"), run.process)
-    run.process.send_signal(signal.SIGKILL)
-    run.process.wait()
+    _interrupt_dp_training(tiny_workspace, signal.SIGKILL)
     write_params(tiny_workspace, {"train": {"epochs": 40, "resume": True}})
     figures = train_here(tiny_workspace, "dp")
     assert figures["resumed_from_epoch"] >= 1 and figures["epochs"] == 40
@@ -149,10 +154,7 @@ def test_resume_after_a_killed_dp_run_continues_the_same_run(tiny_workspace):
 
 def test_resume_refuses_a_checkpoint_made_with_other_params(tiny_workspace):
     write_params(tiny_workspace, {"train": {"epochs": 40}})
-    run = CliRun(tiny_workspace, "train", "dp")
-    _wait_for_checkpoint(checkpoint_path(tiny_workspace, "dp"), run.process)
-    run.process.send_signal(signal.SIGKILL)
-    run.process.wait()
+    _interrupt_dp_training(tiny_workspace, signal.SIGKILL)
     write_params(tiny_workspace, {"train": {"epochs": 40, "lr": 0.01, "resume": True}})
     from pipeline.errors import UserError
 
@@ -188,10 +190,7 @@ def test_two_nodes_on_loopback_train_as_one_job(tiny_workspace):
 
 def test_a_terminated_training_is_marked_failed_not_left_running(tiny_workspace):
     write_params(tiny_workspace, {"train": {"epochs": 40}})
-    run = CliRun(tiny_workspace, "train", "dp")
-    _wait_for_checkpoint(checkpoint_path(tiny_workspace, "dp"), run.process)
-    run.process.send_signal(signal.SIGTERM)
-    assert run.process.wait(timeout=60) != 0
+    assert _interrupt_dp_training(tiny_workspace, signal.SIGTERM) != 0
     [record] = mlflow.search_runs(experiment_names=["asl-alphabet"], filter_string="tags.stage = 'train'", output_format="list")
     assert record.info.status == "FAILED"
 
@@ -207,9 +206,6 @@ def test_a_fresh_start_ignores_an_old_checkpoint(tiny_workspace):
     """A checkpoint of an earlier, unfinished training must not leak into a training that did not
     ask to resume, even one whose params would make the checkpoint acceptable."""
     write_params(tiny_workspace, {"train": {"epochs": 40}})
-    run = CliRun(tiny_workspace, "train", "dp")
-    _wait_for_checkpoint(checkpoint_path(tiny_workspace, "dp"), run.process)
-    run.process.send_signal(signal.SIGKILL)
-    run.process.wait()
+    _interrupt_dp_training(tiny_workspace, signal.SIGKILL)
     figures = train_here(tiny_workspace, "dp")
     assert figures["resumed_from_epoch"] == -1 and figures["epochs"] == 40
