@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 
 from pipeline.config import Params, to_flat_dict
@@ -17,19 +16,20 @@ from pipeline.paths import Paths
 
 def fetch_raw(params: Params, paths: Paths) -> dict[str, int]:
     """Produce data/raw/ from the configured source; returns file counts."""
-    from pipeline.sources import ingest_source
+    from pipeline.sources import ingest_source, remove_leftovers, swap_in
     from pipeline.synthetic import generate_synthetic_dataset
 
     source = params.data.source
     if source == "synthetic":
-        tmp = paths.raw.with_name(paths.raw.name + ".tmp-synthetic")
-        shutil.rmtree(tmp, ignore_errors=True)
+        # Staged and swapped in like an ingested source: an interrupted generation leaves the
+        # previous data/raw/ (or none), never a partial one.
+        remove_leftovers(paths.raw)
+        staging = paths.raw.with_name(paths.raw.name + ".tmp-synthetic")
         synthetic = params.data.synthetic
         written = generate_synthetic_dataset(
-            tmp, images_per_class=synthetic.images_per_class, frames_per_run=synthetic.frames_per_run, seed=params.seed, workers=params.data.workers
+            staging, images_per_class=synthetic.images_per_class, frames_per_run=synthetic.frames_per_run, seed=params.seed, workers=params.data.workers
         )
-        shutil.rmtree(paths.raw, ignore_errors=True)
-        tmp.rename(paths.raw)  # whole or nothing: an interrupted generation leaves no data/raw/
+        swap_in(staging, paths.raw)
         test_files = sum(1 for _ in paths.raw_test.iterdir())
         return {"train_files": written - test_files, "test_files": test_files, "ignored_files": 0}
     report = ingest_source(source, paths.raw, base_dir=paths.root)

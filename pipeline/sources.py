@@ -317,11 +317,11 @@ def _commit(plan: _Plan, target: Path, label: str, open_member: Callable[[Any], 
     if plan.train_files == 0:
         raise UserError(f"no training images found in {label!r}: {_LAYOUT}; fix: {_POINT_SOURCE}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(target)
+    remove_leftovers(target)
     staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-", dir=target.parent))
     try:
         _write_files(plan, staging, open_member)
-        _swap_in(staging, target)
+        swap_in(staging, target)
     except BaseException:  # KeyboardInterrupt too: never leave a staging folder behind
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -339,7 +339,7 @@ def _write_files(plan: _Plan, root: Path, open_member: Callable[[Any], IO[bytes]
             shutil.copyfileobj(src, out, 1 << 20)
 
 
-def _swap_in(staging: Path, target: Path) -> None:
+def swap_in(staging: Path, target: Path) -> None:
     # Move the old target aside instead of deleting it in place, so the target path only ever
     # holds a complete copy; the old copy is deleted after the swap.
     old = None
@@ -356,7 +356,7 @@ def _swap_in(staging: Path, target: Path) -> None:
         _remove(old)
 
 
-def _remove_leftovers(target: Path) -> None:
+def remove_leftovers(target: Path) -> None:
     """Delete staging and old copies left by an ingest that was killed (SIGKILL skips cleanup)."""
     for pattern in (".tmp-*", ".old-*"):
         for leftover in glob.glob(glob.escape(str(target)) + pattern):

@@ -115,22 +115,32 @@ def register_champion(model_dir: Path, name: str, artifacts: Path) -> int:
 
 
 @contextlib.contextmanager
-def colour_champion(root: Path, name: str = MODEL_NAME) -> Iterator[Champion]:
-    """A store under `root` holding `name@champion`; MLFLOW_TRACKING_URI points at it meanwhile
-    (so subprocesses find it too), and MLflow's process-wide URIs are reset afterwards."""
+def pinned_store(root: Path) -> Iterator[str]:
+    """MLflow pointed at a sqlite store under `root`, through the variables too (so subprocesses
+    find it); afterwards the variables are put back and the process-wide URIs reset, so later test
+    modules do not inherit this store. Yields the store's URI."""
     uri = f"sqlite:///{root / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as env:
+        # set_tracking_uri/set_registry_uri export these variables; setting them here first lets
+        # the context restore them.
         env.setenv("MLFLOW_TRACKING_URI", uri)
         env.setenv("MLFLOW_REGISTRY_URI", uri)
         env.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
         try:
-            version = register_champion(train_colour_model(root / "model"), name, root / "artifacts")
-            yield Champion(uri, root, name, version)
+            yield uri
         finally:
             mlflow.set_tracking_uri(None)
             mlflow.set_registry_uri(None)
+
+
+@contextlib.contextmanager
+def colour_champion(root: Path, name: str = MODEL_NAME) -> Iterator[Champion]:
+    """A store under `root` holding `name@champion`, pinned (see `pinned_store`) meanwhile."""
+    with pinned_store(root) as uri:
+        version = register_champion(train_colour_model(root / "model"), name, root / "artifacts")
+        yield Champion(uri, root, name, version)
 
 
 # --- server processes -------------------------------------------------------------------------------

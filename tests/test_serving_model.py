@@ -34,7 +34,7 @@ from pipeline.errors import UserError
 from pipeline.imaging import decode_image, normalize
 from pipeline.models import build_model
 from pipeline.serving_model import CONFIG_FILE, WEIGHTS_FILE, AslClassifier, log_pyfunc_model
-from serving_support import COLOURS, SIZE, write_model_dir
+from serving_support import COLOURS, SIZE, pinned_store, write_model_dir
 
 
 # --- fixtures ----------------------------------------------------------------------------------
@@ -75,15 +75,7 @@ def logged(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """(ModelInfo, the store's tmp folder): logged into a fresh sqlite store, with sockets refused
     while logging so that any attempt to reach the network fails the test."""
     root = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{root}/mlflow.db"
-    with pytest.MonkeyPatch.context() as env:
-        # set_tracking_uri/set_registry_uri export these variables; recording them first lets the
-        # context put them back afterwards.
-        env.setenv("MLFLOW_TRACKING_URI", uri)
-        env.setenv("MLFLOW_REGISTRY_URI", uri)
-        env.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
+    with pinned_store(root):
         experiment = mlflow.create_experiment("serving-test", artifact_location=(root / "artifacts").as_uri())
         attempts: list[object] = []
 
@@ -95,11 +87,7 @@ def logged(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
             offline.setattr(socket.socket, "connect", refuse)
             info = log_pyfunc_model(model_dir, registered_model_name="asl-serving-test")
         assert attempts == [], f"logging the model tried to connect to {attempts}"
-        try:
-            yield info, root
-        finally:
-            mlflow.set_tracking_uri(None)  # later test modules must not inherit this tmp store
-            mlflow.set_registry_uri(None)
+        yield info, root
 
 
 @pytest.fixture(scope="module")
