@@ -14,8 +14,8 @@
 4. Write the decision to `metrics/promotion.json` and to tags of the candidate version, and log a
    small MLflow run (tag `stage=promote`).
 
-Running it again with the same inputs changes nothing: same version, same aliases, and a
-byte-identical `promotion.json`. When the candidate already is the champion because of an earlier
+Running it again with the same inputs changes nothing: same version, same aliases, a
+byte-identical `promotion.json`, and no new MLflow run. When the candidate already is the champion because of an earlier
 decision on exactly these inputs, that decision is reported again (it is recorded on the version as
 the tag `promotion_record`), rather than a new `already_champion`. Time goes only into MLflow.
 """
@@ -217,22 +217,29 @@ def run_promote(params: Params, paths: Paths) -> dict[str, Any]:
             )
 
     run_params = {"promote.metric": metric, "promote.min_improvement": min_improvement, "mlflow.registered_model": name}
-    with tracked_run(params.mlflow.experiment, "promote", run_name="promote", params=run_params, tags={"candidate_strategy": strategy}):
-        tags = _version_tags(client.get_run(run_id), strategy, chosen["eval"])
-        version, registered = _register(client, name, chosen["run"]["model_uri"], tags)
-        number = int(version.version)
-        inputs = {
-            "registered_model": name,
-            "metric": metric,
-            "min_improvement": min_improvement,
-            "candidate_strategy": strategy,
-            "candidate_run_id": run_id,
-            "candidate_value": values[strategy],
-            "version": number,
-            "evaluated": {s: values[s] for s in STRATEGIES if s in values},
-        }
-        record, replayed = _decision(client, name, inputs, version)
+    tags = _version_tags(client.get_run(run_id), strategy, chosen["eval"])
+    version, registered = _register(client, name, chosen["run"]["model_uri"], tags)
+    number = int(version.version)
+    inputs = {
+        "registered_model": name,
+        "metric": metric,
+        "min_improvement": min_improvement,
+        "candidate_strategy": strategy,
+        "candidate_run_id": run_id,
+        "candidate_value": values[strategy],
+        "version": number,
+        "evaluated": {s: values[s] for s in STRATEGIES if s in values},
+    }
+    record, replayed = _decision(client, name, inputs, version)
+    current_candidate = _alias_version(client, name, CANDIDATE)
+    if replayed and not registered and current_candidate is not None and int(current_candidate.version) == number:
+        # The same inputs were decided before: the registry already says so. Touch nothing, not
+        # even the MLflow record of promotions.
+        atomic_write_json(paths.promotion, record)  # byte-identical; restores a deleted file
+        print(f"promote: nothing to change: {name} version {number} ({strategy}) was already decided: {record['decision']}")
+        return record
 
+    with tracked_run(params.mlflow.experiment, "promote", run_name="promote", params=run_params, tags={"candidate_strategy": strategy}):
         client.set_registered_model_alias(name, CANDIDATE, str(number))
         if record["promoted"] and not replayed:
             client.set_registered_model_alias(name, CHAMPION, str(number))
