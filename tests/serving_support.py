@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -155,6 +156,8 @@ def free_port() -> int:
 def start_server(command: list[str], log: Path, *, cwd: Path, env: dict[str, str]) -> subprocess.Popen:
     """`command` in its own process group (servers start children), output into `log`."""
     with log.open("wb") as out:
+        # `mlflow models serve` execs `uvicorn` by name: this environment's bin must come first on PATH.
+        env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
         return subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
