@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save
 
 from pipeline import preprocess, shards
 from pipeline.classes import CLASSES
@@ -25,7 +25,7 @@ from pipeline.errors import UserError
 from pipeline.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_image, normalize
 from pipeline.paths import Paths
 from pipeline.preprocess import build_shards, run_preprocess
-from pipeline.shards import atomic_write_bytes, load_split, read_manifest, sha256_of, split_files
+from pipeline.shards import atomic_write_bytes, load_split, read_manifest, sha256_of, split_files, write_shard
 from pipeline.split import block_split, frame_number, random_split
 from pipeline.synthetic import TEST_DIR, TRAIN_DIR, generate_synthetic_dataset
 
@@ -141,6 +141,21 @@ def test_level_table_is_exactly_normalize() -> None:
     for pixels in (np.repeat(every_level[None, :, None, :], 2, axis=2), random):
         looked_up = np.stack([levels[c][pixels[..., c]] for c in range(3)], axis=1)
         assert np.array_equal(looked_up.view(np.uint16), normalize(pixels).astype(np.float16).view(np.uint16))
+
+
+@pytest.mark.parametrize("count,size", [(0, 8), (1, 5), (3, 7), (70, 32)])
+def test_write_shard_writes_exactly_the_safetensors_format(tmp_path: Path, count: int, size: int) -> None:
+    """Shards are written from the arrays directly; the file must be what safetensors itself makes."""
+    rng = np.random.default_rng(count)
+    images = rng.standard_normal((count, 3, size, size)).astype(np.float16)
+    labels = rng.integers(0, 29, count)
+    path = tmp_path / "shard.safetensors"
+
+    sha256 = write_shard(path, images, labels)
+
+    assert path.read_bytes() == save({"images": images, "labels": labels})
+    assert sha256 == sha256_of(path)
+    assert os.listdir(tmp_path) == ["shard.safetensors"], "no temporary file left behind"
 
 
 @pytest.mark.parametrize("damage", ["pixel", "header", "label", "truncated", "appended"])
