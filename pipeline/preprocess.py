@@ -3,8 +3,8 @@
     python -m pipeline preprocess          # or: dvc repro preprocess
 
 Images are decoded and resized once, in parallel over all cores, instead of on every epoch.
-The work streams: the parent holds at most one shard of pixels, so memory does not grow with the
-data set. Unreadable files are skipped and reported; too many of them is an error, because then
+The work streams: the parent holds one shard of pixels per split and the pool a few chunks of
+decoded images, so memory does not grow with the data set. Unreadable files are skipped and reported; too many of them is an error, because then
 the data set itself is wrong.
 """
 
@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from concurrent.futures import Executor, ProcessPoolExecutor
 import shutil
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import asdict
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -86,12 +88,36 @@ def plan_splits(per_class: list[list[Path]], cfg: DataConfig, seed: int) -> tupl
     return plan, dropped
 
 
-def _decode_job(job: tuple[int, str, int]) -> tuple[int, np.ndarray | None, str]:
+DecodeTask = tuple[int, str, int]  # (index in the stream, image file, image size)
+Decoded = tuple[int, np.ndarray | None, str]  # (index, HxWx3 uint8 pixels or None, why not)
+
+
+def _decode_job(job: DecodeTask) -> Decoded:
     index, path, size = job
     try:
         return index, decode_image(path, size), ""
     except Exception as err:  # noqa: BLE001 -- any decoder failure means "skip this file", with the reason
         return index, None, f"{type(err).__name__}: {err}"
+
+
+def _decode_chunk(jobs: list[DecodeTask]) -> list[Decoded]:
+    return [_decode_job(job) for job in jobs]
+
+
+def decode_in_order(pool: Executor, tasks: Iterator[DecodeTask], chunk_size: int, window: int) -> Iterator[Decoded]:
+    """The decoded tasks, in order, with at most `window` chunks of `chunk_size` in the pool.
+
+    Like `pool.map(_decode_job, tasks, chunksize=chunk_size)`, but Executor.map submits every task
+    up front: whenever the parent fell behind (a slow disk during a shard write), decoded images
+    would pile up in memory with no bound but the data set.
+    """
+    in_flight: deque[Future] = deque()
+    for chunk in iter(lambda: list(islice(tasks, chunk_size)), []):
+        in_flight.append(pool.submit(_decode_chunk, chunk))
+        if len(in_flight) >= window:
+            yield from in_flight.popleft().result()
+    while in_flight:
+        yield from in_flight.popleft().result()
 
 
 def float16_levels(mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
@@ -155,7 +181,7 @@ class ShardWriter:
         self.labels, self.files = [], []
 
 
-def decode_into_shards(pool: Executor, plan: dict[str, list[Job]], writers: dict[str, ShardWriter], image_size: int, progress: tqdm) -> list[dict]:
+def decode_into_shards(pool: Executor, plan: dict[str, list[Job]], writers: dict[str, ShardWriter], image_size: int, progress: tqdm, workers: int) -> list[dict]:
     """Decode every split's jobs, in order, feeding each split's writer; returns the skipped files.
 
     One stream for all splits, and each split's last shard written as soon as its last image
@@ -164,7 +190,8 @@ def decode_into_shards(pool: Executor, plan: dict[str, list[Job]], writers: dict
     last_job = {split: index for index, (split, _, _) in enumerate(jobs)}
     tasks = ((i, str(path), image_size) for i, (_, path, _) in enumerate(jobs))
     skipped = []
-    for index, pixels, reason in pool.map(_decode_job, tasks, chunksize=64):
+    # Two chunks per worker: one it decodes, one waiting, so no worker idles while the parent catches up.
+    for index, pixels, reason in decode_in_order(pool, tasks, chunk_size=64, window=2 * workers):
         split, path, label = jobs[index]
         if pixels is None:
             skipped.append({"file": writers[split].relative_name(path), "reason": reason})
@@ -194,7 +221,7 @@ def build_shards(cfg: DataConfig, seed: int, raw_dir: Path, train_dir: Path, tes
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
     try:
         with tqdm(total=total, desc="preprocess", unit="img", disable=not sys.stderr.isatty()) as progress:
-            skipped = decode_into_shards(pool, plan, writers, cfg.image_size, progress)
+            skipped = decode_into_shards(pool, plan, writers, cfg.image_size, progress, workers)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # after a failure: drop the queued work, don't finish it
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -49,8 +49,7 @@ def atomic_write_parts(path: Path, parts: Sequence[bytes | np.ndarray]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as handle:
-            for part in parts:
-                handle.write(part)
+            handle.writelines(parts)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

@@ -8,7 +8,9 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -357,6 +359,29 @@ def test_parallel_output_equals_serial_output(raw: Path, tmp_path: Path) -> None
     for shard in serial["shards"]:
         assert (tmp_path / "serial" / shard["file"]).read_bytes() == (tmp_path / "parallel" / shard["file"]).read_bytes()
     assert {k: v for k, v in serial.items() if k != "params"} == {k: v for k, v in parallel.items() if k != "params"}
+
+
+def test_decoding_keeps_a_bounded_number_of_chunks_in_flight(raw: Path) -> None:
+    """Streaming: however far the consumer falls behind, only `window` chunks are ever submitted ahead."""
+    files = sorted(str(path) for path in (raw / TRAIN_DIR).rglob("*.jpg"))[:200]
+
+    class CountingPool(ThreadPoolExecutor):
+        submitted = 0
+
+        def submit(self, fn, /, *args, **kwargs):
+            CountingPool.submitted += 1
+            return super().submit(fn, *args, **kwargs)
+
+    with CountingPool(2) as pool:
+        decoded = preprocess.decode_in_order(pool, ((i, f, 16) for i, f in enumerate(files)), chunk_size=8, window=3)
+        first = next(decoded)
+        time.sleep(0.2)  # a stalled consumer: the pool would run through all 25 chunks if nothing held it back
+        assert CountingPool.submitted == 3
+        rest = list(decoded)
+
+    assert [index for index, _, _ in [first, *rest]] == list(range(len(files))), "in order, none lost"
+    assert all(pixels is not None and pixels.shape == (16, 16, 3) for _, pixels, _ in [first, *rest])
+    assert CountingPool.submitted == 25
 
 
 def _leftovers(folder: Path) -> list[str]:
