@@ -16,7 +16,7 @@ import shutil
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import asdict
 from itertools import islice
@@ -104,13 +104,14 @@ def _decode_chunk(jobs: list[DecodeTask]) -> list[Decoded]:
     return [_decode_job(job) for job in jobs]
 
 
-def decode_in_order(pool: Executor, tasks: Iterator[DecodeTask], chunk_size: int, window: int) -> Iterator[Decoded]:
+def decode_in_order(pool: Executor, tasks: Iterable[DecodeTask], chunk_size: int, window: int) -> Iterator[Decoded]:
     """The decoded tasks, in order, with at most `window` chunks of `chunk_size` in the pool.
 
     Like `pool.map(_decode_job, tasks, chunksize=chunk_size)`, but Executor.map submits every task
     up front: whenever the parent fell behind (a slow disk during a shard write), decoded images
     would pile up in memory with no bound but the data set.
     """
+    tasks = iter(tasks)  # islice must consume it: a list would start over every time
     in_flight: deque[Future] = deque()
     for chunk in iter(lambda: list(islice(tasks, chunk_size)), []):
         in_flight.append(pool.submit(_decode_chunk, chunk))

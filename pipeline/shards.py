@@ -71,8 +71,8 @@ def write_shard(path: Path, images: np.ndarray, labels: np.ndarray) -> str:
     whole shard in memory twice over first, which made it the parent's largest cost in `preprocess`
     (copies and page faults while the workers wait).
     """
-    images = np.ascontiguousarray(images, dtype=np.float16)
-    labels = np.ascontiguousarray(labels, dtype=np.int64)
+    images = np.ascontiguousarray(images, dtype="<f2")  # safetensors is little-endian whatever the machine
+    labels = np.ascontiguousarray(labels, dtype="<i8")
     # As safetensors lays it out: tensors by alignment (8-byte int64 first), then by name; the
     # header compact JSON, padded with spaces to a multiple of 8 bytes.
     header = {
@@ -173,7 +173,7 @@ def _read_shard_into(path: Path, sha256: str, targets: dict, hasher: Executor) -
                 position = end
             if handle.read(1):
                 raise ValueError("trailing bytes")
-        except (ValueError, KeyError, TypeError, AttributeError) as err:  # JSON and Unicode errors are ValueErrors
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:  # JSON and Unicode errors are ValueErrors
             # A damaged file normally fails the checksum; one that passes it was written by
             # something else (or the manifest was edited).
             problem = "is corrupt (sha256 does not match manifest.json)" if sha256_of(path) != sha256 else f"does not match manifest.json ({err})"

@@ -160,17 +160,20 @@ def test_write_shard_writes_exactly_the_safetensors_format(tmp_path: Path, count
     assert os.listdir(tmp_path) == ["shard.safetensors"], "no temporary file left behind"
 
 
+@pytest.mark.parametrize("position", ["first", "last"])
 @pytest.mark.parametrize("damage", ["pixel", "header", "label", "truncated", "appended"])
-def test_load_split_refuses_a_corrupt_shard(built: tuple[Path, dict], tmp_path: Path, damage: str) -> None:
+def test_load_split_refuses_a_corrupt_shard(built: tuple[Path, dict], tmp_path: Path, damage: str, position: str) -> None:
     out = shutil.copytree(built[0], tmp_path / "shards")
-    victim = out / built[1]["shards"][0]["file"]
+    train_shards = [s["file"] for s in built[1]["shards"] if s["split"] == "train"]
+    assert len(train_shards) >= 3, "the fixture must give a split of several shards"
+    victim = out / train_shards[0 if position == "first" else -1]
     data = bytearray(victim.read_bytes())
     if damage == "pixel":
         data[len(data) // 2] ^= 0x01  # one bit in the pixels: safetensors itself would not notice
     elif damage == "header":
         data[20] ^= 0x20
     elif damage == "label":
-        data[-1] ^= 0x01
+        data[8 + int.from_bytes(data[:8], "little")] ^= 0x01  # labels come first after the header
     elif damage == "truncated":
         del data[len(data) // 3 :]
     else:
@@ -180,6 +183,33 @@ def test_load_split_refuses_a_corrupt_shard(built: tuple[Path, dict], tmp_path: 
     with pytest.raises(UserError, match="corrupt.*sha256") as info:
         load_split(out, "train")
     assert "\n" not in str(info.value) and victim.name in str(info.value)
+
+
+def test_shard_writer_normalizes_every_block_of_a_shard(tmp_path: Path) -> None:
+    """A shard of more images than one normalization block, and not a whole number of blocks."""
+    count = 2 * preprocess._NORMALIZE_BLOCK + 3
+    pixels = np.random.default_rng(1).integers(0, 256, (count, 7, 7, 3), dtype=np.uint8)
+    writer = preprocess.ShardWriter(tmp_path, "train", image_size=7, shard_size=count + 10, source_root=tmp_path)
+    for index, image in enumerate(pixels):
+        writer.add(image, index % 29, tmp_path / f"{index}.jpg")
+    writer.flush()
+
+    written = load_file(str(tmp_path / writer.shards[0]["file"]))
+    assert np.array_equal(written["images"].view(np.uint16), normalize(pixels).astype(np.float16).view(np.uint16))
+    assert written["labels"].tolist() == [index % 29 for index in range(count)]
+
+
+def test_a_split_whose_last_file_is_unreadable_keeps_its_other_images(raw: Path, tmp_path: Path) -> None:
+    root = _copy_raw(raw, tmp_path / "raw")
+    last = sorted((root / TEST_DIR).iterdir())[-1]  # the test split's last image in the decode stream
+    last.write_bytes(b"not an image")
+
+    manifest = build(root, tmp_path / "shards")
+
+    assert [s["file"] for s in manifest["skipped"]] == [(TEST_DIR / last.name).as_posix()]
+    assert manifest["splits"]["test"]["count"] == 27
+    images, labels = load_split(tmp_path / "shards", "test", manifest)
+    assert len(images) == len(labels) == 27
 
 
 def test_load_split_refuses_a_shard_the_manifest_does_not_describe(built: tuple[Path, dict]) -> None:
