@@ -4,8 +4,8 @@
 
 Images are decoded and resized once, in parallel over all cores, instead of on every epoch.
 The work streams: the parent holds one shard of pixels per split and the pool a few chunks of
-decoded images, so memory does not grow with the data set. Unreadable files are skipped and reported; too many of them is an error, because then
-the data set itself is wrong.
+decoded images, so memory does not grow with the data set. Unreadable files are skipped and
+reported; too many of them is an error, because then the data set itself is wrong.
 """
 
 from __future__ import annotations
