@@ -101,6 +101,9 @@ class ModelConfig:
         _require(self.name in MODEL_NAMES, "model.name", self.name, "one of " + ", ".join(MODEL_NAMES))
 
 
+CPU_ALLREDUCE_CHOICES = ("shared_memory", "gloo")
+
+
 @dataclass(frozen=True, kw_only=True)
 class DistributedConfig:
     nnodes: int = 1
@@ -111,6 +114,9 @@ class DistributedConfig:
     """host:port of torchrun's rendezvous, reachable from every node."""
     max_restarts: int = 0
     """How often torchrun restarts the workers after a failure; each restart resumes from the last checkpoint."""
+    cpu_allreduce: str = "shared_memory"
+    """How ddp ranks on CPU average gradients: `shared_memory` (ranks on one machine read each other's
+    gradients from /dev/shm; across machines gloo is used) or `gloo` (TCP). Same result, bit for bit."""
 
     def __post_init__(self) -> None:
         _require(self.nnodes >= 1, "distributed.nnodes", self.nnodes, "an integer >= 1")
@@ -118,6 +124,7 @@ class DistributedConfig:
         host, _, port = self.rdzv_endpoint.rpartition(":")
         _require(bool(host) and port.isdigit() and 0 < int(port) < 65536, "distributed.rdzv_endpoint", self.rdzv_endpoint, "host:port")
         _require(self.max_restarts >= 0, "distributed.max_restarts", self.max_restarts, "an integer >= 0")
+        _require(self.cpu_allreduce in CPU_ALLREDUCE_CHOICES, "distributed.cpu_allreduce", self.cpu_allreduce, "'shared_memory' or 'gloo'")
         # Across nodes torchrun's static rendezvous restarts each node on its own, so the nodes'
         # attempts drift apart and the restarted ranks never meet again.
         _require(

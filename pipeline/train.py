@@ -62,7 +62,7 @@ def launch_ddp(params: Params, params_file: Path, workspace: Path) -> int:
 
 def train_worker(params: Params, paths: Paths, strategy_name: str) -> dict | None:
     """Train in this process (a torchrun rank for ddp); set-up and teardown happen only here."""
-    strategy = make_strategy(strategy_name, params.gpus, params.train.sync_batchnorm)
+    strategy = make_strategy(strategy_name, params.gpus, params.train.sync_batchnorm, params.distributed.cpu_allreduce)
     try:
         return fit(params, paths, strategy)
     finally:

@@ -154,7 +154,7 @@ def main_process_run(params: Params, strategy: Strategy, state: TrainingState):
         return
     from pipeline.tracking import tracked_run
 
-    tags = {"device": strategy.device_label, "world_size": str(strategy.world_size), "gpus": str(params.gpus)}
+    tags = {"device": strategy.device_label, "world_size": str(strategy.world_size), "gpus": str(params.gpus), "allreduce": strategy.allreduce}
     if strategy.device.type == "cpu":
         tags["cpu_only"] = "true"  # a process stands in for each GPU: not a GPU figure
     run_name = f"train-{strategy.name}-{params.gpus}gpu" + (f"-{os.environ['DVC_EXP_NAME']}" if os.environ.get("DVC_EXP_NAME") else "")

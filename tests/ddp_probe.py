@@ -3,7 +3,7 @@
 Trains `small_cnn` for a few steps with the pipeline's own strategy and loop on fixed random
 data, then saves, per rank, the indices the rank trained on each epoch and its final weights.
 
-    torchrun --standalone --nproc-per-node=2 tests/ddp_probe.py OUT_DIR
+    torchrun --standalone --nproc-per-node=2 tests/ddp_probe.py OUT_DIR [shared_memory|gloo]
     python tests/ddp_probe.py OUT_DIR          # one process, same global batch
 """
 
@@ -23,8 +23,8 @@ from pipeline.strategy import DistributedStrategy, Strategy, inside_torchrun
 GLOBAL_BATCH, EPOCHS, IMAGES, SEED = 16, 2, 96, 7
 
 
-def main(out_dir: Path) -> None:
-    strategy = DistributedStrategy() if inside_torchrun() else Strategy(torch.device("cpu"))
+def main(out_dir: Path, cpu_allreduce: str) -> None:
+    strategy = DistributedStrategy(cpu_allreduce=cpu_allreduce) if inside_torchrun() else Strategy(torch.device("cpu"))
     try:
         data = torch.Generator().manual_seed(123)
         images = torch.randn(IMAGES, 3, 32, 32, generator=data).half()
@@ -45,10 +45,10 @@ def main(out_dir: Path) -> None:
             seen.append(order)
             train_one_epoch(model, optimizer, scheduler, nn.CrossEntropyLoss(), images, labels, order, strategy.per_process_batch(GLOBAL_BATCH), strategy, settings)
         state = {k: v.detach().clone() for k, v in strategy.unwrap(model).state_dict().items()}
-        torch.save({"seen": seen, "state": state, "initial": initial, "world_size": strategy.world_size}, out_dir / f"rank{strategy.rank}.pt")
+        torch.save({"seen": seen, "state": state, "initial": initial, "world_size": strategy.world_size, "allreduce": strategy.allreduce}, out_dir / f"rank{strategy.rank}.pt")
     finally:
         strategy.close()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "shared_memory")

@@ -104,6 +104,7 @@ MISTAKES = [
     ('distributed:\n  rdzv_endpoint: "nohost"', "distributed.rdzv_endpoint", "'nohost'"),
     ('distributed:\n  rdzv_endpoint: "host:99999"', "distributed.rdzv_endpoint", "'host:99999'"),
     ("distributed:\n  node_rank: 3", "distributed.node_rank", "3"),  # with the default nnodes: 1
+    ("distributed:\n  cpu_allreduce: mpi", "distributed.cpu_allreduce", "'mpi'"),
     ("scaling:\n  gpu_counts: []", "scaling.gpu_counts", "[]"),
     ("scaling:\n  gpu_counts: [1, 0]", "scaling.gpu_counts", "[1, 0]"),
     ("scaling:\n  strategies: [dp, horovod]", "scaling.strategies", "horovod"),

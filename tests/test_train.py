@@ -64,7 +64,7 @@ def test_dp_writes_outputs_and_one_complete_mlflow_run(tiny_workspace):
     run = run_of(tiny_workspace, "dp")
     assert run.info.status == "FINISHED"
     tags = run.data.tags
-    assert (tags["stage"], tags["strategy"], tags["device"], tags["cpu_only"]) == ("train", "dp", "cpu", "true")
+    assert (tags["stage"], tags["strategy"], tags["device"], tags["cpu_only"], tags["allreduce"]) == ("train", "dp", "cpu", "true", "none")
     assert tags["git_commit"]
     history = MlflowClient().get_metric_history(run.info.run_id, "epoch_seconds")
     assert sorted(m.step for m in history) == [0, 1]
@@ -88,6 +88,7 @@ def test_ddp_under_torchrun_logs_one_run_from_the_main_process(tiny_workspace):
     runs = mlflow.search_runs(experiment_names=["asl-alphabet"], filter_string="tags.stage = 'train'")
     assert len(runs) == 1, "one run per training, never one per rank"
     assert runs.iloc[0]["tags.strategy"] == "ddp" and runs.iloc[0]["metrics.world_size"] == 2
+    assert runs.iloc[0]["tags.allreduce"] == "shared_memory", "ranks on one machine average gradients through shared memory"
 
 
 def test_ddp_matches_dp_on_a_model_without_batchnorm(tiny_workspace):
@@ -186,6 +187,7 @@ def test_two_nodes_on_loopback_train_as_one_job(tiny_workspace):
     assert figures["world_size"] == 2
     train_runs = mlflow.search_runs(experiment_names=["asl-alphabet"], filter_string="tags.stage = 'train'")
     assert len(train_runs) == 1 and train_runs.iloc[0]["params.distributed.nnodes"] == "2"
+    assert train_runs.iloc[0]["tags.allreduce"] == "gloo", "ranks on different machines cannot share memory"
 
 
 def test_a_terminated_training_is_marked_failed_not_left_running(tiny_workspace):
