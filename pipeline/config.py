@@ -116,7 +116,8 @@ class DistributedConfig:
     """How often torchrun restarts the workers after a failure; each restart resumes from the last checkpoint."""
     cpu_allreduce: str = "shared_memory"
     """How ddp ranks on CPU average gradients: `shared_memory` (ranks on one machine read each other's
-    gradients from /dev/shm; across machines gloo is used) or `gloo` (TCP). Same result, bit for bit."""
+    gradients from shared memory; across machines gloo is used) or `gloo` (TCP). Same result (to the
+    bit with 2 ranks; with more, up to the last bit of summation order)."""
 
     def __post_init__(self) -> None:
         _require(self.nnodes >= 1, "distributed.nnodes", self.nnodes, "an integer >= 1")

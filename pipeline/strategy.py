@@ -187,9 +187,9 @@ class DistributedStrategy(Strategy):
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(self.device)
         device_ids = [self.local_rank] if self.device.type == "cuda" else None
-        # Gradients as views into DDP's buckets: backward writes each gradient straight into the
-        # buffer that is averaged, instead of DDP copying it in and the average back out, two
-        # passes over all the gradients per step that cost CPU training the most.
+        # Gradients as views into DDP's buckets: the averaged bucket is the gradient, so DDP does
+        # not copy it back into separate .grad tensors (one pass over all gradients per step saved,
+        # and on GPU the memory of that second copy).
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
         self.allreduce = self._average_gradients_through_shared_memory(wrapped) if self.device.type == "cpu" else "nccl"
         return wrapped
@@ -200,7 +200,7 @@ class DistributedStrategy(Strategy):
             return "gloo"
         if not self.one_machine:
             return "gloo"  # ranks on other machines cannot map this machine's memory
-        hook, why = SharedMemoryGradientAverage.attach(wrapped.module)
+        hook, why = SharedMemoryGradientAverage.attach(wrapped.module, timeout=_COLLECTIVE_TIMEOUT)
         if hook is None:
             if self.is_main:
                 print(f"ddp: gradients go through gloo, not shared memory: {why}", file=sys.stderr)
