@@ -1,7 +1,7 @@
 """Gradient averaging through shared memory, for DDP on CPU when every rank is on one machine.
 
 Under gloo, DDP's all-reduce sends every gradient over TCP on loopback: for resnet18 that is
-43 MiB per step, and on CPU it runs on the same cores that compute, so it costs 13-18% of a step
+43 MiB per step, and on CPU it runs on the same cores that compute, so it costs 13-24% of a step
 on two cores. Processes on one machine can read each other's memory instead. Each rank publishes
 its gradients in one shared buffer, sums one slice of the bucket over all ranks, and then every
 rank copies every slice's sum back into its gradients.
