@@ -54,7 +54,10 @@ def reserve_shared_memory(nbytes: int) -> tuple[int | None, str]:
     Returns its descriptor, or None and why."""
     if not hasattr(os, "memfd_create"):
         return None, "this system has no memfd_create (Linux only)"
-    fd = os.memfd_create("asl-ddp-gradients", os.MFD_CLOEXEC)
+    try:
+        fd = os.memfd_create("asl-ddp-gradients", os.MFD_CLOEXEC)
+    except OSError as error:
+        return None, f"cannot create an anonymous memory file ({error.strerror}); set distributed.cpu_allreduce: gloo"
     try:
         os.posix_fallocate(fd, 0, nbytes)
     except OSError as error:
