@@ -18,7 +18,7 @@ import torch
 
 from pipeline.config import Params
 from pipeline.errors import UserError
-from pipeline.shards import atomic_write_bytes
+from pipeline.shards import atomic_write_parts
 
 
 def checkpoint_path(root: Path, strategy: str) -> Path:
@@ -41,7 +41,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())  # a kill mid-write leaves the previous checkpoint intact
+    atomic_write_parts(path, [buffer.getbuffer()])  # a kill mid-write leaves the previous checkpoint intact
 
 
 def load_checkpoint(path: Path, expected_fingerprint: str) -> dict[str, Any] | None:

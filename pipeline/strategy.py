@@ -196,10 +196,9 @@ class DistributedStrategy(Strategy):
 
     def _average_gradients_through_shared_memory(self, wrapped: nn.parallel.DistributedDataParallel) -> str:
         """Register the shared-memory hook where it can work; returns the transport in use."""
-        if self.cpu_allreduce == "gloo" or self.world_size == 1:
+        # Ranks on other machines cannot map this machine's memory.
+        if self.cpu_allreduce == "gloo" or self.world_size == 1 or not self.one_machine:
             return "gloo"
-        if not self.one_machine:
-            return "gloo"  # ranks on other machines cannot map this machine's memory
         hook, why = SharedMemoryGradientAverage.attach(wrapped.module, timeout=_COLLECTIVE_TIMEOUT)
         if hook is None:
             if self.is_main:
