@@ -1,28 +1,44 @@
-"""Typed, validated view of `params.yaml`.
+"""Typed, validated view of `params.yaml`, the only source of hyperparameters.
 
-`params.yaml` is the only source of hyperparameters. It is loaded once, by `load_params`, into
-frozen dataclasses; every field says what it is for and every section checks its own ranges in
-`__post_init__`. A mistake a user can make (unknown key, wrong type, value out of range) raises
-`ConfigError`, which the command line turns into one line and exit code 2.
+`load_params(path)` reads it once into frozen pydantic dataclasses, one per section, each field
+documented. Any mistake a user can make raises one `ConfigError` naming the dotted key, the value and
+what is allowed; the command line prints it as one line and exits with code 2.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    ConfigDict,
+    Field,
+    Strict,
+    TypeAdapter,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    model_validator,
+)
+from pydantic.dataclasses import dataclass
+from pydantic_core import ArgsKwargs, ErrorDetails
 
 from pipeline.errors import UserError
+from pipeline.serving import DEFAULT_MAX_IMAGE_PIXELS, MODEL_NAMES
 
-STRATEGIES = ("dp", "ddp")
-MODEL_NAMES = ("small_cnn", "resnet18", "resnet50", "mobilenet_v3_small")
-PROMOTION_METRICS = ("val_accuracy", "val_macro_f1", "val_balanced_accuracy", "val_top3_accuracy")
+StrategyName = Literal["dp", "ddp"]
+PromotionMetric = Literal["val_accuracy", "val_macro_f1", "val_balanced_accuracy", "val_top3_accuracy"]
+STRATEGIES: tuple[str, ...] = typing.get_args(StrategyName)
+PROMOTION_METRICS: tuple[str, ...] = typing.get_args(PromotionMetric)
+
+# Strict: bool is a subclass of int, so `epochs: true` must not pass as 1, nor `lr: "0.1"` as a number.
+# Constraints go inside Annotated so that dataclasses.fields() still shows the plain defaults.
+_CONFIG = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True)
+_LIST = Strict(False)  # YAML gives lists; strict mode would take only tuples (the items stay strict)
 
 
 class ConfigError(UserError):
@@ -38,58 +54,61 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(key, value, allowed)
 
 
-@dataclass(frozen=True, kw_only=True)
-class SyntheticConfig:
-    images_per_class: int = 100
+@dataclass(frozen=True, kw_only=True, config=_CONFIG)
+class _Section:
+    """Base of every section: builds it from a mapping and turns a validation failure into a ConfigError."""
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _one_config_error(cls, values: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        if isinstance(values, dict):  # strict mode takes a section only as keyword arguments or an instance
+            return _from_mapping(cls, values)
+        try:
+            return handler(values)
+        except ValidationError as err:
+            raise _config_error(cls, values, err.errors()[0]) from None
+
+
+@dataclass(frozen=True, kw_only=True, config=_CONFIG)
+class SyntheticConfig(_Section):
+    images_per_class: Annotated[int, Field(ge=2)] = 100
     """Training frames drawn per class by the built-in generator (plus one test image per class)."""
-    frames_per_run: int = 10
+    frames_per_run: Annotated[int, Field(ge=1)] = 10
     """Length of a run of near-duplicate frames, like the video frames of the real data."""
 
-    def __post_init__(self) -> None:
-        _require(self.images_per_class >= 2, "data.synthetic.images_per_class", self.images_per_class, "an integer >= 2")
-        _require(self.frames_per_run >= 1, "data.synthetic.frames_per_run", self.frames_per_run, "an integer >= 1")
 
-
-@dataclass(frozen=True, kw_only=True)
-class DataConfig:
+@dataclass(frozen=True, kw_only=True, config=_CONFIG)
+class DataConfig(_Section):
     source: str = "synthetic"
     """`synthetic` (built in, offline), `kaggle` (needs network and credentials), or a path to a
     `.zip` or folder in the Kaggle layout."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    image_size: int = 64
+    image_size: Annotated[int, Field(ge=16, le=512)] = 64
     """Side in pixels of the square images written to the shards."""
-    val_fraction: float = 0.2
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
     """Fraction of each class held out for validation."""
     split: Literal["block", "random"] = "block"
     """`block` keeps each run of consecutive frames on one side (honest); `random` leaks neighbours."""
-    max_images: int | None = None
-    """Stratified cap on the number of training-folder images used (null: all)."""
-    block_size: int = 10
+    max_images: Annotated[int | None, Field(ge=58)] = None
+    """Stratified cap on the number of training-folder images used (null: all; at least two per class)."""
+    block_size: Annotated[int, Field(ge=1)] = 10
     """Consecutive frames per block for the `block` split (the real data has about 3,000 per class)."""
-    block_gap: int = 1
+    block_gap: Annotated[int, Field(ge=0)] = 1
     """Training frames dropped on each side of a validation block, so no neighbours straddle the split."""
-    shard_size: int = 2048
+    shard_size: Annotated[int, Field(ge=1)] = 2048
     """Images per tensor shard: bounds the memory preprocessing needs."""
-    max_skipped_fraction: float = 0.05
+    max_skipped_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.05
     """Above this fraction of unreadable files preprocessing fails: the data set is clearly wrong."""
-    workers: int | None = None
+    workers: Annotated[int | None, Field(ge=1)] = None
     """Decoding processes (null: every core)."""
 
     def __post_init__(self) -> None:
-        _require(bool(self.source.strip()), "data.source", self.source, "'synthetic', 'kaggle', or a path to a .zip or folder")
-        _require(16 <= self.image_size <= 512, "data.image_size", self.image_size, "an integer from 16 to 512")
-        _require(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "a number between 0 and 1 (exclusive)")
-        _require(self.split in ("block", "random"), "data.split", self.split, "'block' or 'random'")
-        _require(self.max_images is None or self.max_images >= 58, "data.max_images", self.max_images, "null or an integer >= 58 (two per class)")
-        _require(self.block_size >= 1, "data.block_size", self.block_size, "an integer >= 1")
-        _require(self.block_gap >= 0, "data.block_gap", self.block_gap, "an integer >= 0")
-        _require(self.shard_size >= 1, "data.shard_size", self.shard_size, "an integer >= 1")
-        _require(0.0 <= self.max_skipped_fraction < 1.0, "data.max_skipped_fraction", self.max_skipped_fraction, "a number from 0 up to (not including) 1")
-        _require(self.workers is None or self.workers >= 1, "data.workers", self.workers, "null or an integer >= 1")
+        allowed = "'synthetic', 'kaggle', or a path to a .zip or folder"
+        _require(bool(self.source.strip()), "data.source", self.source, allowed)
 
 
-@dataclass(frozen=True, kw_only=True)
-class ModelConfig:
+@dataclass(frozen=True, kw_only=True, config=_CONFIG)
+class ModelConfig(_Section):
     name: str = "resnet18"
     """Architecture: one of MODEL_NAMES. `small_cnn` is a tiny net for fast tests."""
     pretrained: bool = False
@@ -101,52 +120,43 @@ class ModelConfig:
         _require(self.name in MODEL_NAMES, "model.name", self.name, "one of " + ", ".join(MODEL_NAMES))
 
 
-CPU_ALLREDUCE_CHOICES = ("shared_memory", "gloo")
-
-
-@dataclass(frozen=True, kw_only=True)
-class DistributedConfig:
-    nnodes: int = 1
+@dataclass(frozen=True, kw_only=True, config=_CONFIG)
+class DistributedConfig(_Section):
+    nnodes: Annotated[int, Field(ge=1)] = 1
     """Number of machines taking part in a `ddp` run."""
-    node_rank: int = 0
+    node_rank: Annotated[int, Field(ge=0)] = 0
     """This machine's rank among `nnodes` (0 on the one that hosts the rendezvous)."""
     rdzv_endpoint: str = "127.0.0.1:29500"
     """host:port of torchrun's rendezvous, reachable from every node."""
-    max_restarts: int = 0
-    """How often torchrun restarts the workers after a failure; each restart resumes from the last checkpoint."""
-    cpu_allreduce: str = "shared_memory"
-    """How ddp ranks on CPU average gradients: `shared_memory` (ranks on one machine read each other's
-    gradients from shared memory; across machines gloo is used) or `gloo` (TCP). Same result (to the
-    bit with 2 ranks; with more, up to the last bit of summation order)."""
+    max_restarts: Annotated[int, Field(ge=0)] = 0
+    """How often torchrun restarts the workers after a failure; each restart resumes from the last
+    checkpoint."""
 
     def __post_init__(self) -> None:
-        _require(self.nnodes >= 1, "distributed.nnodes", self.nnodes, "an integer >= 1")
-        _require(0 <= self.node_rank < self.nnodes, "distributed.node_rank", self.node_rank, f"an integer from 0 to {self.nnodes - 1}")
+        rank_allowed = f"an integer from 0 to {self.nnodes - 1}"
+        _require(self.node_rank < self.nnodes, "distributed.node_rank", self.node_rank, rank_allowed)
         host, _, port = self.rdzv_endpoint.rpartition(":")
-        _require(bool(host) and port.isdigit() and 0 < int(port) < 65536, "distributed.rdzv_endpoint", self.rdzv_endpoint, "host:port")
-        _require(self.max_restarts >= 0, "distributed.max_restarts", self.max_restarts, "an integer >= 0")
-        _require(self.cpu_allreduce in CPU_ALLREDUCE_CHOICES, "distributed.cpu_allreduce", self.cpu_allreduce, "'shared_memory' or 'gloo'")
+        endpoint_ok = bool(host) and port.isdigit() and 0 < int(port) < 65536
+        _require(endpoint_ok, "distributed.rdzv_endpoint", self.rdzv_endpoint, "host:port")
         # Across nodes torchrun's static rendezvous restarts each node on its own, so the nodes'
         # attempts drift apart and the restarted ranks never meet again.
-        _require(
-            self.nnodes == 1 or self.max_restarts == 0,
-            "distributed.max_restarts",
-            self.max_restarts,
-            "0 when distributed.nnodes > 1 (restarts work on one node; resume a multi-node job with train.resume: true)",
-        )
+        restarts_ok = self.nnodes == 1 or self.max_restarts == 0
+        allowed = "0 when distributed.nnodes > 1 (restarts work on one node; resume a multi-node job with"
+        allowed += " train.resume: true)"
+        _require(restarts_ok, "distributed.max_restarts", self.max_restarts, allowed)
 
 
-@dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    epochs: int = 5
+@dataclass(frozen=True, kw_only=True, config=_CONFIG)
+class TrainConfig(_Section):
+    epochs: Annotated[int, Field(ge=1)] = 5
     """Passes over the training split."""
-    batch_size: int = 64
+    batch_size: Annotated[int, Field(ge=1)] = 64
     """Global batch: images per optimizer step, whatever the strategy and `gpus`."""
-    lr: float = 0.003
+    lr: Annotated[float, Field(gt=0, le=10)] = 0.003
     """Peak learning rate of AdamW (one-cycle schedule: 15% warm-up, then cosine decay)."""
-    weight_decay: float = 0.05
+    weight_decay: Annotated[float, Field(ge=0)] = 0.05
     """AdamW weight decay."""
-    label_smoothing: float = 0.0
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
     """Cross-entropy label smoothing."""
     resume: bool = False
     """Continue from the last checkpoint in checkpoints/<strategy>/ if an unfinished one is there."""
@@ -161,37 +171,27 @@ class TrainConfig:
     data_on_device: bool = True
     """Keep the whole training split on the GPU when it fits."""
 
-    def __post_init__(self) -> None:
-        _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
-        _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
-        _require(0.0 < self.lr <= 10.0, "train.lr", self.lr, "a number in (0, 10]")
-        _require(self.weight_decay >= 0.0, "train.weight_decay", self.weight_decay, "a number >= 0")
-        _require(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing", self.label_smoothing, "a number in [0, 1)")
 
-
-@dataclass(frozen=True, kw_only=True)
-class EvaluateConfig:
-    batch_size: int = 256
+@dataclass(frozen=True, kw_only=True, config=_CONFIG)
+class EvaluateConfig(_Section):
+    batch_size: Annotated[int, Field(ge=1)] = 256
     """Images per forward pass during evaluation."""
 
-    def __post_init__(self) -> None:
-        _require(self.batch_size >= 1, "evaluate.batch_size", self.batch_size, "an integer >= 1")
 
-
-@dataclass(frozen=True, kw_only=True)
-class PromoteConfig:
-    metric: str = "val_macro_f1"
+@dataclass(frozen=True, kw_only=True, config=_CONFIG)
+class PromoteConfig(_Section):
+    metric: PromotionMetric = "val_macro_f1"
     """Metric (higher is better) that decides which model is the candidate and the champion."""
-    min_improvement: float = 0.0
+    min_improvement: Annotated[float, Field(ge=0, le=1)] = 0.0
     """How much the candidate must beat the champion by to take its place."""
 
-    def __post_init__(self) -> None:
-        _require(self.metric in PROMOTION_METRICS, "promote.metric", self.metric, "one of " + ", ".join(PROMOTION_METRICS))
-        _require(0.0 <= self.min_improvement <= 1.0, "promote.min_improvement", self.min_improvement, "a number from 0 to 1")
+
+# What MLflow's registry takes, and what its search filters (`name = '...'`) quote safely.
+_REGISTERED_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-@dataclass(frozen=True, kw_only=True)
-class MlflowConfig:
+@dataclass(frozen=True, kw_only=True, config=_CONFIG)
+class MlflowConfig(_Section):
     experiment: str = "asl-alphabet"
     """MLflow experiment that every stage logs to."""
     registered_model: str = "asl-classifier"
@@ -199,52 +199,42 @@ class MlflowConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.experiment.strip()), "mlflow.experiment", self.experiment, "a non-empty name")
-        _require(bool(self.registered_model.strip()), "mlflow.registered_model", self.registered_model, "a non-empty name")
+        name_ok = _REGISTERED_MODEL_NAME.fullmatch(self.registered_model) is not None
+        allowed = "a name of letters, digits, '.', '_' and '-' that starts with a letter or digit"
+        _require(name_ok, "mlflow.registered_model", self.registered_model, allowed)
 
 
-@dataclass(frozen=True, kw_only=True)
-class ScalingConfig:
-    gpu_counts: tuple[int, ...] = (1, 2)
+@dataclass(frozen=True, kw_only=True, config=_CONFIG)
+class ScalingConfig(_Section):
+    gpu_counts: Annotated[tuple[Annotated[int, Field(ge=1)], ...], _LIST, Field(min_length=1)] = (1, 2)
     """GPU counts (processes on CPU) to train each strategy with."""
-    strategies: tuple[str, ...] = STRATEGIES
+    strategies: Annotated[tuple[StrategyName, ...], _LIST, Field(min_length=1)] = ("dp", "ddp")
     """Strategies to compare."""
-    max_images: int = 10000
+    max_images: Annotated[int, Field(ge=58)] = 10000
     """Fixed sample size (the original study used 10,000)."""
-    image_size: int = 64
+    image_size: Annotated[int, Field(ge=16, le=512)] = 64
     """Image side for the study (the original study used 64)."""
-    epochs: int = 5
+    epochs: Annotated[int, Field(ge=1)] = 5
     """Epochs per configuration (the original study used 5)."""
 
-    def __post_init__(self) -> None:
-        _require(len(self.gpu_counts) > 0 and all(n >= 1 for n in self.gpu_counts), "scaling.gpu_counts", list(self.gpu_counts), "a non-empty list of integers >= 1")
-        _require(len(self.strategies) > 0 and all(s in STRATEGIES for s in self.strategies), "scaling.strategies", list(self.strategies), "a non-empty list of 'dp', 'ddp'")
-        _require(self.max_images >= 58, "scaling.max_images", self.max_images, "an integer >= 58")
-        _require(16 <= self.image_size <= 512, "scaling.image_size", self.image_size, "an integer from 16 to 512")
-        _require(self.epochs >= 1, "scaling.epochs", self.epochs, "an integer >= 1")
 
-
-@dataclass(frozen=True, kw_only=True)
-class ServeConfig:
+@dataclass(frozen=True, kw_only=True, config=_CONFIG)
+class ServeConfig(_Section):
     host: str = "127.0.0.1"
     """Address the web page listens on (loopback by default)."""
-    port: int = 8000
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
     """Port of the web page."""
-    max_request_bytes: int = 10_000_000
+    max_request_bytes: Annotated[int, Field(ge=1024)] = 10_000_000
     """Largest accepted upload."""
-    max_image_pixels: int = 40_000_000
+    max_image_pixels: Annotated[int, Field(ge=1024)] = DEFAULT_MAX_IMAGE_PIXELS
     """Largest accepted image (width x height): guards against decompression bombs."""
 
-    def __post_init__(self) -> None:
-        _require(0 < self.port < 65536, "serve.port", self.port, "an integer from 1 to 65535")
-        _require(self.max_request_bytes >= 1024, "serve.max_request_bytes", self.max_request_bytes, "an integer >= 1024")
-        _require(self.max_image_pixels >= 1024, "serve.max_image_pixels", self.max_image_pixels, "an integer >= 1024")
 
-
-@dataclass(frozen=True, kw_only=True)
-class Params:
-    seed: int = 0
-    """Seed for data generation, splitting, initialisation and shuffling."""
-    gpus: int = 1
+@dataclass(frozen=True, kw_only=True, config=_CONFIG)
+class Params(_Section):
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
+    """Seed for data generation, splitting, initialisation and shuffling (numpy takes up to 2**32 - 1)."""
+    gpus: Annotated[int, Field(ge=1, le=1024)] = 1
     """GPUs per node for both strategies (processes on a machine without CUDA)."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -256,75 +246,80 @@ class Params:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 
-    def __post_init__(self) -> None:
-        _require(self.seed >= 0, "seed", self.seed, "an integer >= 0")
-        _require(1 <= self.gpus <= 1024, "gpus", self.gpus, "an integer from 1 to 1024")
+
+# --- pydantic's first error as one ConfigError --------------------------------------------------
 
 
-# --- building dataclasses from plain YAML values --------------------------------------------------
+def _section_keys(cls: type, prefix: str = "") -> dict[type, str]:
+    """`{DataConfig: 'data.', SyntheticConfig: 'data.synthetic.', ...}`: where each section sits."""
+    keys = {cls: prefix}
+    for name, info in cls.__pydantic_fields__.items():  # type: ignore[attr-defined]
+        if dataclasses.is_dataclass(info.annotation):
+            keys |= _section_keys(info.annotation, f"{prefix}{name}.")
+    return keys
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " or ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
-    if origin is tuple:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+_SECTION_KEYS = _section_keys(Params)
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(key, value, "a mapping")
-        return _build(tp, value, key + ".")
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key)
-            except ConfigError:
-                pass
-        raise ConfigError(key, value, _type_name(tp))
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(key, value, _type_name(tp))
-        return value
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise ConfigError(key, value, _type_name(tp))
-        return tuple(_convert(v, typing.get_args(tp)[0], key) for v in value)
-    # bool is a subclass of int: `epochs: true` must not pass as 1.
-    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(key, value, "an integer")
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(key, value, "a number")
-        return float(value)
-    if tp is bool and not isinstance(value, bool):
-        raise ConfigError(key, value, "true or false")
-    if tp is str and not isinstance(value, str):
-        raise ConfigError(key, value, "a string")
-    return value
+def _from_mapping(cls: type, values: dict) -> Any:
+    # YAML keys can be numbers or booleans (`on:`); as strings they are refused as unknown keys.
+    return cls(**{str(key): value for key, value in values.items()})
 
 
-def _build(cls: type, values: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in values:
-        if key not in known:
-            raise ConfigError(prefix + str(key), values[key], "one of the known keys: " + ", ".join(sorted(known)))
-    kwargs = {name: _convert(value, hints[name], prefix + name) for name, value in values.items()}
-    return cls(**kwargs)
+def _config_error(cls: type, values: Any, error: ErrorDetails) -> ConfigError:
+    """Name the full dotted key and show the whole value, the list rather than its bad item."""
+    prefix = _SECTION_KEYS[cls]
+    if not error["loc"]:
+        return ConfigError(prefix.rstrip(".") or "<top level>", error["input"], "a mapping")
+    name = error["loc"][0]
+    given = (values.kwargs or {}) if isinstance(values, ArgsKwargs) else {}
+    return ConfigError(f"{prefix}{name}", given.get(name, error["input"]), _allowed(cls, error))
+
+
+_WORDS = {
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "tuple_type": "a list",
+    "too_short": "a non-empty list",
+}
+_NOUNS = {"int_type": "an integer", "float_type": "a number", "finite_number": "a finite number"}
+_RANGES = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+_SIGNS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+def _allowed(cls: type, error: ErrorDetails) -> str:
+    """What the failing field takes, in plain words: its type, and its whole range where it has one."""
+    kind, ctx, (name, *item) = error["type"], error.get("ctx", {}), error["loc"]
+    if kind == "unexpected_keyword_argument":
+        return "one of the known keys: " + ", ".join(sorted(f.name for f in dataclasses.fields(cls)))
+    info = cls.__pydantic_fields__.get(name)  # type: ignore[attr-defined]
+    if kind == "literal_error":
+        words = ctx["expected"]
+    elif kind in _NOUNS or kind in _RANGES:
+        words = _number(kind, ctx, info.metadata if info and not item else [])
+    else:
+        words = _WORDS.get(kind, error["msg"])
+    if item:
+        return f"a list whose items are each {words}"
+    return f"null or {words}" if info and type(None) in typing.get_args(info.annotation) else words
+
+
+def _number(kind: str, ctx: dict[str, Any], metadata: list) -> str:
+    """'an integer from 16 to 512', 'a number in (0, 10]', 'a finite number >= 0', ..."""
+    # pydantic passes a float field's bounds as floats: ints in the error mean an integer field.
+    noun = _NOUNS.get(kind) or ("an integer" if all(type(v) is int for v in ctx.values()) else "a number")
+    bounds = {**ctx, **{k: getattr(m, k) for m in metadata for k in _SIGNS if hasattr(m, k)}}
+    if noun == "an integer" and bounds.keys() == {"ge", "le"}:
+        return f"an integer from {bounds['ge']} to {bounds['le']}"
+    if len(bounds) == 2:
+        low = f"[{bounds['ge']}" if "ge" in bounds else f"({bounds['gt']}"
+        high = f"{bounds['le']}]" if "le" in bounds else f"{bounds['lt']})"
+        return f"{noun} in {low}, {high}"
+    return " ".join([noun, *(f"{_SIGNS[k]} {v}" for k, v in bounds.items())])
+
+
+# --- reading the file ---------------------------------------------------------------------------
 
 
 def params_from_dict(values: dict | None) -> Params:
@@ -333,12 +328,39 @@ def params_from_dict(values: dict | None) -> Params:
         values = {}
     if not isinstance(values, dict):
         raise ConfigError("<top level>", values, "a mapping of keys to values")
-    return _build(Params, values)
+    return _from_mapping(Params, values)
 
 
 class _ParamsLoader(yaml.SafeLoader):
     """PyYAML reads YAML 1.1, where `lr: 1e-3` is the *string* '1e-3'. DVC reads params.yaml as
-    YAML 1.2, where it is a number; this loader agrees with DVC (quoted values stay strings)."""
+    YAML 1.2, where it is a number; this loader agrees with DVC (quoted values stay strings). Like DVC,
+    it refuses a repeated key, of which PyYAML would silently keep the last value."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._refuse_repeated_keys(node, "", set())
+        return super().construct_document(node)
+
+    def _refuse_repeated_keys(self, node: yaml.Node, prefix: str, seen: set[int]) -> None:
+        if id(node) in seen:  # an alias to a node already checked, perhaps its own ancestor
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                self._refuse_repeated_keys(item, prefix, seen)
+        if not isinstance(node, yaml.MappingNode):
+            return
+        keys: set[str] = set()
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if not isinstance(key_node, yaml.ScalarNode):  # a list or mapping as a key: PyYAML refuses it
+                continue
+            if key in keys:
+                value = self.construct_object(value_node, deep=True)
+                line = key_node.start_mark.line + 1
+                allowed = f"each key once in its mapping (line {line} repeats it; DVC refuses a repeated key)"
+                raise ConfigError(f"{prefix}{key}", value, allowed)
+            keys.add(key)
+            self._refuse_repeated_keys(value_node, f"{prefix}{key}.", seen)
 
 
 _ParamsLoader.add_implicit_resolver(
@@ -349,12 +371,16 @@ _ParamsLoader.add_implicit_resolver(
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:
-    """Read and validate a params file; a missing or malformed file is a `ConfigError` too."""
+    """Read and validate a params file; a missing, unreadable or malformed file is a `ConfigError` too."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError("<file>", str(path), "an existing params.yaml (pass --params PATH)")
     try:
-        values = yaml.load(path.read_text(), Loader=_ParamsLoader)  # noqa: S506 -- a SafeLoader
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError("<file>", str(path), f"UTF-8 text (byte {err.start} is not UTF-8)") from None
+    try:
+        values = yaml.load(text, Loader=_ParamsLoader)  # noqa: S506 -- a SafeLoader
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -376,11 +402,4 @@ def to_flat_dict(params: Any, prefix: str = "") -> dict[str, Any]:
 
 def to_yaml_dict(params: Any) -> dict[str, Any]:
     """Nested plain values (tuples as lists) that `params_from_dict` reads back to an equal `Params`."""
-    values = dataclasses.asdict(params)
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return list(value) if isinstance(value, tuple) else value
-
-    return plain(values)
+    return TypeAdapter(type(params)).dump_python(params, mode="json")

@@ -46,7 +46,8 @@ def test_shipped_params_load_and_match_the_file() -> None:
 
     assert isinstance(params, Params)
     checked = _check_against_file(params, raw)
-    assert {"seed", "gpus", "data.image_size", "train.epochs", "scaling.gpu_counts", "serve.port"} <= set(checked)
+    expected = {"seed", "gpus", "data.image_size", "train.epochs", "scaling.gpu_counts", "serve.port"}
+    assert expected <= set(checked)
     assert isinstance(params.scaling.gpu_counts, tuple) and isinstance(params.train.lr, float)
 
 
@@ -104,12 +105,21 @@ MISTAKES = [
     ('distributed:\n  rdzv_endpoint: "nohost"', "distributed.rdzv_endpoint", "'nohost'"),
     ('distributed:\n  rdzv_endpoint: "host:99999"', "distributed.rdzv_endpoint", "'host:99999'"),
     ("distributed:\n  node_rank: 3", "distributed.node_rank", "3"),  # with the default nnodes: 1
-    ("distributed:\n  cpu_allreduce: mpi", "distributed.cpu_allreduce", "'mpi'"),
+    ("distributed:\n  cpu_allreduce: gloo", "distributed.cpu_allreduce", "'gloo'"),  # a removed param
     ("scaling:\n  gpu_counts: []", "scaling.gpu_counts", "[]"),
     ("scaling:\n  gpu_counts: [1, 0]", "scaling.gpu_counts", "[1, 0]"),
     ("scaling:\n  strategies: [dp, horovod]", "scaling.strategies", "horovod"),
     ("serve:\n  port: 70000", "serve.port", "70000"),
     ("- just\n- a list", "<top level>", "['just', 'a list']"),
+    ('train:\n  lr: "0.1"', "train.lr", "'0.1'"),  # a quoted number is a string
+    ("train:\n  epochs: null", "train.epochs", "None"),  # null only where the type allows it
+    ("data:\n  synthetic: null", "data.synthetic", "None"),
+    ("train:\n  weight_decay: .inf", "train.weight_decay", "inf"),
+    ("train:\n  lr: .nan", "train.lr", "nan"),
+    ("promote:\n  min_improvement: -.inf", "promote.min_improvement", "-inf"),
+    ("seed: 4294967296", "seed", "4294967296"),  # 2**32: numpy's seeding would fail only in training
+    ("mlflow:\n  registered_model: \"asl'model\"", "mlflow.registered_model", "asl'model"),
+    ("mlflow:\n  experiment: ' '", "mlflow.experiment", "' '"),
 ]
 
 
@@ -146,6 +156,109 @@ def test_node_rank_is_checked_against_nnodes() -> None:
     assert "0 to 3" in str(info.value)
 
 
+def test_types_are_strict_but_an_integer_is_a_number() -> None:
+    params = params_from_dict({"train": {"lr": 1}, "scaling": {"gpu_counts": [4]}})
+    assert params.train.lr == 1.0 and isinstance(params.train.lr, float)
+    assert params.scaling.gpu_counts == (4,), "a YAML list becomes a tuple"
+    assert params_from_dict({"data": {"workers": None}}).data.workers is None
+    for section, name, value in [("train", "lr", True), ("scaling", "gpu_counts", [1, True])]:
+        with pytest.raises(ConfigError) as info:
+            params_from_dict({section: {name: value}})
+        assert info.value.key == f"{section}.{name}", "true is not a number, nor an integer"
+
+
+FLOAT_KEYS = ["train.weight_decay", "train.lr", "data.val_fraction", "promote.min_improvement"]
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_non_finite_numbers_are_refused(key: str, value: float) -> None:
+    section, name = key.split(".")
+    with pytest.raises(ConfigError) as info:
+        params_from_dict({section: {name: value}})
+    assert info.value.key == key
+    assert info.value.allowed.startswith("a finite number"), info.value.allowed
+
+
+def test_seed_fits_numpy() -> None:
+    assert params_from_dict({"seed": 2**32 - 1}).seed == 2**32 - 1
+    with pytest.raises(ConfigError) as info:
+        params_from_dict({"seed": 2**32})
+    assert info.value.key == "seed" and "4294967295" in info.value.allowed
+
+
+@pytest.mark.parametrize("name", ["asl'classifier", "-asl", "asl classifier", "asl/classifier", ""])
+def test_registered_model_name_is_safe_for_the_registry(name: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        params_from_dict({"mlflow": {"registered_model": name}})
+    assert info.value.key == "mlflow.registered_model" and info.value.value == name
+    assert "letters, digits" in info.value.allowed
+
+
+def test_registered_model_and_experiment_names_that_are_fine() -> None:
+    names = {"registered_model": "ASL.v2_cnn-1", "experiment": "Bob's runs / 2"}
+    mlflow = params_from_dict({"mlflow": names}).mlflow
+    assert (mlflow.registered_model, mlflow.experiment) == ("ASL.v2_cnn-1", "Bob's runs / 2")
+
+
+def test_a_file_that_is_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_bytes("mlflow:\n  experiment: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    _assert_one_line(info.value, str(path), str(path))
+    assert info.value.key == "<file>" and "UTF-8" in info.value.allowed
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "line"),
+    [
+        ("train:\n  epochs: 1\nseed: 0\ntrain:\n  epochs: 3\n", "train", 4),
+        ("train:\n  lr: 0.1\n  epochs: 2\n  lr: 0.2\n", "train.lr", 4),
+        ("data:\n  synthetic:\n    block: 2\n    'block': 3\n", "data.synthetic.block", 4),
+    ],
+    ids=["top-level", "nested", "two-levels-quoted"],
+)
+def test_a_repeated_key_is_refused_as_dvc_does(tmp_path: Path, text: str, key: str, line: int) -> None:
+    # PyYAML alone keeps the last value without a word; DVC refuses the file.
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    assert info.value.key == key
+    assert f"line {line}" in info.value.allowed, info.value.allowed
+    assert "\n" not in str(info.value)
+
+
+def test_replace_validates_again() -> None:
+    params = Params()
+    assert dataclasses.replace(params.data, max_images=58).max_images == 58
+    assert dataclasses.replace(params.scaling, gpu_counts=[3]).gpu_counts == (3,)
+    with pytest.raises(ConfigError) as info:
+        dataclasses.replace(params.data, max_images=10)
+    assert info.value.key == "data.max_images" and info.value.value == 10
+    with pytest.raises(ConfigError) as info:
+        dataclasses.replace(params, gpus=2048)
+    assert info.value.key == "gpus"
+    with pytest.raises(ConfigError) as info:
+        dataclasses.replace(params.train, epochs="5")  # types too, not only ranges
+    assert info.value.key == "train.epochs" and info.value.value == "5"
+    with pytest.raises(ConfigError) as info:
+        dataclasses.replace(params.distributed, nnodes=2, max_restarts=1)
+    assert info.value.key == "distributed.max_restarts"
+
+
+def test_every_field_is_documented() -> None:
+    def fields(cls: Any) -> list[tuple[str, Any]]:
+        found = []
+        for name, info in cls.__pydantic_fields__.items():
+            found += fields(info.annotation) if dataclasses.is_dataclass(info.annotation) else [(name, info)]
+        return found
+
+    undocumented = [name for name, info in fields(Params) if not info.description]
+    assert not undocumented and len(fields(Params)) > 40, undocumented
+
+
 def test_malformed_yaml_names_the_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "params.yaml"
     path.write_text("train:\n  epochs: 5\n  lr: [0.1\nmodel: x\n")
@@ -168,8 +281,13 @@ def test_missing_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("text", "key"),
-    [("train:\n  epochs: '5'\n", "train.epochs"), ("gpu: 2\n", "gpu"), ("data: [1\n", "bad.yaml")],
-    ids=["wrong-type", "unknown-key", "malformed"],
+    [
+        ("train:\n  epochs: '5'\n", "train.epochs"),
+        ("gpu: 2\n", "gpu"),
+        ("data: [1\n", "bad.yaml"),
+        ("train:\n  lr: 0.1\n  lr: 0.2\n", "train.lr"),
+    ],
+    ids=["wrong-type", "unknown-key", "malformed", "repeated-key"],
 )
 def test_cli_reports_a_bad_params_file_in_one_line(tmp_path: Path, text: str, key: str) -> None:
     (tmp_path / "bad.yaml").write_text(text)
