@@ -207,7 +207,7 @@ def run(args) -> None:
                 "gpus": (strategy.world_size if args.strategy == "ddp" else max(getattr(strategy, "gpus", 0), 1)) if cuda else 0,
                 "processes": strategy.world_size,
                 "device": strategy.device_label,
-                # ddp: how gradients were averaged (nccl, or shared_memory/gloo on CPU), as the run's allreduce tag says
+                # ddp: how gradients were averaged (nccl, or gloo on CPU), as the run's allreduce tag says
                 "backend": (strategy.allreduce if args.strategy == "ddp" else "DataParallel" if getattr(strategy, "gpus", 0) > 1 else "single device"),
                 "model": args.model,
                 "image_size": int(train_x.shape[-1]),

@@ -14,16 +14,14 @@ Measures, in one run, for resnet18 at 64 px (29 classes, global batch 64):
       and off, and with the plain for-loop AdamW (what the pipeline used before it asked for the fused
       kernel); its images/s as a fraction of the ceiling; where a step's time goes (forward,
       backward, optimizer; the profiler's share of convolution, batch-norm and the rest); and our
-      DDP step under torchrun (2 processes), with the gradients averaged through shared memory
-      (the CPU default), through gloo, and not at all;
+      DDP step under torchrun (2 processes), with the gradients averaged over gloo and not at all;
   (c) epoch time end to end on the same synthetic 200x200 JPEGs, preprocessed by `build_shards`:
       the real `python -m pipeline train dp` and `python -m pipeline train ddp` (gpus=2: two
       processes) in a temporary workspace (steady state: the fastest epoch after the first, from
       metrics/curves_<strategy>.csv), against the original study's loop: torchvision ImageFolder +
       Resize/ToTensor/Normalize, DataLoader(batch_size=64, shuffle=True, num_workers=0), the same
       resnet18 with a 29-class head, Adam, over the same training files (fastest of its epochs);
-      `train ddp` again with `distributed.cpu_allreduce: gloo` (gradients over TCP instead of
-      shared memory); and `train dp` / `train ddp` again with `model.freeze_backbone: true` (the original study's
+      and `train dp` / `train ddp` again with `model.freeze_backbone: true` (the original study's
       mode, where only the head learns and DDP's all-reduce is tiny), for context.
 
 Targets: (b) >= 80% of the ceiling; (c) ddp with 2 processes at least as fast as dp in one.
@@ -60,10 +58,10 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 
-from pipeline.config import ModelConfig, params_from_dict  # noqa: E402
-from pipeline.imaging import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from pipeline.config import params_from_dict  # noqa: E402
+from pipeline.serving.imaging import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from pipeline.loop import _batch, train_one_epoch  # noqa: E402
-from pipeline.models import build_model  # noqa: E402
+from pipeline.serving.networks import build_model  # noqa: E402
 from pipeline.strategy import make_strategy  # noqa: E402
 from pipeline.trainer import TrainingState, step_settings  # noqa: E402
 
@@ -98,7 +96,7 @@ def matmul_gflops(repeat: int, n: int = 2048) -> float:
 def flops_per_image() -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = build_model(ModelConfig(name=MODEL), CLASSES)
+    model = build_model(MODEL, CLASSES)
     x, y = torch.randn(BATCH, 3, SIZE, SIZE), torch.randint(0, CLASSES, (BATCH,))
     with FlopCounterMode(display=False) as counter:
         nn.functional.cross_entropy(model(x), y).backward()
@@ -200,8 +198,8 @@ def profile_ops(config: LoopConfig, images: torch.Tensor, labels: torch.Tensor, 
 
 def ddp_worker(out: Path, steps: int, rounds: int) -> None:
     """Under torchrun: our DDP step (TrainingState wraps the model as pipeline.trainer does), timed
-    with the gradients averaged through shared memory (the CPU default), through gloo, and not at
-    all (DDP's no_sync), plus gloo's all-reduce of all the gradients alone."""
+    with the gradients averaged over gloo and not at all (DDP's no_sync), plus gloo's all-reduce of
+    all the gradients alone."""
     import contextlib
 
     import torch.distributed as dist
@@ -211,30 +209,25 @@ def ddp_worker(out: Path, steps: int, rounds: int) -> None:
     strategy = DistributedStrategy()
     try:
         params = params_from_dict({"model": {"name": MODEL}, "gpus": strategy.world_size, "train": {"epochs": 1, "batch_size": BATCH}})
-        states = {}
-        for transport in ("shared_memory", "gloo"):  # two identical models, one per transport
-            strategy.cpu_allreduce = transport
-            torch.manual_seed(0)
-            states[transport] = TrainingState(params, strategy, CLASSES, steps_per_epoch=1000)
-            assert strategy.allreduce == transport, f"asked for {transport}, got {strategy.allreduce}"
+        torch.manual_seed(0)
+        state = TrainingState(params, strategy, CLASSES, steps_per_epoch=1000)
         settings = step_settings(params, strategy)
         batch = strategy.per_process_batch(BATCH)
         generator = torch.Generator().manual_seed(strategy.rank)
         images = torch.randn(steps * batch, 3, SIZE, SIZE, generator=generator).half()
         labels = torch.randint(0, CLASSES, (steps * batch,), generator=generator)
         order = list(range(steps * batch))
-        modes = {"shared_memory": ("shared_memory", False), "gloo": ("gloo", False), "no_sync": ("shared_memory", True)}
+        modes = {"gloo": False, "no_sync": True}
         best = dict.fromkeys(modes, 0.0)
         for round_ in range(rounds + 1):  # the first is a warm-up
-            for mode, (transport, skip_allreduce) in modes.items():
-                state = states[transport]
+            for mode, skip_allreduce in modes.items():
                 context = state.model.no_sync() if skip_allreduce else contextlib.nullcontext()
                 strategy.barrier()
                 with context:
                     stats = train_one_epoch(state.model, state.optimizer, state.scheduler, nn.CrossEntropyLoss(), images, labels, order, batch, strategy, settings)
                 if round_:
                     best[mode] = max(best[mode], stats.images / stats.seconds)
-        gradients = torch.zeros(sum(p.numel() for p in states["gloo"].bare.parameters()))
+        gradients = torch.zeros(sum(p.numel() for p in state.bare.parameters()))
         allreduce = float("inf")
         for _ in range(5):
             strategy.barrier()
@@ -286,14 +279,13 @@ def make_workspace(work: Path, images_per_class: int, epochs: int) -> tuple[Path
     return workspace, manifest, generated, time.perf_counter() - started
 
 
-def write_params(workspace: Path, images_per_class: int, epochs: int, freeze_backbone: bool, cpu_allreduce: str = "shared_memory") -> dict:
+def write_params(workspace: Path, images_per_class: int, epochs: int, freeze_backbone: bool) -> dict:
     values = {
         "seed": 0,
         "gpus": 2,
         "data": {"source": "synthetic", "synthetic": {"images_per_class": images_per_class, "frames_per_run": 10}, "image_size": SIZE},
         "model": {"name": MODEL, "freeze_backbone": freeze_backbone},
         "train": {"epochs": epochs, "batch_size": BATCH},
-        "distributed": {"cpu_allreduce": cpu_allreduce},
     }
     (workspace / "params.yaml").write_text(yaml.safe_dump(values))
     return values
@@ -464,8 +456,8 @@ def main() -> None:
     ddp = ddp_steps(args.steps + 1, max(4, args.repeat // 2), processes=2)  # as `train ddp` with gpus=2 in (c)
     ddp_rates = ddp["images_per_second"]
     print(
-        f"(b) our DDP step, {ddp['world_size']} processes x {ddp['threads_per_rank']} thread(s), images/s: gradients averaged through shared memory "
-        f"{ddp_rates['shared_memory']:.1f}, through gloo {ddp_rates['gloo']:.1f}, not at all (no_sync) {ddp_rates['no_sync']:.1f}; "
+        f"(b) our DDP step, {ddp['world_size']} processes x {ddp['threads_per_rank']} thread(s), images/s: gradients averaged "
+        f"over gloo {ddp_rates['gloo']:.1f}, not at all (no_sync) {ddp_rates['no_sync']:.1f}; "
         f"gloo all-reduce of {ddp['gradient_mb']:.0f} MiB alone {ddp['gloo_allreduce_ms']:.0f} ms",
         flush=True,
     )
@@ -484,7 +476,7 @@ def main() -> None:
             result += f"fused AdamW is {ours.best / before.best:.2f}x for-loop"
         rows.append((f"(b) loop: {config.label}", f"{config.best:.1f} img/s", result))
     rows.append(("(b) optimizer step, fused vs for-loop AdamW", f"{phases['optimizer']:.1f} ms", f"for-loop {phases_before['optimizer']:.1f} ms (best step of 5 each)"))
-    for mode, label in (("no_sync", "no_sync (compute only)"), ("shared_memory", "shared-memory average"), ("gloo", "gloo all-reduce")):
+    for mode, label in (("no_sync", "no_sync (compute only)"), ("gloo", "gloo all-reduce")):
         rate = ddp_rates[mode]
         cost = "" if mode == "no_sync" else f"; averaging costs {1 - rate / ddp_rates['no_sync']:.0%}"
         rows.append((f"(b) DDP step, {ddp['world_size']} procs, {label}", f"{rate:.1f} img/s", f"{rate / ours.best:.2f}x the one-process loop{cost}"))
@@ -497,9 +489,7 @@ def main() -> None:
             if (work / "ws").exists():
                 shutil.rmtree(work / "ws")
             workspace, manifest, generated, preprocessed = make_workspace(work, args.images_per_class, args.epochs)
-            from pipeline.shards import split_files
-
-            train_files = split_files(manifest, "train")
+            train_files = [name for shard in manifest["shards"] if shard["split"] == "train" for name in shard["files"]]
             print(
                 f"(c) {args.images_per_class * CLASSES} synthetic JPEGs generated in {generated:.1f}s, preprocessed in {preprocessed:.1f}s; "
                 f"training split {len(train_files)} images",
@@ -509,22 +499,15 @@ def main() -> None:
             best_of: dict[str, dict] = {}
             # The frozen backbone is the original study's mode: only the head learns, so the
             # all-reduce carries 60 KB instead of 43 MiB; it shows what DDP costs without it.
-            runs = {
-                "dp": ("dp", False, "shared_memory"),
-                "ddp": ("ddp", False, "shared_memory"),
-                "ddp gloo": ("ddp", False, "gloo"),
-                "original": None,
-                "dp frozen": ("dp", True, "shared_memory"),
-                "ddp frozen": ("ddp", True, "shared_memory"),
-            }
+            runs = {"dp": ("dp", False), "ddp": ("ddp", False), "original": None, "dp frozen": ("dp", True), "ddp frozen": ("ddp", True)}
             for _ in range(args.rounds):  # each in turn; each keeps its best round
                 for name, stage in runs.items():
                     if stage is None:
                         figures = original_epoch(raw / "asl_alphabet_train" / "asl_alphabet_train", train_files, raw, epochs=max(1, args.epochs - 1))
                         print(f"(c) original loop: epochs {figures['epochs']} s, best {figures['images_per_second']:.1f} img/s, data wait {figures['data_wait_fraction']:.0%}", flush=True)
                     else:
-                        strategy, frozen, transport = stage
-                        write_params(workspace, args.images_per_class, args.epochs, freeze_backbone=frozen, cpu_allreduce=transport)
+                        strategy, frozen = stage
+                        write_params(workspace, args.images_per_class, args.epochs, freeze_backbone=frozen)
                         figures = run_stage(workspace, strategy, timeout=900)
                         print(
                             f"(c) train {name}: epochs {figures['epochs']} s, best after the first {figures['images_per_second']:.1f} img/s, "
@@ -533,13 +516,12 @@ def main() -> None:
                         )
                     if name not in best_of or figures["images_per_second"] > best_of[name]["images_per_second"]:
                         best_of[name] = figures
-            dp_run, ddp_run, ddp_gloo, original = best_of["dp"], best_of["ddp"], best_of["ddp gloo"], best_of["original"]
+            dp_run, ddp_run, original = best_of["dp"], best_of["ddp"], best_of["original"]
             dp_frozen, ddp_frozen = best_of["dp frozen"], best_of["ddp frozen"]
         for label, figures in (
             ("(c) original: ImageFolder+DataLoader, 1 proc", original),
             ("(c) ours: train dp, 1 process", dp_run),
-            (f"(c) ours: train ddp, {ddp_run['world_size']} procs, shared memory", ddp_run),
-            (f"(c) train ddp, {ddp_gloo['world_size']} procs, cpu_allreduce: gloo", ddp_gloo),
+            (f"(c) ours: train ddp, {ddp_run['world_size']} procs (gloo)", ddp_run),
             ("(c) frozen backbone: train dp, 1 process", dp_frozen),
             (f"(c) frozen backbone: train ddp, {ddp_frozen['world_size']} procs", ddp_frozen),
         ):
@@ -549,8 +531,6 @@ def main() -> None:
         ddp_ratio = ddp_run["images_per_second"] / dp_run["images_per_second"]
         rows.append(("(c) ours dp vs original (images/s)", f"{speedup:.2f}x", f"epoch {original['epoch_seconds']:.1f}s -> {dp_run['epoch_seconds']:.1f}s"))
         rows.append((f"(c) ddp ({ddp_run['world_size']} procs) vs dp (1 proc) (images/s)", f"{ddp_ratio:.2f}x", verdict(ddp_ratio, TARGET_DDP)))
-        gloo_ratio = ddp_gloo["images_per_second"] / dp_run["images_per_second"]
-        rows.append(("(c) ddp over gloo vs dp (images/s)", f"{gloo_ratio:.2f}x", f"shared memory is {ddp_run['images_per_second'] / ddp_gloo['images_per_second']:.2f}x gloo"))
         frozen_ratio = ddp_frozen["images_per_second"] / dp_frozen["images_per_second"]
         rows.append(("(c) frozen backbone: ddp vs dp (images/s)", f"{frozen_ratio:.2f}x", "context: the all-reduce is 60 KB, not 43 MiB"))
 

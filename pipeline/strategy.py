@@ -1,20 +1,13 @@
 """How training is spread over devices, so that the training loop does not have to know.
 
-A strategy wraps the model, picks the sampler, turns the global batch into a per-process batch,
-says whether this process is the main one, and reduces metrics across processes. Defaults are
-those of one process (rank 0 of 1), so no caller branches on "distributed".
-
-- `DataParallelStrategy` (`dp`): one process; `torch.nn.DataParallel` over `gpus` CUDA devices,
-  plain CPU training where there is no CUDA.
-- `DistributedStrategy` (`ddp`): one process per device, started by torchrun;
-  `DistributedDataParallel` over NCCL (CUDA) or gloo (CPU). On CPU with every rank on one machine,
-  gradients are averaged through shared memory instead of gloo's TCP (`distributed.cpu_allreduce`).
+`dp`: one process, `nn.DataParallel` over `gpus` CUDA devices (plain CPU without CUDA).
+`ddp`: one process per device started by torchrun, `DistributedDataParallel` over NCCL or gloo.
+The base class is one process, rank 0 of 1, so no caller branches on "distributed".
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from datetime import timedelta
 from typing import Any
 
@@ -23,8 +16,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DistributedSampler
 
+from pipeline.devices import device_label
 from pipeline.errors import UserError
-from pipeline.shared_memory_allreduce import SharedMemoryGradientAverage
 
 
 def inside_torchrun() -> bool:
@@ -56,7 +49,7 @@ class Strategy:
     """One process, one device: the base every strategy refines."""
 
     name = "single"
-    allreduce = "none"  # how gradients are averaged across processes: none, nccl, gloo or shared_memory
+    allreduce = "none"  # how gradients are averaged across processes: none, nccl or gloo
     rank = 0
     local_rank = 0
     world_size = 1
@@ -70,8 +63,7 @@ class Strategy:
 
     @property
     def device_label(self) -> str:
-        """`cpu`, or the CUDA device name: tagged on every run so CPU figures are never read as GPU ones."""
-        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return device_label(self.device)
 
     def per_process_batch(self, global_batch: int) -> int:
         return global_batch
@@ -146,15 +138,13 @@ def attempt_store(world_size: int) -> dist.Store:
 class DistributedStrategy(Strategy):
     name = "ddp"
 
-    def __init__(self, sync_batchnorm: bool = False, cpu_allreduce: str = "shared_memory"):
+    def __init__(self, sync_batchnorm: bool = False):
         if not inside_torchrun():
             raise RuntimeError("DistributedStrategy must run under torchrun (use `python -m pipeline train ddp`)")
         self.rank = int(os.environ["RANK"])
         self.local_rank = int(os.environ["LOCAL_RANK"])
         self.world_size = int(os.environ["WORLD_SIZE"])
         local_world = int(os.environ["LOCAL_WORLD_SIZE"])
-        self.one_machine = local_world == self.world_size
-        self.cpu_allreduce = cpu_allreduce
         if torch.cuda.is_available():
             check_visible_gpus(local_world)
             device = torch.device("cuda", self.local_rank)
@@ -187,25 +177,8 @@ class DistributedStrategy(Strategy):
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(self.device)
         device_ids = [self.local_rank] if self.device.type == "cuda" else None
-        # Gradients as views into DDP's buckets: the averaged bucket is the gradient, so DDP does
-        # not copy it back into separate .grad tensors (one pass over all gradients per step saved,
-        # and on GPU the memory of that second copy).
-        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
-        self.allreduce = self._average_gradients_through_shared_memory(wrapped) if self.device.type == "cpu" else "nccl"
-        return wrapped
-
-    def _average_gradients_through_shared_memory(self, wrapped: nn.parallel.DistributedDataParallel) -> str:
-        """Register the shared-memory hook where it can work; returns the transport in use."""
-        # Ranks on other machines cannot map this machine's memory.
-        if self.cpu_allreduce == "gloo" or self.world_size == 1 or not self.one_machine:
-            return "gloo"
-        hook, why = SharedMemoryGradientAverage.attach(wrapped.module, timeout=_COLLECTIVE_TIMEOUT)
-        if hook is None:
-            if self.is_main:
-                print(f"ddp: gradients go through gloo, not shared memory: {why}", file=sys.stderr)
-            return "gloo"
-        wrapped.register_comm_hook(None, hook.average)
-        return "shared_memory"
+        self.allreduce = dist.get_backend()
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
     def eval_model(self, wrapped: nn.Module) -> nn.Module:
         # Ranks evaluate different numbers of batches; DDP's forward broadcasts buffers (a
@@ -230,9 +203,9 @@ class DistributedStrategy(Strategy):
             dist.destroy_process_group()
 
 
-def make_strategy(name: str, gpus: int, sync_batchnorm: bool = False, cpu_allreduce: str = "shared_memory") -> Strategy:
+def make_strategy(name: str, gpus: int, sync_batchnorm: bool = False) -> Strategy:
     if name == "dp":
         return DataParallelStrategy(gpus)
     if name == "ddp":
-        return DistributedStrategy(sync_batchnorm, cpu_allreduce)
+        return DistributedStrategy(sync_batchnorm)
     raise ValueError(f"unknown strategy {name!r}")

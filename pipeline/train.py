@@ -1,13 +1,7 @@
-"""Stage `train`: train the classifier under one strategy, track it in MLflow, keep checkpoints.
+"""Stage `train@<strategy>`: train the classifier, track it in MLflow, keep checkpoints.
 
-    python -m pipeline train dp     # one process, DataParallel over `gpus` devices (plain CPU without CUDA)
-    python -m pipeline train ddp    # starts torchrun: `gpus` processes per node, DDP over NCCL or gloo
-
-`train ddp` re-executes itself under torchrun; inside torchrun the same command trains as one
-rank. Only the main process opens an MLflow run and writes files.
-
-Outputs: models/<strategy>/ (model.safetensors, model_config.json, run.json),
-metrics/train_<strategy>.json, metrics/curves_<strategy>.csv, checkpoints/<strategy>/last.pt.
+    python -m pipeline train dp     # one process: DataParallel over `gpus` devices (plain CPU without CUDA)
+    python -m pipeline train ddp    # starts torchrun with `gpus` processes per node; each trains one rank
 """
 
 from __future__ import annotations
@@ -62,7 +56,7 @@ def launch_ddp(params: Params, params_file: Path, workspace: Path) -> int:
 
 def train_worker(params: Params, paths: Paths, strategy_name: str) -> dict | None:
     """Train in this process (a torchrun rank for ddp); set-up and teardown happen only here."""
-    strategy = make_strategy(strategy_name, params.gpus, params.train.sync_batchnorm, params.distributed.cpu_allreduce)
+    strategy = make_strategy(strategy_name, params.gpus, params.train.sync_batchnorm)
     try:
         return fit(params, paths, strategy)
     finally:

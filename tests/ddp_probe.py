@@ -3,7 +3,7 @@
 Trains `small_cnn` for a few steps with the pipeline's own strategy and loop on fixed random
 data, then saves, per rank, the indices the rank trained on each epoch and its final weights.
 
-    torchrun --standalone --nproc-per-node=2 tests/ddp_probe.py OUT_DIR [shared_memory|gloo]
+    torchrun --standalone --nproc-per-node=2 tests/ddp_probe.py OUT_DIR
     python tests/ddp_probe.py OUT_DIR          # one process, same global batch
 """
 
@@ -15,22 +15,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.config import ModelConfig
 from pipeline.loop import StepSettings, train_one_epoch
-from pipeline.models import build_model
+from pipeline.serving.networks import build_model
 from pipeline.strategy import DistributedStrategy, Strategy, inside_torchrun
 
 GLOBAL_BATCH, EPOCHS, IMAGES, SEED = 16, 2, 96, 7
 
 
-def main(out_dir: Path, cpu_allreduce: str) -> None:
-    strategy = DistributedStrategy(cpu_allreduce=cpu_allreduce) if inside_torchrun() else Strategy(torch.device("cpu"))
+def main(out_dir: Path) -> None:
+    strategy = DistributedStrategy() if inside_torchrun() else Strategy(torch.device("cpu"))
     try:
         data = torch.Generator().manual_seed(123)
         images = torch.randn(IMAGES, 3, 32, 32, generator=data).half()
         labels = torch.randint(0, 29, (IMAGES,), generator=data)
         torch.manual_seed(SEED)
-        model = strategy.wrap(build_model(ModelConfig(name="small_cnn"), 29))
+        model = strategy.wrap(build_model("small_cnn", 29))
         initial = {k: v.detach().clone() for k, v in strategy.unwrap(model).state_dict().items()}
         # SGD, not Adam: Adam divides by sqrt(v), which turns float noise in a near-zero gradient
         # into a full-size step and would hide real agreement behind a few outlier weights.
@@ -51,4 +50,4 @@ def main(out_dir: Path, cpu_allreduce: str) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "shared_memory")
+    main(Path(sys.argv[1]))
