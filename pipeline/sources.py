@@ -1,24 +1,13 @@
-"""Bring the ASL alphabet data set into `data/raw/` from Kaggle, a `.zip` archive or a folder.
+"""Bring the ASL alphabet data set into `data/raw/`, in the Kaggle layout, from Kaggle, a `.zip` or a folder.
 
-The output is always the canonical Kaggle layout, whatever shape the source had:
-
-    <target>/asl_alphabet_train/asl_alphabet_train/<class>/<file>
-    <target>/asl_alphabet_test/asl_alphabet_test/<class>_test.<ext>
-
-Everything a source contains is untrusted. Nothing is extracted wholesale: each member's path is
-checked (no absolute paths, drive letters, `..` that escapes, links or special files), mapped to a
-path we compute ourselves, and streamed there. The whole source is planned before one byte is
-written, so every refusal comes before any copying. Links inside a folder source are refused with
-a `UserError` rather than skipped: silently skipping could drop part of the data set, and following
-could read files from anywhere on the machine.
-
-The result is written to a temporary sibling of the target and swapped in at the end, so an
-interrupted ingest never leaves a half-written target that looks complete.
+Run by the `fetch` stage (`python -m pipeline fetch`). Every source is untrusted: each member's path, type and
+size is checked while the whole source is planned, before one byte is written to a staging folder that is then
+swapped in, so a refused or interrupted ingest leaves the previous `data/raw/` as it was.
 """
 
 from __future__ import annotations
 
-import glob
+import copy
 import os
 import re
 import shutil
@@ -32,24 +21,38 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from pipeline.classes import CLASSES
+from pipeline.dataset import CLASSES, KAGGLE_DATASET, TEST_DIR, TRAIN_DIR
 from pipeline.errors import UserError
-from pipeline.imaging import IMAGE_SUFFIXES
+from pipeline.fileio import remove_leftovers, swap_in
+from pipeline.serving.imaging import IMAGE_SUFFIXES
 
-TRAIN_DIR = "asl_alphabet_train"
-TEST_DIR = "asl_alphabet_test"
-KAGGLE_DATASET = "grassknoted/asl-alphabet"
 KAGGLE_URL = f"https://www.kaggle.com/datasets/{KAGGLE_DATASET}"
 MAX_REPORTED_IGNORED = 50
-"""The report lists at most this many ignored names (plus a count of the rest)."""
+"""The report names at most this many ignored files (and counts them all)."""
+MAX_FILE_BYTES = 64 << 20
+"""Per image file: generous for a photo (the data set's are about 15 KB), yet one file cannot fill a disk."""
+MAX_TOTAL_BYTES = 32 << 30
+"""All images together: the real data set is about 1.1 GB, so this leaves room for a larger release."""
+MAX_RATIO = 100
+"""Per zip member above RATIO_CHECKED_ABOVE: JPEG and PNG barely compress; a zip bomb's zeros reach ~1000."""
+RATIO_CHECKED_ABOVE = 1 << 20
+"""Smaller members may compress well (flat test images) and cannot fill a disk whatever their ratio."""
+FREE_SPACE_MARGIN = 512 << 20
+"""Left free after the ingest: preprocess, MLflow and the system write to the same disk next."""
 
 _CLASS_BY_FOLDED = {name.casefold(): name for name in CLASSES}
 _DRIVE = re.compile(r"[A-Za-z]:")
 _LAYOUT = (
-    f"expected {TRAIN_DIR}/[{TRAIN_DIR}/]<class>/<image> and optionally {TEST_DIR}/[{TEST_DIR}/]<class>_test.<ext>,"
-    " at the top or inside one wrapping folder"
+    f"expected {TRAIN_DIR}/[{TRAIN_DIR}/]<class>/<image> and optionally"
+    f" {TEST_DIR}/[{TEST_DIR}/]<class>_test.<ext>, at the top or inside one wrapping folder"
 )
-_POINT_SOURCE = f"set data.source in params.yaml to the Kaggle archive (.zip from {KAGGLE_URL}) or its extracted folder"
+_POINT_SOURCE = (
+    f"set data.source in params.yaml to the Kaggle archive (.zip from {KAGGLE_URL}) or its extracted folder"
+)
+_REBUILD_ZIP = (
+    "rebuild the archive from the original images, or extract it with a tool you trust"
+    " and set data.source to the folder"
+)
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,10 @@ class IngestReport:
     train_files: int
     test_files: int
     ignored: tuple[str, ...]
-    """Names skipped (non-image, `__MACOSX/`, dotfiles, outside the data set folders); capped."""
+    """Names skipped (non-image, `__MACOSX/`, dotfiles, outside the data set folders): the first
+    MAX_REPORTED_IGNORED of them."""
+    ignored_count: int
+    """How many names were skipped in all."""
     source: str
     """`kaggle:grassknoted/asl-alphabet`, or the resolved path of the archive or folder."""
 
@@ -98,9 +104,10 @@ def _fetch_kaggle() -> Path:
         return _download_kaggle()
     except ImportError as exc:
         raise UserError(
-            f"data.source 'kaggle' needs the kagglehub package ({_one_line(exc)}); fix: pip install kagglehub, or {manual}"
+            f"data.source 'kaggle' needs the kagglehub package ({_one_line(exc)});"
+            f" fix: pip install kagglehub, or {manual}"
         ) from exc
-    except Exception as exc:  # kagglehub raises many types (requests, HTTP, auth, its own); all mean "no download"
+    except Exception as exc:  # requests, HTTP, auth or kagglehub's own errors: all mean "no download"
         raise UserError(
             f"could not download {KAGGLE_DATASET} from Kaggle ({_one_line(exc)}); fix: set Kaggle credentials"
             f" (KAGGLE_USERNAME and KAGGLE_KEY, or ~/.kaggle/kaggle.json), or {manual}"
@@ -113,8 +120,8 @@ def _resolve_source(source: str, base_dir: Path) -> Path:
         path = base_dir / path
     if not path.exists():
         raise UserError(
-            f"data.source path {source!r} does not exist (looked at {str(path)!r}); fix: download the archive from"
-            f" {KAGGLE_URL} and set data.source in params.yaml to the .zip or its extracted folder,"
+            f"data.source path {source!r} does not exist (looked at {str(path)!r}); fix: download the archive"
+            f" from {KAGGLE_URL} and set data.source in params.yaml to the .zip or its extracted folder,"
             " or set data.source to 'kaggle' (needs network and credentials) or 'synthetic' (offline)"
         )
     return path
@@ -128,10 +135,12 @@ def _ingest(path: Path, target: Path, *, label: str) -> IngestReport:
     elif path.suffix.lower() == ".zip":
         with _zip_errors(path), zipfile.ZipFile(path) as archive:
             plan = _scan_zip(archive)
-            _commit(plan, target, label, archive.open)
+            _commit(plan, target, label, lambda info: archive.open(_read_up_to_limit(info)))
     else:
-        raise UserError(f"data.source {str(path)!r} is neither a .zip archive nor a folder; fix: {_POINT_SOURCE}")
-    return IngestReport(plan.train_files, plan.test_files, plan.reported_ignored(), label)
+        raise UserError(
+            f"data.source {str(path)!r} is neither a .zip archive nor a folder; fix: {_POINT_SOURCE}"
+        )
+    return IngestReport(plan.train_files, plan.test_files, plan.reported_ignored(), len(plan.ignored), label)
 
 
 def _refuse_overlap(source: Path, target: Path) -> None:
@@ -140,8 +149,9 @@ def _refuse_overlap(source: Path, target: Path) -> None:
     src, dst = source.resolve(), target.resolve()
     if src == dst or src.is_relative_to(dst) or dst.is_relative_to(src):
         raise UserError(
-            f"data.source {str(source)!r} overlaps the output folder {str(target)!r}, which is replaced on every ingest;"
-            f" fix: keep the archive or extracted folder outside {str(target)!r} and outside any folder containing it"
+            f"data.source {str(source)!r} overlaps the output folder {str(target)!r}, which is replaced"
+            f" on every ingest; fix: keep the archive or extracted folder outside {str(target)!r}"
+            " and outside any folder containing it"
         )
 
 
@@ -160,16 +170,29 @@ def _zip_errors(path: Path) -> Iterator[None]:
 # ---------------------------------------------------------------- planning: what goes where
 
 
+@dataclass(frozen=True)
+class _File:
+    member: str
+    """The name in the source, for messages."""
+    handle: Any
+    """What the opener takes: a ZipInfo or a Path."""
+    size: int
+    """Bytes it declares (zip) or had when scanned (folder); writing more is refused."""
+    packed: int | None
+    """Compressed bytes of a zip member; None for a folder's file."""
+
+
 @dataclass
 class _Plan:
-    """Every file to write (destination parts -> member name and handle), built before copying."""
+    """Every file to write (destination parts -> _File), built before copying."""
 
-    files: dict[tuple[str, ...], tuple[str, Any]] = field(default_factory=dict)
+    zipped: bool
+    files: dict[tuple[str, ...], _File] = field(default_factory=dict)
     ignored: dict[str, None] = field(default_factory=dict)  # a dict keeps order and drops repeats
     train_files: int = 0
     test_files: int = 0
 
-    def add(self, member: str, parts: tuple[str, ...], handle: Any) -> None:
+    def add(self, member: str, parts: tuple[str, ...], handle: Any, size: int, packed: int | None) -> None:
         """Place the file at `parts` (normalised, relative to the source root), or record it as ignored."""
         skipped = _ignored_name(parts)
         dest = None if skipped else _canonical_parts(parts, member)
@@ -177,22 +200,28 @@ class _Plan:
             self.ignored[skipped or member] = None
             return
         if dest in self.files:
-            other = self.files[dest][0]
+            other = self.files[dest].member
             raise UserError(
                 f"{other!r} and {member!r} would both become {'/'.join(dest)!r};"
                 " fix: keep only one copy of the data set in the source"
             )
-        self.files[dest] = (member, handle)
+        self.files[dest] = _File(member, handle, size, packed)
         if dest[0] == TRAIN_DIR:
             self.train_files += 1
         else:
             self.test_files += 1
 
     def reported_ignored(self) -> tuple[str, ...]:
-        names = list(self.ignored)
-        if len(names) <= MAX_REPORTED_IGNORED:
-            return tuple(names)
-        return (*names[:MAX_REPORTED_IGNORED], f"... and {len(names) - MAX_REPORTED_IGNORED} more")
+        return tuple(list(self.ignored)[:MAX_REPORTED_IGNORED])
+
+    def refusal(self, member: str, size: int, why: str) -> UserError:
+        """A size refusal phrased for this kind of source, with its fix."""
+        if self.zipped:
+            return UserError(f"zip member {member!r} declares {size} bytes, {why}; fix: {_REBUILD_ZIP}")
+        return UserError(
+            f"file {member!r} in the source folder has {size} bytes, {why}; fix: remove it from the source"
+            " folder or replace it with the original image, or download the data set again"
+        )
 
 
 def _ignored_name(parts: tuple[str, ...]) -> str | None:
@@ -238,7 +267,8 @@ def _class_folder(folder: str, member: str) -> str:
 def _test_file_name(name: str, member: str) -> str:
     """`<class>_test.<ext>` with the class in canonical case (`DEL_test.jpg` -> `del_test.jpg`)."""
     stem = PurePosixPath(name).stem
-    canonical = _CLASS_BY_FOLDED.get(stem[: -len("_test")].casefold()) if stem.lower().endswith("_test") else None
+    is_test = stem.lower().endswith("_test")
+    canonical = _CLASS_BY_FOLDED.get(stem[: -len("_test")].casefold()) if is_test else None
     if canonical is None:
         raise UserError(
             f"test image {member!r} is not named <class>_test.<ext> with <class> one of {', '.join(CLASSES)};"
@@ -248,22 +278,35 @@ def _test_file_name(name: str, member: str) -> str:
 
 
 def _scan_zip(archive: zipfile.ZipFile) -> _Plan:
-    plan = _Plan()
+    plan = _Plan(zipped=True)
     for info in archive.infolist():
         parts = _safe_member_parts(info)
         if info.is_dir() or not parts:
             continue
         if info.flag_bits & 0x1:  # refuse before copying, not halfway through
             raise _refused(info.filename, "is encrypted", "rebuild the archive without a password")
-        plan.add(info.filename, parts, info)
+        plan.add(info.filename, parts, info, info.file_size, info.compress_size)
     return plan
+
+
+def _read_up_to_limit(info: zipfile.ZipInfo) -> zipfile.ZipInfo:
+    """The member as zipfile should read it: up to the per-file limit instead of its declared size.
+
+    zipfile cuts a member at its declared size and then fails its CRC, which hides a forged size
+    behind "Bad CRC-32"; reading on lets `_copy_at_most` stop the member and say what it is.
+    """
+    lenient = copy.copy(info)
+    lenient.file_size = max(info.file_size, MAX_FILE_BYTES) + 1
+    return lenient
 
 
 def _safe_member_parts(info: zipfile.ZipInfo) -> tuple[str, ...]:
     """The member's path as normalised parts; refuses anything that could land outside the target."""
     name, kind = info.filename, stat.S_IFMT(info.external_attr >> 16)
     if kind == stat.S_IFLNK:
-        raise _refused(name, "is a symbolic link (it could point anywhere)", "rebuild the archive without links")
+        raise _refused(
+            name, "is a symbolic link (it could point anywhere)", "rebuild the archive without links"
+        )
     if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
         raise _refused(name, "is not a regular file", "rebuild the archive with regular files only")
     path = name.replace("\\", "/")  # archives made on Windows may use backslashes
@@ -273,7 +316,9 @@ def _safe_member_parts(info: zipfile.ZipInfo) -> tuple[str, ...]:
     for part in path.split("/"):
         if part == "..":
             if not parts:
-                raise _refused(name, "points outside the archive with '..'", "rebuild the archive without '..' in paths")
+                raise _refused(
+                    name, "points outside the archive with '..'", "rebuild the archive without '..' in paths"
+                )
             parts.pop()
         elif part not in ("", "."):
             parts.append(part)
@@ -285,7 +330,7 @@ def _refused(member: str, why: str, fix: str) -> UserError:
 
 
 def _scan_folder(root: Path) -> _Plan:
-    plan = _Plan()
+    plan = _Plan(zipped=False)
     pending: list[tuple[Path, tuple[str, ...]]] = [(root, ())]
     while pending:
         folder, prefix = pending.pop()
@@ -295,15 +340,15 @@ def _scan_folder(root: Path) -> _Plan:
             parts, member = prefix + (entry.name,), "/".join(prefix + (entry.name,))
             if _is_hidden(entry.name):  # never read, so never followed either
                 plan.ignored[member + ("/" if entry.is_dir(follow_symlinks=False) else "")] = None
-            elif entry.is_symlink():
+            elif entry.is_symlink():  # refused, not skipped: skipping could silently drop part of the data
                 raise UserError(
-                    f"{member!r} in the source folder {str(root)!r} is a symbolic link, which is refused (it could point"
-                    " anywhere); fix: replace the link with a copy of the files it points to"
+                    f"{member!r} in the source folder {str(root)!r} is a symbolic link, which is refused"
+                    " (it could point anywhere); fix: replace the link with a copy of the files it points to"
                 )
             elif entry.is_dir(follow_symlinks=False):
                 pending.append((Path(entry.path), parts))
             elif entry.is_file(follow_symlinks=False):
-                plan.add(member, parts, Path(entry.path))
+                plan.add(member, parts, Path(entry.path), entry.stat(follow_symlinks=False).st_size, None)
             else:  # sockets, pipes, devices: not data
                 plan.ignored[member] = None
     return plan
@@ -318,6 +363,7 @@ def _commit(plan: _Plan, target: Path, label: str, open_member: Callable[[Any], 
         raise UserError(f"no training images found in {label!r}: {_LAYOUT}; fix: {_POINT_SOURCE}")
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(target)
+    _check_sizes(plan, target, label)
     staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-", dir=target.parent))
     try:
         _write_files(plan, staging, open_member)
@@ -327,47 +373,69 @@ def _commit(plan: _Plan, target: Path, label: str, open_member: Callable[[Any], 
         raise
 
 
+def _check_sizes(plan: _Plan, target: Path, label: str) -> None:
+    """Refuse, before writing, a source that would fill the disk: a zip bomb, or simply too much data.
+
+    Only the files to be written count: ignored members are never read.
+    """
+    total = 0
+    for file in plan.files.values():
+        if file.size > MAX_FILE_BYTES:
+            why = f"over the limit of {MAX_FILE_BYTES} bytes per file (a real photo is far smaller)"
+            raise plan.refusal(file.member, file.size, why)
+        packed = file.packed
+        if packed is not None and file.size > RATIO_CHECKED_ABOVE and file.size > MAX_RATIO * packed:
+            why = (
+                f"compressed into {packed}, over the limit of {MAX_RATIO}:1 for members over"
+                f" {RATIO_CHECKED_ABOVE} bytes (a real photo barely compresses: a zip bomb does)"
+            )
+            raise plan.refusal(file.member, file.size, why)
+        total += file.size
+        if total > MAX_TOTAL_BYTES:
+            why = (
+                f"which brings the total to {total} bytes, over the limit of {MAX_TOTAL_BYTES} bytes"
+                " for all images (the real data set is about 1.1 GB)"
+            )
+            raise plan.refusal(file.member, file.size, why)
+    free = shutil.disk_usage(target.parent).free
+    if total + FREE_SPACE_MARGIN > free:
+        raise UserError(
+            f"{label!r} holds {total} bytes of images, but only {free} bytes are free where {str(target)!r}"
+            f" goes and {FREE_SPACE_MARGIN} bytes must stay free for the next stages; fix: free up space"
+            " on that file system, or set data.source to a smaller data set"
+        )
+
+
 def _write_files(plan: _Plan, root: Path, open_member: Callable[[Any], IO[bytes]]) -> None:
     inside = root.resolve()
-    for dest_parts, (member, handle) in plan.files.items():
+    for dest_parts, file in plan.files.items():
         dest = root.joinpath(*dest_parts)
         # Destinations are built from checked names; verify anyway, it is the last line of defence.
         if not dest.resolve().is_relative_to(inside):
-            raise UserError(f"{member!r} would be written outside {str(root)!r}, which is refused; fix: {_POINT_SOURCE}")
+            raise UserError(
+                f"{file.member!r} would be written outside {str(root)!r}, which is refused;"
+                f" fix: {_POINT_SOURCE}"
+            )
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with open_member(handle) as src, open(dest, "xb") as out:  # "x": never write through an existing file or link
-            shutil.copyfileobj(src, out, 1 << 20)
+        # "x": never write through an existing file or link
+        with open_member(file.handle) as src, open(dest, "xb") as out:
+            _copy_at_most(src, out, file, plan)
 
 
-def swap_in(staging: Path, target: Path) -> None:
-    # Move the old target aside instead of deleting it in place, so the target path only ever
-    # holds a complete copy; the old copy is deleted after the swap.
-    old = None
-    if target.exists() or target.is_symlink():
-        old = target.with_name(f"{target.name}.old-{staging.name[len(target.name) + len('.tmp-') :]}")
-        os.rename(target, old)
-    try:
-        os.rename(staging, target)
-    except BaseException:
-        if old is not None:
-            os.rename(old, target)
-        raise
-    if old is not None:
-        _remove(old)
-
-
-def remove_leftovers(target: Path) -> None:
-    """Delete staging and old copies left by an ingest that was killed (SIGKILL skips cleanup)."""
-    for pattern in (".tmp-*", ".old-*"):
-        for leftover in glob.glob(glob.escape(str(target)) + pattern):
-            _remove(Path(leftover))
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
+def _copy_at_most(src: IO[bytes], out: IO[bytes], file: _File, plan: _Plan) -> None:
+    """Copy, refusing as soon as `src` yields more than `file.size` bytes: a forged zip header, or a
+    folder's file that grew after the scan, must not get past the size checked before writing."""
+    written = 0
+    while chunk := src.read(1 << 20):
+        written += len(chunk)
+        if written > file.size and plan.zipped:
+            raise plan.refusal(file.member, file.size, "but inflates to more (a forged header)")
+        if written > file.size:
+            raise UserError(
+                f"file {file.member!r} in the source folder grew past its {file.size} bytes while being"
+                " copied; fix: wait until nothing writes to the source folder, then run fetch again"
+            )
+        out.write(chunk)
 
 
 def _one_line(exc: BaseException) -> str:

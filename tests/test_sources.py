@@ -1,9 +1,12 @@
-"""Tests for `pipeline.sources`: layouts accepted, junk ignored, hostile archives refused, atomic output."""
+"""Tests for `pipeline.sources` and the fetch stage: layouts accepted, junk ignored and named, hostile
+archives (paths, links, zip bombs) refused, atomic output."""
 
 from __future__ import annotations
 
 import io
 import os
+import shutil
+import struct
 import time
 import zipfile
 from pathlib import Path
@@ -11,8 +14,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conftest import TINY_PARAMS, deep_merge
 from pipeline import sources
+from pipeline.config import params_from_dict
 from pipeline.errors import UserError
+from pipeline.fetch import IGNORED_ARTIFACT, run_fetch
+from pipeline.paths import Paths
 from pipeline.sources import ingest_source
 
 TRAIN = Path("asl_alphabet_train/asl_alphabet_train")
@@ -28,8 +35,8 @@ def image_bytes(fmt: str = "JPEG") -> bytes:
 JPEG, PNG = image_bytes("JPEG"), image_bytes("PNG")
 
 
-def make_zip(path: Path, members: dict[str, bytes]) -> Path:
-    with zipfile.ZipFile(path, "w") as archive:
+def make_zip(path: Path, members: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> Path:
+    with zipfile.ZipFile(path, "w", compression) as archive:
         for name, data in members.items():
             archive.writestr(name, data)
     return path
@@ -154,20 +161,24 @@ def test_junk_is_ignored_and_reported(tmp_path: Path) -> None:
         "readme.txt",
         "asl_alphabet_train/asl_alphabet_train/A/notes.txt",
     }
+    assert report.ignored_count == 5
 
 
 def test_junk_in_folder_source_is_ignored_and_reported(tmp_path: Path) -> None:
-    make_tree(tmp_path / "src", {**DOUBLED, "__MACOSX/x/._A1.jpg": b"mac", ".git/config": b"x", "readme.txt": b"x"})
+    junk = {"__MACOSX/x/._A1.jpg": b"mac", ".git/config": b"x", "readme.txt": b"x"}
+    make_tree(tmp_path / "src", {**DOUBLED, **junk})
     report = ingest_source("src", tmp_path / "raw", base_dir=tmp_path)
     assert files_under(tmp_path / "raw") == EXPECTED
     assert set(report.ignored) == {"__MACOSX/", ".git/", "readme.txt"}
+    assert report.ignored_count == 3
 
 
-def test_ignored_list_is_capped(tmp_path: Path) -> None:
-    make_zip(tmp_path / "asl.zip", {**DOUBLED, **{f"notes/{i}.txt": b"x" for i in range(sources.MAX_REPORTED_IGNORED + 7)}})
+def test_ignored_list_is_capped_and_counted_in_full(tmp_path: Path) -> None:
+    notes = {f"notes/{i}.txt": b"x" for i in range(sources.MAX_REPORTED_IGNORED + 7)}
+    make_zip(tmp_path / "asl.zip", {**DOUBLED, **notes})
     report = ingest_source("asl.zip", tmp_path / "raw", base_dir=tmp_path)
-    assert len(report.ignored) == sources.MAX_REPORTED_IGNORED + 1
-    assert report.ignored[-1] == "... and 7 more"
+    assert report.ignored == tuple(notes)[: sources.MAX_REPORTED_IGNORED]
+    assert report.ignored_count == sources.MAX_REPORTED_IGNORED + 7
 
 
 @pytest.mark.parametrize("evil", ["../evil.jpg", "asl_alphabet_train/A/../../../evil.jpg", "..\\evil.jpg"])
@@ -197,7 +208,7 @@ def test_failure_while_writing_cleans_staging(tmp_path: Path, monkeypatch: pytes
     def interrupted(*args: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sources.shutil, "copyfileobj", interrupted)
+    monkeypatch.setattr(sources, "_copy_at_most", interrupted)
     with pytest.raises(KeyboardInterrupt):
         ingest_source("asl.zip", tmp_path / "raw", base_dir=tmp_path)
     assert not (tmp_path / "raw").exists()
@@ -350,7 +361,9 @@ def test_synthetic_is_not_handled_here(tmp_path: Path) -> None:
         ingest_source("synthetic", tmp_path / "raw", base_dir=tmp_path)
 
 
-REMEDIES = ("KAGGLE_USERNAME", "KAGGLE_KEY", "~/.kaggle/kaggle.json", sources.KAGGLE_URL, "data.source", "params.yaml")
+REMEDIES = (
+    "KAGGLE_USERNAME", "KAGGLE_KEY", "~/.kaggle/kaggle.json", sources.KAGGLE_URL, "data.source", "params.yaml"
+)
 
 
 def test_kaggle_download_failure_gives_both_remedies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -381,7 +394,7 @@ def test_real_kagglehub_failure_is_a_user_error(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "kaggle-config"))
     monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path / "kagglehub-cache"))
-    monkeypatch.setenv("KAGGLE_API_ENVIRONMENT", "TEST")  # kagglesdk: http://localhost:7777, never the real site
+    monkeypatch.setenv("KAGGLE_API_ENVIRONMENT", "TEST")  # kagglesdk: localhost:7777, never the real site
     monkeypatch.setenv("DISABLE_KAGGLE_CACHE", "1")
     monkeypatch.setenv("DISABLE_COLAB_CACHE", "1")
     started = time.monotonic()
@@ -392,11 +405,134 @@ def test_real_kagglehub_failure_is_a_user_error(tmp_path: Path, monkeypatch: pyt
     assert not (tmp_path / "raw").exists()
 
 
-def test_destination_outside_staging_is_refused_even_if_planning_slipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_destination_outside_staging_is_refused_even_if_planning_slipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The last line of defence: a computed destination that resolves outside the staging folder."""
     make_zip(tmp_path / "asl.zip", DOUBLED)
-    monkeypatch.setattr(sources, "_canonical_parts", lambda parts, member: ("asl_alphabet_train", "..", "..", parts[-1]))
+    escaping = ("asl_alphabet_train", "..", "..")
+    monkeypatch.setattr(sources, "_canonical_parts", lambda parts, member: (*escaping, parts[-1]))
     with pytest.raises(UserError) as error:
         ingest_source("asl.zip", tmp_path / "raw", base_dir=tmp_path)
     assert "outside" in assert_one_line(error)
     assert files_under(tmp_path) == {"asl.zip"}
+
+
+# ---------------------------------------------------------------- zip bombs and other oversized sources
+
+
+@pytest.fixture
+def previous(tmp_path: Path) -> Path:
+    """A target holding an earlier good ingest, which a refused ingest must leave as it was."""
+    make_zip(tmp_path / "good.zip", DOUBLED)
+    ingest_source("good.zip", tmp_path / "raw", base_dir=tmp_path)
+    return tmp_path / "raw"
+
+
+def refusal(source: str, target: Path) -> str:
+    """The one-line refusal of ingesting `source` over `target`, checked to have left `target` alone."""
+    with pytest.raises(UserError) as error:
+        ingest_source(source, target, base_dir=target.parent)
+    assert files_under(target) == EXPECTED
+    assert_nothing_staged(target.parent)
+    return assert_one_line(error)
+
+
+BIG = "asl_alphabet_train/asl_alphabet_train/B/B1.jpg"
+
+
+def test_zip_member_over_the_file_limit_is_refused(
+    tmp_path: Path, previous: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_zip(tmp_path / "asl.zip", {**DOUBLED, BIG: os.urandom(2000)})
+    monkeypatch.setattr(sources, "MAX_FILE_BYTES", 1000)  # so the archive can stay tiny
+    message = refusal("asl.zip", previous)
+    assert f"zip member {BIG!r} declares 2000 bytes, over the limit of 1000 bytes per file" in message
+
+
+def test_zip_over_the_total_limit_is_refused(
+    tmp_path: Path, previous: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_zip(tmp_path / "asl.zip", {**DOUBLED, BIG: os.urandom(5000)})
+    monkeypatch.setattr(sources, "MAX_TOTAL_BYTES", 5000)  # DOUBLED alone stays under it, BIG takes it over
+    message = refusal("asl.zip", previous)
+    assert repr(BIG) in message and "over the limit of 5000 bytes for all images" in message
+
+
+def test_zip_bomb_is_refused_by_its_ratio(tmp_path: Path, previous: Path) -> None:
+    zeros = bytes(sources.RATIO_CHECKED_ABOVE + 1)  # deflates about 1000:1; the real limits apply
+    make_zip(tmp_path / "asl.zip", {**DOUBLED, BIG: zeros}, zipfile.ZIP_DEFLATED)
+    message = refusal("asl.zip", previous)
+    assert f"zip member {BIG!r} declares {len(zeros)} bytes" in message
+    assert f"over the limit of {sources.MAX_RATIO}:1" in message
+
+
+def test_zip_member_inflating_past_its_forged_size_is_stopped(tmp_path: Path, previous: Path) -> None:
+    """Both headers say 1000 bytes, the data inflate to 50 KB: stopped by counting while writing,
+    not by the checks made before (which the forged size passes), nor by zipfile's CRC check."""
+    honest = make_zip(tmp_path / "honest.zip", {**DOUBLED, BIG: os.urandom(50_000)}, zipfile.ZIP_DEFLATED)
+    data = bytearray(honest.read_bytes())
+    central, local = data.rindex(b"PK\x01\x02"), data.rindex(b"PK\x03\x04")  # BIG is the last member
+    assert data[central + 46 : central + 46 + len(BIG)] == BIG.encode()
+    struct.pack_into("<I", data, central + 24, 1000)  # uncompressed size in the central directory
+    struct.pack_into("<I", data, local + 22, 1000)  # and in the local header
+    (tmp_path / "asl.zip").write_bytes(bytes(data))
+    message = refusal("asl.zip", previous)
+    assert f"zip member {BIG!r} declares 1000 bytes, but inflates to more" in message
+
+
+def test_folder_file_growing_after_the_scan_is_stopped(
+    tmp_path: Path, previous: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_tree(tmp_path / "src", DOUBLED)
+    grows = tmp_path / "src" / TRAIN / "A" / "A1.jpg"
+    checked = sources._check_sizes
+
+    def check_then_grow(*args: object) -> None:  # something still writing to the source folder
+        checked(*args)
+        with grows.open("ab") as out:
+            out.write(b"x" * 100)
+
+    monkeypatch.setattr(sources, "_check_sizes", check_then_grow)
+    message = refusal("src", previous)
+    assert f"'{TRAIN.as_posix()}/A/A1.jpg'" in message and f"grew past its {len(JPEG)} bytes" in message
+
+
+def test_folder_file_over_the_file_limit_is_refused(
+    tmp_path: Path, previous: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_tree(tmp_path / "src", {**DOUBLED, BIG: os.urandom(2000)})
+    monkeypatch.setattr(sources, "MAX_FILE_BYTES", 1000)
+    message = refusal("src", previous)
+    assert f"file {BIG!r} in the source folder has 2000 bytes, over the limit of 1000 bytes" in message
+
+
+def test_source_larger_than_the_free_space_is_refused(
+    tmp_path: Path, previous: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_zip(tmp_path / "asl.zip", DOUBLED)
+    full = shutil.disk_usage(tmp_path)._replace(free=sources.FREE_SPACE_MARGIN)  # none above the margin
+    monkeypatch.setattr(sources.shutil, "disk_usage", lambda path: full)
+    message = refusal("asl.zip", previous)
+    assert f"only {sources.FREE_SPACE_MARGIN} bytes are free" in message and "free up space" in message
+
+
+# ---------------------------------------------------------------- the fetch stage names what it ignored
+
+
+def test_fetch_names_ignored_files_in_its_run_and_output(
+    tmp_path: Path, mlflow_store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import mlflow  # slow to import: only this test needs it
+
+    junk = {"asl_alphabet_train/README.txt": b"read me", f"{TRAIN.as_posix()}/A/.DS_Store": b"mac"}
+    make_zip(tmp_path / "asl.zip", {**DOUBLED, **junk})
+    params = params_from_dict(deep_merge(TINY_PARAMS, {"data": {"source": "asl.zip"}}))
+    counts = run_fetch(params, Paths(tmp_path))
+    assert counts["ignored_files"] == 2
+    [run] = mlflow.search_runs(experiment_names=[params.mlflow.experiment], output_format="list")
+    logged = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{IGNORED_ARTIFACT}")
+    assert logged == {"ignored": list(junk), "count": 2}
+    assert run.data.metrics["ignored_files"] == 2
+    printed = capsys.readouterr().out
+    assert "ignored 2 files" in printed and all(name in printed for name in junk)
