@@ -45,7 +45,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pipeline.config import DataConfig  # noqa: E402
-from pipeline.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_image, is_image_name  # noqa: E402
+from pipeline.serving.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_image, is_image_name  # noqa: E402
 from pipeline.preprocess import build_shards  # noqa: E402
 from pipeline.shards import load_split  # noqa: E402
 

@@ -1,9 +1,5 @@
-"""End-of-epoch checkpoints: written atomically, read back with `weights_only=True`.
-
-They live in `checkpoints/<strategy>/last.pt`, outside DVC's outputs: DVC deletes a stage's
-outputs before rerunning it, which would throw away the very checkpoint a resume needs. Each
-checkpoint carries a fingerprint of what it was trained on; resuming from one made with other
-params or other data is refused instead of silently mixing two trainings.
+"""End-of-epoch checkpoints in `checkpoints/<strategy>/last.pt`: outside DVC's outputs, which DVC
+deletes before a rerun; written atomically; refused on resume when made with other params or data.
 """
 
 from __future__ import annotations
@@ -18,7 +14,7 @@ import torch
 
 from pipeline.config import Params
 from pipeline.errors import UserError
-from pipeline.shards import atomic_write_parts
+from pipeline.fileio import atomic_write_bytes
 
 
 def checkpoint_path(root: Path, strategy: str) -> Path:
@@ -41,7 +37,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    atomic_write_parts(path, [buffer.getbuffer()])  # a kill mid-write leaves the previous checkpoint intact
+    atomic_write_bytes(path, buffer.getbuffer())  # a kill mid-write leaves the previous checkpoint intact
 
 
 def load_checkpoint(path: Path, expected_fingerprint: str) -> dict[str, Any] | None:

@@ -130,7 +130,8 @@ def predict(
     params_file: ParamsFile = Path("params.yaml"),
 ) -> None:
     """Classify images with the registered champion (or --model); exit code 1 if any image failed."""
-    from pipeline.predict import champion_uri, run_predict
+    from pipeline.predict import run_predict
+    from pipeline.registry import champion_uri
 
     # params.yaml only names the default model: with --model the command runs anywhere.
     uri = model or champion_uri(load_params(params_file).mlflow.registered_model)
@@ -146,7 +147,7 @@ def serve_ui(
     params_file: ParamsFile = Path("params.yaml"),
 ) -> None:
     """Serve the web page: upload or photograph a sign, see the prediction (serve.host:serve.port)."""
-    from pipeline.predict import champion_uri
+    from pipeline.registry import champion_uri
     from pipeline.webapp import run_server
 
     params = load_params(params_file)

@@ -1,21 +1,9 @@
-"""Stage `evaluate@<strategy>`: measure a trained model with scikit-learn and log it into its run.
+"""Stage `evaluate@<strategy>`: scikit-learn metrics of a trained model, logged into its training run.
 
     python -m pipeline evaluate dp
 
-One process goes over every validation image exactly once (no padded duplicates, whatever the
-training's world size was), then over the test folder (28 images, one per class, no `del`: too
-small to trust alone, hence its own `test_` keys and a note in the report).
-
-Outputs:
-- `metrics/eval_<strategy>.json`: flat numbers only (`val_accuracy`, `val_macro_f1`, ...,
-  `test_...`, `eval_seconds`) so `dvc metrics show/diff` stay readable;
-- `metrics/predictions_<strategy>.csv`: `actual,predicted` class names of the validation split
-  (DVC's confusion template);
-- `metrics/confusion_<strategy>.png`: the validation confusion matrix with class names.
-
-The same metrics, the PNG, the text report (`classification_report.txt`) and the eval JSON go into
-the MLflow run of the training being evaluated (run id from `models/<strategy>/run.json`), which
-gets the tag `evaluated=true`: one row of the MLflow UI holds params, timings and quality.
+One process scores every validation image exactly once, then the test folder, and writes
+`metrics/eval_<strategy>.json`, the predictions for DVC's confusion plot and a confusion PNG.
 """
 
 from __future__ import annotations
@@ -34,9 +22,11 @@ import torch
 
 from pipeline.config import Params
 from pipeline.errors import UserError
-from pipeline.models import class_probabilities
+from pipeline.serving.networks import class_probabilities
+from pipeline.fileio import atomic_write_bytes, atomic_write_json
 from pipeline.paths import Paths
-from pipeline.shards import atomic_write_bytes, atomic_write_json, load_split, read_manifest
+from pipeline.registry import existing_run, read_run_info
+from pipeline.shards import load_split, read_manifest
 
 TOP_K = 3
 METRIC_NAMES = (
@@ -62,24 +52,9 @@ TEST_NOTE = (
 # --- the model folder ------------------------------------------------------------------------------
 
 
-def read_run_info(model_dir: Path, strategy: str) -> dict[str, str]:
-    """`run.json` of a training (run_id, experiment_id, model_uri); a UserError if training has not run."""
-    run_file = model_dir / "run.json"
-    if not model_dir.is_dir() or not run_file.is_file():
-        missing = model_dir if not model_dir.is_dir() else run_file
-        raise UserError(f"{missing} is missing: run `dvc repro train@{strategy}` first")
-    try:
-        info = json.loads(run_file.read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"{run_file} is not valid JSON: run `dvc repro -f train@{strategy}` to rewrite it") from None
-    if not isinstance(info, dict) or not all(isinstance(info.get(k), str) for k in ("run_id", "model_uri")):
-        raise UserError(f"{run_file} lacks run_id/model_uri: run `dvc repro -f train@{strategy}` to rewrite it")
-    return info
-
-
 def load_trained(model_dir: Path, strategy: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The trained network (eval mode, CPU) and its model_config.json, via the serving model's loader."""
-    from pipeline.serving_model import CONFIG_FILE, WEIGHTS_FILE, load_network, read_model_config
+    from pipeline.serving.pyfunc import CONFIG_FILE, WEIGHTS_FILE, load_network, read_model_config
 
     for name in (WEIGHTS_FILE, CONFIG_FILE):
         if not (model_dir / name).is_file():
@@ -207,22 +182,6 @@ def _metric_step(client, run_id: str) -> int:
     MLflow UI shows as the run's `val_accuracy`, while the per-epoch history keeps its shape."""
     history = client.get_metric_history(run_id, "val_accuracy")
     return max((m.step for m in history), default=0)
-
-
-def existing_run(run_info: dict, model_dir: Path, strategy: str) -> str:
-    """The run id from run.json, after checking that the configured MLflow store holds that run."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    try:
-        MlflowClient().get_run(run_info["run_id"])
-    except MlflowException:
-        raise UserError(
-            f"MLflow run {run_info['run_id']} named in {model_dir / 'run.json'} is not in the store "
-            f"{mlflow.get_tracking_uri()}: run `dvc repro -f train@{strategy}` (or set MLFLOW_TRACKING_URI to the store it was trained with)"
-        ) from None
-    return run_info["run_id"]
 
 
 def run_evaluate(params: Params, paths: Paths, strategy: str) -> dict[str, float]:

@@ -1,9 +1,7 @@
 """The training loop: one epoch of optimizer steps, and an exact evaluation pass.
 
-It knows nothing about DataParallel or DDP: the strategy decides which indices this process sees
-(`sampler`, `eval_indices`), how big its batch is, and sums the counters across processes. Data is
-a pair of in-memory tensors (from the shards), possibly already on the GPU, so a batch is one
-gather, with no DataLoader workers and no per-epoch decoding.
+It knows nothing about DataParallel or DDP: the strategy picks this process's indices and batch
+size and sums the counters across processes.
 """
 
 from __future__ import annotations

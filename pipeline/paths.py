@@ -1,12 +1,8 @@
-"""Where every stage reads and writes: each path is declared here once.
+"""Where every stage reads and writes, each path declared once (`dvc.yaml` repeats them literally;
+`tests/test_dvc_contract.py` keeps the two in step).
 
-`dvc.yaml` names the same paths as its deps and outs (DVC needs them literally);
-`tests/test_dvc_contract.py` checks that the two agree.
-
-Two roots matter. The *workspace* is the directory holding `dvc.yaml` that the stage runs in; for
-`dvc exp run --queue/--temp` that is a copy under `.dvc/tmp/exps/`. The *repository* is where the
-MLflow store lives: `$DVC_ROOT` when DVC runs the stage (it points at the real repository even for
-queued experiments), so every experiment's runs land in one store.
+The *workspace* holds `dvc.yaml` (for queued experiments, a copy under `.dvc/tmp/exps/`); the
+*repository* holds the MLflow store: `$DVC_ROOT` under DVC, so every experiment logs to one store.
 """
 
 from __future__ import annotations
@@ -14,6 +10,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipeline.dataset import kaggle_test_dir, kaggle_train_dir
 
 
 def find_workspace(start: Path | None = None) -> Path:
@@ -43,11 +41,11 @@ class Paths:
 
     @property
     def raw_train(self) -> Path:
-        return self.raw / "asl_alphabet_train" / "asl_alphabet_train"
+        return kaggle_train_dir(self.raw)
 
     @property
     def raw_test(self) -> Path:
-        return self.raw / "asl_alphabet_test" / "asl_alphabet_test"
+        return kaggle_test_dir(self.raw)
 
     @property
     def shards(self) -> Path:

@@ -1,19 +1,9 @@
-"""Classify image files with the registered champion, or any MLflow model: `python -m pipeline predict`.
+"""Classify image files with the registered champion, or any MLflow model.
 
     python -m pipeline predict photo.jpg more/ [--model URI_OR_DIR] [--top-k 5] [--json]
 
-Arguments are image files or folders (their .jpg/.jpeg/.png files, searched recursively, in sorted
-order). The model is `models:/<mlflow.registered_model>@champion` from params.yaml unless `--model`
-names another: a registry URI (`models:/asl-classifier/3`, `models:/asl-classifier@candidate`), a
-run's model (`runs:/<run_id>/model`) or a local MLflow model folder. The tracking store is the one
-every stage uses (`pipeline.tracking.tracking_uri`).
-
-The files' bytes go to the model as they are: the logged model decodes, resizes and normalizes
-them itself, so nothing here repeats (or could drift from) its preprocessing. Class names come from
-the model's own metadata. A file that is not a readable image becomes an error row, the others are
-still classified, and the command exits 1.
-
-The web page (`pipeline.webapp`) loads its model and ranks classes with the same functions.
+The files' bytes go to the logged model as they are; it decodes and normalizes them itself. An
+unreadable file becomes an error row and the command exits 1. The web page loads models the same way.
 """
 
 from __future__ import annotations
@@ -29,8 +19,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import UserError
-from pipeline.imaging import is_image_name
-from pipeline.promote import CHAMPION
+from pipeline.serving.imaging import is_image_name
 
 _BATCH = 64  # files per model call: bounds memory for a folder of thousands
 _REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))?/?$")
@@ -64,10 +53,6 @@ class LoadedModel:
 
 
 # --- finding and loading the model ----------------------------------------------------------------
-
-
-def champion_uri(registered_model: str) -> str:
-    return f"models:/{registered_model}@{CHAMPION}"
 
 
 def use_store() -> str:

@@ -1,23 +1,20 @@
 """Stage `preprocess`: data/raw/ (Kaggle layout) -> data/shards/ (normalized tensor shards + manifest).
 
-    python -m pipeline preprocess          # or: dvc repro preprocess
+    python -m pipeline preprocess
 
-Images are decoded and resized once, in parallel over all cores, instead of on every epoch.
-The work streams: the parent holds one shard of pixels per split and the pool a few chunks of
-decoded images, so memory does not grow with the data set. Unreadable files are skipped and
-reported; too many of them is an error, because then the data set itself is wrong.
+Images are decoded and resized once, in parallel, streaming: memory holds a shard per split, not
+the data set. Unreadable files are skipped and reported; too many of them is an error.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import shutil
 import sys
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import asdict
 from itertools import islice
 from pathlib import Path
@@ -25,12 +22,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.classes import CLASSES
+from pipeline.dataset import CLASSES
 from pipeline.config import DataConfig, Params
 from pipeline.errors import UserError
-from pipeline.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_image, is_image_name, normalize
+from pipeline.serving.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_image, is_image_name, normalize
 from pipeline.paths import Paths
-from pipeline.shards import atomic_write_json, write_shard
+from pipeline.fileio import atomic_write_json
+from pipeline.shards import write_shard
+from pipeline.workers import process_pool
 from pipeline.split import block_split, frame_order, random_split, stratified_cap
 
 Job = tuple[Path, int]  # (image file, label)
@@ -124,8 +123,7 @@ def decode_in_order(pool: Executor, tasks: Iterable[DecodeTask], chunk_size: int
 def float16_levels(mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
     """(3, 256): what `normalize(...).astype(float16)` makes of each uint8 level of each channel.
 
-    Looking pixels up in this table gives bit-identical shards, several times faster than
-    normalizing a whole shard in float32 (no 4-byte temporaries to allocate and fill).
+    Looking pixels up in this table gives bit-identical shards without float32 temporaries.
     """
     levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)[None]  # a 1x256 RGB image
     return normalize(levels, mean, std).astype(np.float16)[:, 0, :]
@@ -167,9 +165,8 @@ class ShardWriter:
             return
         name = f"{self.split}-{len(self.shards):05d}.safetensors"
         images = self.images[:count]
-        # = normalize(self.pixels[:count]).astype(np.float16), see float16_levels. In blocks: np.take
-        # turns the uint8 indices into an int64 temporary, which for a whole shard is hundreds of MB
-        # of fresh pages; a block's temporary is reused from the heap and stays in cache (2x faster).
+        # = normalize(self.pixels[:count]).astype(np.float16), see float16_levels. In blocks, because
+        # np.take makes an int64 temporary of its indices: a block's stays in cache, a shard's would not.
         for begin in range(0, count, _NORMALIZE_BLOCK):
             end = min(begin + _NORMALIZE_BLOCK, count)
             for channel in range(3):
@@ -216,10 +213,9 @@ def build_shards(cfg: DataConfig, seed: int, raw_dir: Path, train_dir: Path, tes
 
     workers = cfg.workers or os.cpu_count() or 1
     writers = {split: ShardWriter(out_dir, split, cfg.image_size, cfg.shard_size, raw_dir) for split in plan}
-    # fork: the workers need only PIL and numpy, and start instantly instead of re-importing the CLI.
-    # Not multiprocessing.Pool: its worker-handler thread spins while results wait in the pipe, which
-    # on a busy machine cost the parent ~90 us of CPU per image; a dead worker also hangs it forever.
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    # Not multiprocessing.Pool: its worker-handler thread spins while results wait in the pipe (CPU
+    # the parent needs), and a dead worker hangs it forever.
+    pool = process_pool(workers, preload=[__name__])
     try:
         with tqdm(total=total, desc="preprocess", unit="img", disable=not sys.stderr.isatty()) as progress:
             skipped = decode_into_shards(pool, plan, writers, cfg.image_size, progress, workers)

@@ -2,22 +2,8 @@
 
     python -m pipeline promote
 
-1. Read `metrics/eval_dp.json` and `metrics/eval_ddp.json` (whichever exist) and pick the better on
-   `promote.metric` (a tie goes to dp, so the choice is deterministic).
-2. Register that training run's logged model (`model_uri` in `models/<strategy>/run.json`) as a
-   version of `mlflow.registered_model`, once per training run: an existing version of the same run
-   is reused. Every version carries the tags `strategy`, `world_size`, `git_commit`,
-   `source_run_id` and the promotion metrics' values.
-3. Point the alias `candidate` at it. Move `champion` to it when there is no champion yet, or when
-   it beats the champion by at least `promote.min_improvement` (and strictly). Registry stages are
-   deprecated: aliases only.
-4. Write the decision to `metrics/promotion.json` and to tags of the candidate version, and log a
-   small MLflow run (tag `stage=promote`).
-
-Running it again with the same inputs changes nothing: same version, same aliases, a
-byte-identical `promotion.json`, and no new MLflow run. When the candidate already is the champion because of an earlier
-decision on exactly these inputs, that decision is reported again (it is recorded on the version as
-the tag `promotion_record`), rather than a new `already_champion`. Time goes only into MLflow.
+`candidate` points at the better of dp and ddp on `promote.metric`; `champion` moves only when the
+candidate beats it by `promote.min_improvement`. The same inputs twice change nothing.
 """
 
 from __future__ import annotations
@@ -27,11 +13,10 @@ from typing import Any
 
 from pipeline.config import PROMOTION_METRICS, STRATEGIES, Params
 from pipeline.errors import UserError
+from pipeline.fileio import atomic_write_json
 from pipeline.paths import Paths
-from pipeline.shards import atomic_write_json
+from pipeline.registry import CANDIDATE, CHAMPION, existing_run, read_run_info
 
-CANDIDATE = "candidate"
-CHAMPION = "champion"
 RECORD_TAG = "promotion_record"
 SOURCE_RUN_TAG = "source_run_id"
 # |a - b| below this counts as equal: 0.80 + 0.05 must reach 0.85.
@@ -40,8 +25,6 @@ _EPSILON = 1e-9
 
 def read_evaluations(paths: Paths, metric: str) -> dict[str, dict[str, Any]]:
     """{strategy: {"eval": eval JSON, "run": run.json}} for every strategy that has been evaluated."""
-    from pipeline.evaluate import read_run_info
-
     found: dict[str, dict[str, Any]] = {}
     for strategy in STRATEGIES:
         eval_file = paths.eval_metrics(strategy)
@@ -196,7 +179,6 @@ def run_promote(params: Params, paths: Paths) -> dict[str, Any]:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipeline.evaluate import existing_run
     from pipeline.tracking import configure, tracked_run
 
     metric, min_improvement, name = params.promote.metric, params.promote.min_improvement, params.mlflow.registered_model

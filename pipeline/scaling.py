@@ -1,15 +1,7 @@
-"""`python -m pipeline scaling`: the study of training time against the number of GPUs.
+"""`python -m pipeline scaling`: training time against the number of GPUs, for dp and ddp.
 
-Trains both strategies for every count in `scaling.gpu_counts` on one fixed sample
-(`scaling.max_images` images at `scaling.image_size` px, `scaling.epochs` epochs: the original
-study used 10,000 images, 64 px, 5 epochs) and reports total training time, images per second and
-scaling efficiency (speed-up over the smallest count, divided by the relative count) for DP and DDP
-on one figure, plus a CSV. One parent MLflow run holds the figure and the table; each
-configuration's training is a child run of it.
-
-Each configuration is a real `python -m pipeline train` in its own workspace under
-`reports/scaling/work/`, so the study never touches the pipeline's own models/ and metrics/.
-Without CUDA each "GPU" is a CPU process (ddp) and dp runs as one CPU process; the figure says so.
+Every count in `scaling.gpu_counts` is a real `python -m pipeline train` on one fixed sample, in its
+own workspace under `reports/scaling/work/`; one parent MLflow run holds the figure and the CSV.
 """
 
 from __future__ import annotations
@@ -26,6 +18,7 @@ import torch
 import yaml
 
 from pipeline.config import Params, to_flat_dict, to_yaml_dict
+from pipeline.devices import device_label
 from pipeline.errors import UserError
 from pipeline.paths import Paths
 from pipeline.preprocess import build_shards
@@ -91,7 +84,8 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
             mine = sorted((r for r in rows if r["strategy"] == strategy), key=lambda r: r["gpus"])
             if mine:
                 axis.plot([r["gpus"] for r in mine], [r[key] for r in mine], marker=marker, label=strategy.upper())
-        axis.set_xlabel("GPUs" if torch.cuda.is_available() else "GPUs (CPU processes: no CUDA on this machine)")
+        # Without CUDA, `gpus` is what was asked for, not what ran: ddp ran that many CPU processes, dp one.
+        axis.set_xlabel("GPUs" if torch.cuda.is_available() else "gpus param (no CUDA: ddp = that many CPU processes, dp = 1 process)")
         axis.set_ylabel(label)
         axis.set_xticks(sorted({r["gpus"] for r in rows}))
         axis.grid(alpha=0.3)
@@ -116,7 +110,7 @@ def run_scaling(params: Params, paths: Paths) -> list[dict]:
     sample = study_params(params, study.gpu_counts[0]).data
     manifest = build_shards(sample, params.seed, paths.raw, paths.raw_train, paths.raw_test, Paths(work).shards)
     images = manifest["splits"]["train"]["count"]
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    device = device_label()
     flat = {k: v for k, v in to_flat_dict(params).items() if k.startswith(("scaling.", "model.", "train.batch_size", "train.lr", "seed"))}
     with tracked_run(params.mlflow.experiment, "scaling", params=flat, tags={"device": device}, run_name="scaling-study") as parent:
         rows = []

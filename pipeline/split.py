@@ -1,10 +1,7 @@
 """Train/validation split of the training folder, stratified per class.
 
-The Kaggle frames were cut from video: frame 41 and frame 42 of a class are near-duplicates. A
-`random` split puts one in train and the other in validation and reports the memorisation as
-accuracy. The `block` split cuts each class's frames, in frame-number order, into blocks of
-consecutive frames, sends whole blocks to validation, and drops `gap` training frames on each side
-of every validation block, so no validation frame has a neighbour (within `gap`) in training.
+The frames were cut from video, so neighbours are near-duplicates: a `random` split leaks them into
+validation. The `block` split keeps runs of consecutive frames on one side, with a gap between.
 """
 
 from __future__ import annotations

@@ -1,24 +1,8 @@
-"""Offline stand-in for the Kaggle "ASL Alphabet" data set.
+"""Offline stand-in for the Kaggle data: drawn hand-like shapes in the exact Kaggle layout.
 
-`generate_synthetic_dataset` writes the exact folder layout and file names of the real data set,
-filled with drawn images of hand-like shapes, so that every stage of the pipeline (and its tests
-and CI) runs without network access or Kaggle credentials:
-
-    <root>/asl_alphabet_train/asl_alphabet_train/<class>/<class><n>.jpg   n = 1 .. images_per_class
-    <root>/asl_alphabet_test/asl_alphabet_test/<class>_test.jpg          every class except `del`
-
-The images are meant to behave like the real ones where that matters to the pipeline:
-
-* Each class has a fixed *pose signature* (which fingers are extended, bent or curled, how far
-  they are spread and where the hand points); `nothing` shows background only. Skin tone,
-  background, clutter, lighting and noise are drawn independently of the class, so no cheap cue
-  such as the mean colour gives the class away: a model has to look at the shape.
-* The real frames were cut from videos, so neighbouring frame numbers are near-duplicates. Here
-  frames come in runs of `frames_per_run` consecutive numbers whose pose only drifts slightly;
-  a random train/validation split therefore leaks just as it does on the real data.
-
-Output is a pure function of the arguments: every run draws from its own generator seeded with
-(seed, class, run), so the number of worker processes does not change a single byte.
+Each class has its own finger pattern; skin, background, light and noise are drawn independently of
+the class, and frames come in runs of near-duplicates like the real video frames, so a random split
+leaks here as it does there. Output is a pure function of the arguments, whatever the workers.
 """
 
 from __future__ import annotations
@@ -26,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,12 +17,8 @@ import numpy as np
 from numpy.typing import ArrayLike
 from PIL import Image, ImageDraw
 
-from pipeline.classes import CLASSES
-
-TRAIN_DIR = Path("asl_alphabet_train", "asl_alphabet_train")
-TEST_DIR = Path("asl_alphabet_test", "asl_alphabet_test")
-NO_TEST_IMAGE = frozenset({"del"})
-"""Classes the real test folder has no image of."""
+from pipeline.dataset import CLASSES, NO_TEST_IMAGE, kaggle_test_dir, kaggle_train_dir
+from pipeline.workers import process_pool
 
 JPEG_QUALITY = 90
 _SUPERSAMPLE = 2  # drawing at twice the size and box-filtering down is cheap antialiasing
@@ -118,14 +97,14 @@ def generate_synthetic_dataset(
     workers = min(workers or os.cpu_count() or 1, len(jobs))
     if workers == 1:
         return sum(_write_class(*job) for job in jobs)
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with process_pool(workers, preload=[__name__]) as pool:
         return sum(pool.map(_write_class, *zip(*jobs)))
 
 
 def _write_class(root: Path, class_index: int, images_per_class: int, frames_per_run: int, seed: int, size: int) -> int:
     """Writes one class's training frames and its test image; runs in a worker process."""
     name = CLASSES[class_index]
-    train_dir = root / TRAIN_DIR / name
+    train_dir = kaggle_train_dir(root) / name
     train_dir.mkdir(parents=True, exist_ok=True)
     frame = 1
     for run in range(math.ceil(images_per_class / frames_per_run)):
@@ -136,7 +115,7 @@ def _write_class(root: Path, class_index: int, images_per_class: int, frames_per
             frame += 1
     if name in NO_TEST_IMAGE:
         return images_per_class
-    test_dir = root / TEST_DIR
+    test_dir = kaggle_test_dir(root)
     test_dir.mkdir(parents=True, exist_ok=True)
     # The real test images come from a separate recording: a run of its own.
     (image,) = _render_run(np.random.default_rng([seed, class_index, 1, 0]), name, 1, size)

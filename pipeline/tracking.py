@@ -1,9 +1,7 @@
-"""MLflow plumbing shared by every stage: the store, the experiment, and runs with the house tags.
+"""MLflow plumbing every stage shares: the store, the experiment, and runs with the house tags.
 
-The store is `sqlite:///<repository>/mlruns/mlflow.db` with artifacts under `<repository>/mlruns/`
-(MLflow 3's plain file store is gone). `MLFLOW_TRACKING_URI`, when the user sets it, wins. Every
-run carries the tags `stage`, `strategy`, `git_commit`, `dvc_exp_name` and `device`, and ends
-FAILED, never RUNNING, when the stage raises, is interrupted or is terminated.
+The store is `sqlite:///<repository>/mlruns/mlflow.db` unless `MLFLOW_TRACKING_URI` says otherwise;
+a run ends FAILED, never RUNNING, when its stage raises, is interrupted or is terminated.
 """
 
 from __future__ import annotations
@@ -12,12 +10,12 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from pipeline.devices import device_label
 from pipeline.paths import repository_root
 
 # MLflow phones home by default; these machines have no internet and runs must not wait on it.
@@ -82,20 +80,13 @@ def git_commit(cwd: Path | None = None) -> str:
 
 
 def standard_tags(stage: str, strategy: str | None = None, **extra: str) -> dict[str, str]:
-    tags = {"stage": stage, "git_commit": git_commit(), "device": _device()}
+    tags = {"stage": stage, "git_commit": git_commit(), "device": device_label()}
     if strategy:
         tags["strategy"] = strategy
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
     tags.update({k: str(v) for k, v in extra.items()})
     return tags
-
-
-def _device() -> str:
-    """What the stage ran on; a training overrides it with its own device. A stage that never
-    imported torch (fetch, preprocess, promote) did its work on the CPU."""
-    torch = sys.modules.get("torch")
-    return torch.cuda.get_device_name(0) if torch is not None and torch.cuda.is_available() else "cpu"
 
 
 def _raise_on_sigterm(signum: int, frame: Any) -> None:

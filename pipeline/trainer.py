@@ -1,9 +1,7 @@
-"""One training run, from shards to a logged model: the part of `train` that every rank executes.
+"""One training run, from shards to a logged model: what every rank executes.
 
-`fit` builds the model, optimizer and schedule, resumes from the last checkpoint when asked (or
-when torchrun restarted the workers), runs the epochs with `pipeline.loop`, checkpoints after each,
-and on the main process logs to MLflow and writes the outputs. It receives a ready strategy and
-never asks which one it is.
+`fit` receives a ready strategy and never asks which one it is; only the main process logs to
+MLflow and writes files.
 """
 
 from __future__ import annotations
@@ -25,9 +23,10 @@ from pipeline.checkpoint import checkpoint_path, fingerprint, load_checkpoint, s
 from pipeline.config import Params, to_flat_dict
 from pipeline.errors import UserError
 from pipeline.loop import EpochStats, StepSettings, evaluate, train_one_epoch
-from pipeline.models import build_model
+from pipeline.serving.networks import build_model
 from pipeline.paths import Paths
-from pipeline.shards import atomic_write_bytes, atomic_write_json, load_split, read_manifest
+from pipeline.fileio import atomic_write_bytes, atomic_write_json
+from pipeline.shards import load_split, read_manifest
 from pipeline.strategy import Strategy
 
 
@@ -62,7 +61,7 @@ class TrainingState:
     """Model, optimizer and schedule of one training, plus how far it got."""
 
     def __init__(self, params: Params, strategy: Strategy, num_classes: int, steps_per_epoch: int):
-        model = build_model(params.model, num_classes)
+        model = build_model(params.model.name, num_classes, pretrained=params.model.pretrained, freeze_backbone=params.model.freeze_backbone)
         if params.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         wrapped = strategy.wrap(model)
@@ -70,9 +69,7 @@ class TrainingState:
         self.eval_model = strategy.eval_model(wrapped)
         self.model = torch.compile(wrapped) if params.train.compile else wrapped
         trainable = [p for p in self.bare.parameters() if p.requires_grad]
-        # The fused kernel (CPU and CUDA) updates every tensor in one pass. On CPU the default is the
-        # for-loop AdamW: resnet18 on 2 cores, 14 ms vs 8.5 ms per step on a quiet machine and 4-5x
-        # slower under load (benchmarks/train_benchmark.py, docs/benchmarks.md).
+        # The fused kernel updates every tensor in one pass; on CPU the default is a for-loop.
         self.optimizer = torch.optim.AdamW(trainable, lr=params.train.lr, weight_decay=params.train.weight_decay, fused=True)
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
             self.optimizer, max_lr=params.train.lr, total_steps=max(1, steps_per_epoch * params.train.epochs), pct_start=0.15
@@ -270,11 +267,12 @@ def finish(params: Params, paths: Paths, strategy: Strategy, state: TrainingStat
     import mlflow
     from safetensors.torch import save
 
-    from pipeline.serving_model import log_pyfunc_model
+    from pipeline.serving.pyfunc import log_pyfunc_model
 
     model_dir = paths.model_dir(strategy.name)
     model_dir.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().float().contiguous().cpu() for k, v in state.bare.state_dict().items()}
+    # As trained: fp32 weights and buffers, BatchNorm's integer step counter stays an integer.
+    weights = {k: v.detach().contiguous().cpu() for k, v in state.bare.state_dict().items()}
     atomic_write_bytes(model_dir / "model.safetensors", save(weights))
     atomic_write_json(model_dir / "model_config.json", model_config(params, manifest))
     figures = summary(params, strategy, state)

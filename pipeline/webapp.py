@@ -1,26 +1,9 @@
-"""The web page: upload, drop or photograph a hand sign and see what the champion model reads.
+"""The web page: upload, drop or photograph a hand sign and see what the model reads.
 
-    python -m pipeline serve-ui [--model URI] [--params params.yaml]
+    python -m pipeline serve-ui [--model URI]      # serve.host:serve.port from params.yaml
 
-Listens on `serve.host`:`serve.port` from params.yaml (loopback by default). The model is loaded
-once at start; an alias (`models:/asl-classifier@champion`) is resolved to its version first, and
-that version is what answers and what every reply names.
-
-Routes (nothing else is served: no static folder, no API docs):
-
-- `GET /`: the page, one self-contained HTML file (`pipeline/static/index.html`).
-- `POST /api/predict`: the image as a multipart upload (field `file`) or as the raw request body.
-  200: `{"label", "probability", "top5": [{"label", "probability"}], "model": {"name", "version", "uri"}}`.
-  Errors are 4xx `{"error": "..."}`: 400 empty, malformed or unreadable, 413 over
-  `serve.max_request_bytes` or `serve.max_image_pixels`, 415 not a JPEG/PNG/WebP image.
-- `GET /api/health`: `{"status": "ok", "model": {...}}`.
-
-Limits: the body is refused by its Content-Length and, since that header can be absent (chunked)
-or wrong, by counting the bytes as they stream in. The image's size is read from its header before
-anything is decoded (a 20000x20000 PNG of a few hundred bytes never gets decoded), and the model's
-own pixel limit is lowered to `serve.max_image_pixels` so both agree (the lower of the two counts). Uploads stay in memory: the
-app takes no paths from requests and writes nothing to disk. Decoding, resizing and normalizing are
-the model's own (the logged pyfunc), not repeated here.
+Routes: `GET /` (the page), `POST /api/predict` (multipart field `file`, or the raw body), `GET
+/api/health`. Refusals are 4xx `{"error": ...}`; uploads stay in memory and nothing is written.
 """
 
 from __future__ import annotations
@@ -38,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.config import ServeConfig
-from pipeline.imaging import IMAGE_FORMATS, ImageTooLarge, check_pixels
+from pipeline.serving.imaging import IMAGE_FORMATS, ImageTooLarge, check_pixels
 from pipeline.predict import LoadedModel, classify, load_model, top_k
 
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"

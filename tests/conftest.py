@@ -93,3 +93,8 @@ def write_params(workspace: Path, overrides: dict) -> Path:
     path = workspace / "params.yaml"
     path.write_text(yaml.safe_dump(deep_merge(TINY_PARAMS, overrides)))
     return path
+
+
+def split_files(manifest: dict, split: str) -> list[str]:
+    """Source file of every image of `split`, in the order `load_split` returns them."""
+    return [name for shard in manifest["shards"] if shard["split"] == split for name in shard["files"]]

@@ -30,11 +30,10 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from safetensors.torch import save_file
 
-from pipeline.classes import CLASSES
-from pipeline.config import ModelConfig
-from pipeline.imaging import IMAGENET_MEAN, IMAGENET_STD, normalize
-from pipeline.models import build_model
-from pipeline.serving_model import CONFIG_FILE, WEIGHTS_FILE, log_pyfunc_model
+from pipeline.dataset import CLASSES
+from pipeline.serving.imaging import IMAGENET_MEAN, IMAGENET_STD, normalize
+from pipeline.serving.networks import build_model
+from pipeline.serving.pyfunc import CONFIG_FILE, WEIGHTS_FILE, log_pyfunc_model
 
 SIZE = 32
 COLOURS = {"A": (220, 30, 30), "B": (30, 200, 30), "C": (30, 30, 220)}
@@ -72,7 +71,7 @@ def train_colour_model(folder: Path) -> Path:
     """A trained model folder (weights + model_config.json), as `pipeline.train` writes one."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    model = build_model(ModelConfig(name="small_cnn"), len(CLASSES))
+    model = build_model("small_cnn", len(CLASSES))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(25):
         images, labels = [], []

@@ -31,15 +31,15 @@ from sklearn.metrics import (
 )
 from typer.testing import CliRunner
 
-from conftest import REPO, write_params
+from conftest import REPO, split_files, write_params
 from pipeline.cli import app
 from pipeline.config import load_params
 from pipeline.errors import UserError
 from pipeline.evaluate import METRIC_NAMES, classification_metrics, load_trained, run_evaluate
-from pipeline.models import class_probabilities
+from pipeline.serving.networks import class_probabilities
 from pipeline.paths import workspace_paths
 from pipeline.promote import pick_candidate, run_promote
-from pipeline.shards import load_split, read_manifest, split_files
+from pipeline.shards import load_split, read_manifest
 
 EVAL_KEYS = [f"{prefix}{name}" for prefix in ("val_", "test_") for name in METRIC_NAMES] + ["eval_seconds"]
 
@@ -51,8 +51,8 @@ EVAL_KEYS = [f"{prefix}{name}" for prefix in ("val_", "test_") for name in METRI
 def trained(tmp_path_factory, tiny_data):
     """A workspace with models/dp (trained), models/ddp (the same weights logged by a second
     training run) and both evaluated; its own MLflow store. Yields the workspace (the cwd)."""
-    from pipeline.serving_model import log_pyfunc_model
-    from pipeline.shards import atomic_write_json
+    from pipeline.serving.pyfunc import log_pyfunc_model
+    from pipeline.fileio import atomic_write_json
     from pipeline.tracking import tracked_run
     from pipeline.train import run_train
 

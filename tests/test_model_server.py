@@ -18,9 +18,11 @@ import pytest
 import requests
 from serving_support import COLOURS, colour_champion, free_port, noisy, solid, start_server, stop, wait_until_up
 
-from pipeline.classes import CLASSES
+from pipeline.dataset import CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
 START_TIMEOUT_S = 90
 
 

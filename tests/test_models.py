@@ -5,21 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.config import MODEL_NAMES, ModelConfig
+from pipeline.serving import MODEL_NAMES
 from pipeline.errors import UserError
-from pipeline.models import build_model
+from pipeline.serving.networks import build_model
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_every_architecture_ends_in_a_29_class_head(name):
-    model = build_model(ModelConfig(name=name), 29).eval()
+    model = build_model(name, 29).eval()
     with torch.no_grad():
         assert model(torch.randn(2, 3, 64, 64)).shape == (2, 29)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "small_cnn"])
 def test_frozen_backbone_trains_only_the_head(name):
-    model = build_model(ModelConfig(name=name, freeze_backbone=True), 29)
+    model = build_model(name, 29, freeze_backbone=True)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable, "the head must still train"
     assert all(n.startswith(("fc.", "classifier.")) for n in trainable), trainable
@@ -35,9 +35,9 @@ def test_pretrained_weights_offline_name_the_remedy(monkeypatch, tmp_path):
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(UserError, match="model.pretrained: false"):
-        build_model(ModelConfig(name="resnet18", pretrained=True), 29)
+        build_model("resnet18", 29, pretrained=True)
 
 
 def test_small_cnn_has_no_pretrained_weights():
     with pytest.raises(UserError, match="small_cnn"):
-        build_model(ModelConfig(name="small_cnn", pretrained=True), 29)
+        build_model("small_cnn", 29, pretrained=True)

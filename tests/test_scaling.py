@@ -27,6 +27,7 @@ def test_efficiency_is_speedup_per_added_gpu():
     assert by_key["ddp", 1]["efficiency"] == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_scaling_study_trains_every_configuration_under_one_parent_run(tiny_workspace):
     write_params(tiny_workspace, {"scaling": {"gpu_counts": [1, 2], "max_images": 200, "image_size": 32, "epochs": 1}})
     rows = run_scaling(load_params(tiny_workspace / "params.yaml"), Paths(tiny_workspace))

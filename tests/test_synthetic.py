@@ -12,8 +12,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pipeline.classes import CLASSES
-from pipeline.synthetic import TEST_DIR, TRAIN_DIR, generate_synthetic_dataset
+from pipeline.dataset import CLASSES
+from pipeline.dataset import kaggle_test_dir, kaggle_train_dir
+from pipeline.synthetic import generate_synthetic_dataset
+
+TRAIN_DIR, TEST_DIR = kaggle_train_dir(Path()), kaggle_test_dir(Path())  # relative to a data/raw folder
 
 RUN = 5  # frames per run in the shared data set
 PER_CLASS = 40

@@ -32,6 +32,8 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from serving_support import COLOURS, colour_champion, free_port, noisy, solid, start_server, stop, wait_until_up
 
 CHROMIUM = Path("/usr/bin/chromium")
+
+pytestmark = pytest.mark.slow
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
     "--disable-component-update", "--disable-sync",

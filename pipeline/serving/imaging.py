@@ -1,8 +1,5 @@
-"""Turning one image file (or bytes, or an array) into the model's input pixels.
-
-Preprocessing, evaluation, `predict`, the served model and the web page all call `decode_image`
-(or `prepare_pixels`, which also takes raw pixels) and `normalize`, so an image is prepared the
-same way wherever it comes from.
+"""Turning one image file (or bytes, or an array) into the model's input pixels: the one path
+that preprocessing, the served model and the web page share.
 """
 
 from __future__ import annotations
@@ -12,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from pipeline.serving import DEFAULT_MAX_IMAGE_PIXELS as DEFAULT_MAX_IMAGE_PIXELS
 
 # ImageNet statistics: torchvision's pretrained weights expect them, and they suit scratch training.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

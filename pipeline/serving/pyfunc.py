@@ -1,28 +1,8 @@
 """The served model: an MLflow pyfunc that takes raw images and returns class probabilities.
 
-A model folder written by training (`model.safetensors` + `model_config.json`) becomes an MLflow
-model with `log_pyfunc_model`. The logged model carries its own preprocessing: it reads the image
-size, mean and std from `model_config.json` and calls `pipeline.imaging`, so a client sends
-images as they are (any size, any mode) and gets the same result training-time preprocessing
-would give. `pipeline/` travels with the model (`code_paths`), so it loads outside this repository.
-
-Input: a pandas DataFrame, one row per image, with one of two columns filled in per row:
-
-- `image`: the encoded file (JPEG, PNG, ...) as `bytes`, or its base64 text. In a JSON request
-  to `mlflow models serve` the column holds base64 text: inside `dataframe_split` or
-  `dataframe_records` the scoring server decodes it (the signature declares the column `binary`);
-  inside `inputs` or `instances` it does not, and the model decodes it (`_bytes_from_cell`).
-- `pixels`: raw uint8 pixels, HxWx3 (or HxW grey, HxWx4 RGBA), as a numpy array or nested lists.
-  Sizes may differ from row to row.
-
-Output: a DataFrame with one row per input row: `label` (class name), `probability` (of that
-class) and `probabilities` (one per class, in the order of the `classes` list that the model
-metadata and `model_config.json` carry).
-
-Why `pixels` is typed `AnyType` in the signature: MLflow 3.17 checks an `Array(Array(Array(long)))`
-column element by element (`mlflow.models.utils._enforce_array` builds a pandas Series for every
-innermost [r, g, b] list), which costs about 2 s for one 200x200 image. The model checks the
-array itself instead (`_pixels_from_cell`), in one vectorised step.
+Input is a DataFrame with, per row, `image` (encoded JPEG/PNG/WebP bytes, or their base64) or
+`pixels` (uint8 HxWx3 arrays or nested lists); output is `label`, `probability`, `probabilities`.
+The model resizes and normalizes images itself, as training did (`model_config.json`).
 """
 
 from __future__ import annotations
@@ -34,7 +14,9 @@ import json
 import math
 import os
 import re
+import shutil
 import struct
+import tempfile
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -52,29 +34,28 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from pipeline.config import ModelConfig
 from pipeline.errors import UserError
-from pipeline.imaging import ImageTooLarge, normalize, prepare_pixels
-from pipeline.models import build_model, class_probabilities
+from pipeline.serving.imaging import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLarge, normalize, prepare_pixels
+from pipeline.serving.networks import build_model, class_probabilities
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model_config.json"
 IMAGE_COLUMN = "image"
 PIXELS_COLUMN = "pixels"
-DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 DEVICE_ENV = "ASL_SERVING_DEVICE"
 """Torch device the served model runs on (default `cpu`; e.g. `cuda` on a GPU server)."""
 
 _FORWARD_BATCH = 64  # images per forward pass: bounds the memory a large request takes
-_PACKAGE_DIR = Path(__file__).resolve().parent
-# What the modules the model imports need (this one, pipeline.imaging, .models, .config), pinned
-# to the versions installed here. Given explicitly, MLflow does not infer them: inference loads
-# the model in a subprocess to watch its imports, which is slow and only a guess.
-_REQUIREMENTS = ("mlflow", "cloudpickle", "torch", "torchvision", "numpy", "pandas", "pillow", "safetensors", "pyyaml")
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]
+# What pipeline.serving imports, pinned to the versions installed here. Given explicitly, MLflow
+# does not infer them: inference loads the model in a subprocess to watch its imports (slow, a guess).
+_REQUIREMENTS = ("mlflow", "cloudpickle", "torch", "torchvision", "numpy", "pandas", "pillow", "safetensors")
 # What PIL raises for bytes that are not a (complete) image; ImageTooLarge is a ValueError.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 _BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/=\s]+")  # standard alphabet, padding, line breaks
 
+# `pixels` is AnyType: MLflow checks an Array(Array(Array(long))) column element by element (about
+# 2 s for one 200x200 image); `_pixels_from_cell` checks the array in one vectorized step instead.
 INPUT_SCHEMA = Schema(
     [
         ColSpec(DataType.binary, IMAGE_COLUMN, required=False),
@@ -114,8 +95,7 @@ def read_model_config(path: Path) -> dict[str, Any]:
 def load_network(weights: Path, config: dict[str, Any]) -> nn.Module:
     """The trained network in eval mode, rebuilt from its config and safetensors weights."""
     # Never download ImageNet weights: the trained ones replace them all anyway.
-    model_config = ModelConfig(**{**config["model"], "pretrained": False})
-    model = build_model(model_config, len(config["classes"]))
+    model = build_model(config["model"]["name"], len(config["classes"]))
     model.load_state_dict(load_file(str(weights)))
     return model.eval()
 
@@ -303,14 +283,26 @@ def log_pyfunc_model(
     classifier = AslClassifier()
     classifier.load_context(mlflow.pyfunc.PythonModelContext(artifacts, None))
     classifier.predict(None, example)
-    return mlflow.pyfunc.log_model(
-        name=name,
-        python_model=AslClassifier(),  # a fresh one: load_context's network must not be pickled
-        artifacts=artifacts,
-        signature=SIGNATURE,
-        input_example=example,
-        code_paths=[str(_PACKAGE_DIR)],
-        pip_requirements=pinned_requirements(),
-        metadata={"classes": classifier.classes, "image_size": classifier.image_size},
-        registered_model_name=registered_model_name,
-    )
+    with tempfile.TemporaryDirectory(prefix="asl-model-code-") as tmp:
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=AslClassifier(),  # a fresh one: load_context's network must not be pickled
+            artifacts=artifacts,
+            signature=SIGNATURE,
+            input_example=example,
+            code_paths=[str(_code_to_ship(Path(tmp)))],
+            pip_requirements=pinned_requirements(),
+            metadata={"classes": classifier.classes, "image_size": classifier.image_size},
+            registered_model_name=registered_model_name,
+        )
+
+
+def _code_to_ship(folder: Path) -> Path:
+    """A copy of the package holding only what the model imports: `pipeline/__init__.py`,
+    `pipeline/errors.py` and `pipeline/serving/`. No training code or data generators."""
+    package = folder / "pipeline"
+    package.mkdir()
+    for name in ("__init__.py", "errors.py"):
+        shutil.copy(_PACKAGE_DIR / name, package / name)
+    shutil.copytree(_PACKAGE_DIR / "serving", package / "serving", ignore=shutil.ignore_patterns("__pycache__"))
+    return package

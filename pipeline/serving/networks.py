@@ -1,7 +1,7 @@
-"""The classifiers: torchvision architectures with a 29-class head, and a small CNN for tests.
+"""The classifiers: torchvision architectures with a new head, and a small CNN for tests.
 
-The head is replaced *before* any DataParallel/DDP wrapping: a head swapped in after wrapping (as
-the original study did) is a module the wrapper never registered, so DDP does not synchronize it.
+The head is replaced here, before any DataParallel/DDP wrapping: a head swapped in after wrapping
+is a module the wrapper never registered, so DDP would not synchronize it.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config import ModelConfig
 from pipeline.errors import UserError
+from pipeline.serving import MODEL_NAMES
 
 
 class SmallCNN(nn.Module):
@@ -54,17 +54,19 @@ def _replace_head(model: nn.Module, num_classes: int) -> nn.Module:
     return classifier
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    """A fresh model with a `num_classes` head; backbone frozen if asked."""
-    if cfg.name == "small_cnn":
-        if cfg.pretrained:
+def build_model(name: str, num_classes: int, *, pretrained: bool = False, freeze_backbone: bool = False) -> nn.Module:
+    """A fresh `name` model (one of MODEL_NAMES) with a `num_classes` head; backbone frozen if asked."""
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}: expected one of {', '.join(MODEL_NAMES)}")
+    if name == "small_cnn":
+        if pretrained:
             raise UserError("model.pretrained: true needs a torchvision model: small_cnn has no pretrained weights")
         model: nn.Module = SmallCNN(num_classes)
         head: nn.Module = model.fc
     else:
-        model = _torchvision_model(cfg.name, cfg.pretrained)
+        model = _torchvision_model(name, pretrained)
         head = _replace_head(model, num_classes)
-    if cfg.freeze_backbone:
+    if freeze_backbone:
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         for parameter in head.parameters():
