@@ -101,6 +101,9 @@ class DataConfig(_Section):
     """Above this fraction of unreadable files preprocessing fails: the data set is clearly wrong."""
     workers: Annotated[int | None, Field(ge=1)] = None
     """Decoding processes (null: every core)."""
+    max_image_pixels: Annotated[int, Field(ge=1024)] = DEFAULT_MAX_IMAGE_PIXELS
+    """Largest image (width x height) decoded; larger files are skipped and reported like unreadable
+    ones (a 657 KB PNG can declare 13000x13000 pixels: 4 GB to decode)."""
 
     def __post_init__(self) -> None:
         allowed = "'synthetic', 'kaggle', or a path to a .zip or folder"

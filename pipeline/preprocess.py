@@ -49,6 +49,10 @@ def scan_train(train_dir: Path) -> list[list[Path]]:
         per_class.append([files[i] for i in frame_order([p.stem for p in files])])
     if sum(map(len, per_class)) == 0:
         raise UserError(f"{train_dir} holds no images in class folders ({', '.join(CLASSES[:3])}, ...): check data.source")
+    empty = [name for name, files in zip(CLASSES, per_class) if not files]
+    if empty:
+        # Not fatal: a data set may lack a class on purpose; but the model will never predict it.
+        print(f"warning: no training images for class(es) {', '.join(empty)} in {train_dir}: the model cannot learn them", file=sys.stderr)
     return per_class
 
 
@@ -72,8 +76,13 @@ def plan_splits(per_class: list[list[Path]], cfg: DataConfig, seed: int) -> tupl
     dropped = 0
     for label, (files, positions) in enumerate(zip(per_class, kept)):
         chosen = [files[i] for i in positions]
+        if not chosen:
+            continue  # reported by scan_train; the class shows as 0 in the counts
         if len(chosen) < 2:
-            continue  # a class with fewer than two images cannot be split; it shows as 0 in the counts
+            raise UserError(
+                f"class {CLASSES[label]} has only {len(chosen)} image: too few to split into training and validation; "
+                "add images to its folder, or remove the folder and accept a class the model never sees"
+            )
         try:
             if cfg.split == "block":
                 split = block_split(len(chosen), cfg.val_fraction, cfg.block_size, cfg.block_gap, rng)
@@ -87,14 +96,14 @@ def plan_splits(per_class: list[list[Path]], cfg: DataConfig, seed: int) -> tupl
     return plan, dropped
 
 
-DecodeTask = tuple[int, str, int]  # (index in the stream, image file, image size)
+DecodeTask = tuple[int, str, int, int]  # (index in the stream, image file, image size, pixel limit)
 Decoded = tuple[int, np.ndarray | None, str]  # (index, HxWx3 uint8 pixels or None, why not)
 
 
 def _decode_job(job: DecodeTask) -> Decoded:
-    index, path, size = job
+    index, path, size, max_pixels = job
     try:
-        return index, decode_image(path, size), ""
+        return index, decode_image(path, size, max_pixels), ""
     except Exception as err:  # noqa: BLE001 -- any decoder failure means "skip this file", with the reason
         return index, None, f"{type(err).__name__}: {err}"
 
@@ -179,14 +188,16 @@ class ShardWriter:
         self.labels, self.files = [], []
 
 
-def decode_into_shards(pool: Executor, plan: dict[str, list[Job]], writers: dict[str, ShardWriter], image_size: int, progress: tqdm, workers: int) -> list[dict]:
+def decode_into_shards(
+    pool: Executor, plan: dict[str, list[Job]], writers: dict[str, ShardWriter], cfg: DataConfig, progress: tqdm, workers: int
+) -> list[dict]:
     """Decode every split's jobs, in order, feeding each split's writer; returns the skipped files.
 
     One stream for all splits, and each split's last shard written as soon as its last image
     arrives: the workers go on decoding the next split meanwhile instead of waiting for the parent."""
     jobs = [(split, path, label) for split, split_jobs in plan.items() for path, label in split_jobs]
     last_job = {split: index for index, (split, _, _) in enumerate(jobs)}
-    tasks = ((i, str(path), image_size) for i, (_, path, _) in enumerate(jobs))
+    tasks = ((i, str(path), cfg.image_size, cfg.max_image_pixels) for i, (_, path, _) in enumerate(jobs))
     skipped = []
     # Two chunks per worker: one it decodes, one waiting, so no worker idles while the parent catches up.
     for index, pixels, reason in decode_in_order(pool, tasks, chunk_size=64, window=2 * workers):
@@ -218,7 +229,7 @@ def build_shards(cfg: DataConfig, seed: int, raw_dir: Path, train_dir: Path, tes
     pool = process_pool(workers, preload=[__name__])
     try:
         with tqdm(total=total, desc="preprocess", unit="img", disable=not sys.stderr.isatty()) as progress:
-            skipped = decode_into_shards(pool, plan, writers, cfg.image_size, progress, workers)
+            skipped = decode_into_shards(pool, plan, writers, cfg, progress, workers)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # after a failure: drop the queued work, don't finish it
 
@@ -250,6 +261,7 @@ def make_manifest(cfg: DataConfig, shards: list[dict], skipped: list[dict], drop
         "shards": shards,
         "skipped": skipped,
         "dropped_for_gap": dropped,
+        "empty_classes": [c for c in CLASSES if splits["train"]["per_class"][c] + splits["val"]["per_class"][c] == 0],
         "params": asdict(cfg),
     }
 

@@ -375,6 +375,35 @@ def test_unreadable_files_are_skipped_and_odd_modes_converted(raw: Path, tmp_pat
         assert np.abs(pixels - np.asarray(colour)).max() < 12, f"{name}: {pixels.reshape(-1, 3).mean(0)} != {colour}"
 
 
+def test_an_image_bomb_is_skipped_not_decoded(raw: Path, tmp_path: Path) -> None:
+    """A PNG of a few KB that declares far more pixels than data.max_image_pixels is refused from its
+    header: skipped and reported like an unreadable file, never decoded."""
+    root = _copy_raw(raw, tmp_path / "raw")
+    bomb = Image.new("L", (4000, 3000))  # 12 M pixels of zeros: a few KB as PNG
+    bomb.save(root / TRAIN_DIR / "D" / "D999.png", optimize=True)
+    assert (root / TRAIN_DIR / "D" / "D999.png").stat().st_size < 100_000
+    manifest = build(root, tmp_path / "shards", replace(CFG, block_gap=0, max_image_pixels=1_000_000))
+
+    [skipped] = [s for s in manifest["skipped"] if s["file"].endswith("D999.png")]
+    assert "4000x3000 pixels is over the limit of 1000000" in skipped["reason"]
+    assert all(not name.endswith("D999.png") for shard in manifest["shards"] for name in shard["files"])
+
+
+def test_an_empty_class_is_warned_about_and_a_class_of_one_refused(raw: Path, tmp_path: Path, capsys) -> None:
+    root = _copy_raw(raw, tmp_path / "raw")
+    for image in (root / TRAIN_DIR / "Q").iterdir():
+        image.unlink()
+    manifest = build(root, tmp_path / "shards")
+    assert "no training images for class(es) Q" in capsys.readouterr().err
+    assert manifest["empty_classes"] == ["Q"] and manifest["splits"]["train"]["per_class"]["Q"] == 0
+
+    first, *rest = sorted((root / TRAIN_DIR / "R").iterdir())
+    for image in rest:
+        image.unlink()
+    with pytest.raises(UserError, match="class R has only 1 image: too few to split"):
+        build(root, tmp_path / "shards2")
+
+
 def test_too_many_unreadable_files_fail_without_a_manifest(raw: Path, tmp_path: Path) -> None:
     root = _copy_raw(raw, tmp_path / "raw")
     out = tmp_path / "shards"
@@ -411,7 +440,8 @@ def test_decoding_keeps_a_bounded_number_of_chunks_in_flight(raw: Path) -> None:
             return super().submit(fn, *args, **kwargs)
 
     with CountingPool(2) as pool:
-        decoded = preprocess.decode_in_order(pool, ((i, f, 16) for i, f in enumerate(files)), chunk_size=8, window=3)
+        tasks = ((i, f, 16, 10**6) for i, f in enumerate(files))
+        decoded = preprocess.decode_in_order(pool, tasks, chunk_size=8, window=3)
         first = next(decoded)
         time.sleep(0.2)  # a stalled consumer: the pool would run through all 25 chunks if nothing held it back
         assert CountingPool.submitted == 3
