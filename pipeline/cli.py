@@ -34,8 +34,23 @@ def user_errors(command: Callable) -> Callable:
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             raise typer.Exit(err.exit_code) from None
+        except Exception as err:
+            lost = _lost_tracking_server(err)
+            if lost is None:
+                raise
+            print(f"error: {lost}", file=sys.stderr)
+            raise typer.Exit(lost.exit_code) from None
 
     return wrapper
+
+
+def _lost_tracking_server(err: Exception) -> UserError | None:
+    """The one-line error for an MLflow call that could not reach the tracking server, else None."""
+    if "mlflow" not in sys.modules:
+        return None
+    from pipeline.tracking import unreachable, unreachable_error
+
+    return unreachable_error(err) if unreachable(err) else None
 
 
 WorkspaceOption = Annotated[

@@ -103,9 +103,13 @@ def _version_of_run(client, name: str, run_id: str):
 def _alias_version(client, name: str, alias: str):
     from mlflow.exceptions import MlflowException
 
+    from pipeline.tracking import unreachable
+
     try:
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException:  # no such alias (or no such registered model yet)
+    except MlflowException as err:  # no such alias (or no such registered model yet)
+        if unreachable(err):
+            raise
         return None
 
 
@@ -120,9 +124,13 @@ def _metric_of_version(client, version, metric: str) -> float | None:
     if version.run_id:
         from mlflow.exceptions import MlflowException
 
+        from pipeline.tracking import unreachable
+
         try:
             value = client.get_run(version.run_id).data.metrics.get(metric)
-        except MlflowException:
+        except MlflowException as err:
+            if unreachable(err):
+                raise
             return None
         return None if value is None else float(value)
     return None
