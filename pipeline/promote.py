@@ -11,8 +11,8 @@
 3. Point the alias `candidate` at it. Move `champion` to it when there is no champion yet, or when
    it beats the champion by at least `promote.min_improvement` (and strictly). Registry stages are
    deprecated: aliases only.
-4. Write the decision to `metrics/promotion.json` and to tags of the candidate version, and log a
-   small MLflow run (tag `stage=promote`).
+4. Write the decision to `metrics/promotion.json` (its numbers also to `metrics/promote.json`) and
+   to tags of the candidate version, and log a small MLflow run (tag `stage=promote`).
 
 Running it again with the same inputs changes nothing: same version, same aliases, a
 byte-identical `promotion.json`, and no new MLflow run. When the candidate already is the champion because of an earlier
@@ -199,6 +199,13 @@ def _decision(client, name: str, inputs: dict[str, Any], version) -> tuple[dict[
     return {**inputs, **outputs}, False
 
 
+def write_outputs(paths: Paths, record: dict[str, Any]) -> None:
+    """The whole record to promotion.json; its numbers, which `dvc metrics` and `dvc exp show`
+    compare across experiments, to promote.json."""
+    atomic_write_json(paths.promotion, record)
+    atomic_write_json(paths.promote_metrics, {k: record[k] for k in ("promoted", "version", "champion_version", "improvement")})
+
+
 def run_promote(params: Params, paths: Paths) -> dict[str, Any]:
     """The stage's entry point; returns what it wrote to promotion.json."""
     import mlflow
@@ -243,7 +250,7 @@ def run_promote(params: Params, paths: Paths) -> dict[str, Any]:
     if replayed and not registered and current_candidate is not None and int(current_candidate.version) == number:
         # The same inputs were decided before: the registry already says so. Touch nothing, not
         # even the MLflow record of promotions.
-        atomic_write_json(paths.promotion, record)  # byte-identical; restores a deleted file
+        write_outputs(paths, record)  # byte-identical; restores a deleted file
         print(f"promote: nothing to change: {name} version {number} ({strategy}) was already decided: {record['decision']}")
         return record
 
@@ -261,7 +268,7 @@ def run_promote(params: Params, paths: Paths) -> dict[str, Any]:
         for key, value in decision_tags.items():
             client.set_model_version_tag(name, str(number), key, value)
 
-        atomic_write_json(paths.promotion, record)
+        write_outputs(paths, record)
         mlflow.set_tags({
             "promotion_decision": record["decision"],
             "model_version": str(number),

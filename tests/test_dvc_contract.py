@@ -44,7 +44,8 @@ def test_stage_outputs_are_the_paths_the_code_writes():
         assert declared_files(s[f"train@{strategy}"], "plots") == {PATHS.train_curve(strategy)}
         assert declared_files(s[f"evaluate@{strategy}"], "metrics") == {PATHS.eval_metrics(strategy)}
         assert declared_files(s[f"evaluate@{strategy}"], "plots") == {PATHS.eval_predictions(strategy), PATHS.eval_confusion_png(strategy)}
-    assert declared_files(s["promote"], "metrics") == {PATHS.promotion}
+    assert declared_files(s["promote"], "outs") == {PATHS.promotion}
+    assert declared_files(s["promote"], "metrics") == {PATHS.promote_metrics}
 
 
 def test_every_declared_param_exists():
