@@ -166,3 +166,17 @@ def serve_ui(
 
     params = load_params(params_file)
     run_server(model or champion_uri(params.mlflow.registered_model), params.serve)
+
+
+@app.command("team-server")
+@user_errors
+def team_server(
+    folder: Annotated[Path, typer.Option("--folder", help="where PostgreSQL's data, the artifacts and the logs live")] = Path("team-server"),
+    host: Annotated[str, typer.Option("--host", help="address to listen on: loopback, or 0.0.0.0 for a team's network")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="port of the MLflow server")] = 5000,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="MLflow server worker processes")] = 2,
+) -> None:
+    """Run a team's MLflow tracking server here: PostgreSQL store, proxied artifacts; Ctrl-C stops it."""
+    from pipeline.team_server import run_team_server
+
+    run_team_server(folder, host, port, workers)
