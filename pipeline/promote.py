@@ -254,7 +254,7 @@ def run_promote(params: Params, paths: Paths) -> dict[str, Any]:
         print(f"promote: nothing to change: {name} version {number} ({strategy}) was already decided: {record['decision']}")
         return record
 
-    with tracked_run(params.mlflow.experiment, "promote", run_name="promote", params=run_params, tags={"candidate_strategy": strategy}):
+    with tracked_run(params.mlflow.experiment, "promote", params=run_params, tags={"candidate_strategy": strategy}):
         client.set_registered_model_alias(name, CANDIDATE, str(number))
         if record["promoted"] and not replayed:
             client.set_registered_model_alias(name, CHAMPION, str(number))
