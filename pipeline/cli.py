@@ -180,3 +180,18 @@ def team_server(
     from pipeline.team_server import run_team_server
 
     run_team_server(folder, host, port, workers)
+
+
+@app.command("node-params")
+@user_errors
+def node_params(
+    nnodes: Annotated[int, typer.Option("--nnodes", help="nodes in the job (SLURM_NNODES, or WORLD_SIZE of a PyTorchJob)")],
+    node_rank: Annotated[int, typer.Option("--node-rank", help="this node's rank (SLURM_NODEID, or RANK of a PyTorchJob)")],
+    rdzv_endpoint: Annotated[str, typer.Option("--rdzv-endpoint", help="host:port of node 0, where torchrun meets")],
+    out: Annotated[Path, typer.Option("--out", help="params file to write for this node")],
+    params_file: ParamsFile = Path("params.yaml"),
+) -> None:
+    """Write this node's params for a multi-node `train ddp` launched by a cluster (SLURM, Kubernetes)."""
+    from pipeline.cluster import write_node_params
+
+    print(write_node_params(params_file, nnodes, node_rank, rdzv_endpoint, out))
