@@ -192,10 +192,9 @@ class MlflowServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise UserError(f"mlflow server exited with code {self.process.returncode}; its log {self.log} ends:\n{self.log.read_text()[-2000:]}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
             time.sleep(0.5)
         self.stop()
         raise UserError(f"mlflow server did not answer {self.url}/health within {timeout:.0f} s (log: {self.log})")

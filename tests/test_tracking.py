@@ -112,9 +112,8 @@ def test_a_lost_server_inside_a_stage_is_one_line_naming_the_run(mlflow_store):
         "[Errno 111] Connection refused'))"
     )
     assert unreachable(lost) and not unreachable(mlflow.exceptions.MlflowException("RESOURCE_DOES_NOT_EXIST: no such run"))
-    with pytest.raises(UserError) as caught:
-        with tracked_run(EXPERIMENT, "train", strategy="dp") as run:
-            raise lost
+    with pytest.raises(UserError) as caught, tracked_run(EXPERIMENT, "train", strategy="dp") as run:
+        raise lost
     message = str(caught.value)
     assert "\n" not in message and "stopped answering (connection refused" in message and run.info.run_id in message
     assert "MLFLOW_TRACKING_URI" in message
