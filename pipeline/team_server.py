@@ -11,6 +11,7 @@ Ctrl-C stops both. Point the pipeline at it with `export MLFLOW_TRACKING_URI=htt
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import pwd
 import secrets
@@ -90,7 +91,8 @@ class Postgres:
 
     @property
     def uri(self) -> str:
-        return f"postgresql://{DB_USER}@127.0.0.1:{self.port}/{DATABASE}"
+        # The driver named: SQLAlchemy 2.0 would pick psycopg2 for a bare postgresql://, 2.1 psycopg 3.
+        return f"postgresql+psycopg://{DB_USER}@127.0.0.1:{self.port}/{DATABASE}"
 
     def client_env(self) -> dict[str, str]:
         return {**os.environ, "PGPASSFILE": str(self.passfile)}
@@ -176,7 +178,7 @@ class MlflowServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 120) -> None:
+    def start(self, timeout: float = 300) -> None:
         self.artifacts.mkdir(parents=True, exist_ok=True)
         env = {**self.env, "MLFLOW_BACKEND_STORE_URI": self.backend_uri, "MLFLOW_DISABLE_TELEMETRY": "true"}
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -219,6 +221,8 @@ def team_server(folder: Path, host: str = "127.0.0.1", port: int = 5000, workers
     bin_dir = postgres_bin()
     if bin_dir is None:
         raise UserError("PostgreSQL is not installed (no initdb/pg_ctl): `apt-get install postgresql`, or set PG_BIN to its bin folder")
+    if importlib.util.find_spec("psycopg") is None:
+        raise UserError("MLflow needs the PostgreSQL driver psycopg: pip install -e '.[team]'")
     folder = folder.resolve()
     folder.mkdir(parents=True, exist_ok=True)
     postgres = Postgres(folder, bin_dir)
@@ -247,7 +251,7 @@ def run_team_server(folder: Path, host: str, port: int, workers: int) -> None:
             print(f"MLflow tracking server on {server.url} (PostgreSQL store and artifacts under {folder.resolve()}; log {server.log})")
             print(f"in another shell: export MLFLOW_TRACKING_URI={server.url}   then dvc repro, dvc queue start, ...; Ctrl-C stops it", flush=True)
             server.process.wait()
-            print(f"mlflow server exited with code {server.process.returncode}; see {server.log}", file=sys.stderr)
+            raise UserError(f"mlflow server exited with code {server.process.returncode}: see {server.log}")
     except KeyboardInterrupt:
         print("stopping the MLflow server and PostgreSQL", file=sys.stderr)
     finally:

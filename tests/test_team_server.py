@@ -9,6 +9,7 @@ middle of a training.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -35,6 +36,8 @@ QUEUED = ("team-a", "team-b")
 def _skip_without_postgres() -> None:
     if postgres_bin() is None:
         pytest.skip("PostgreSQL is not installed (no initdb/pg_ctl in /usr/lib/postgresql/*/bin, $PG_BIN or on PATH): apt-get install postgresql (.ci/run does)")
+    if importlib.util.find_spec("psycopg") is None:
+        pytest.skip("MLflow's PostgreSQL driver psycopg is not installed: pip install -e '.[test]'")
     try:
         postgres_user()
     except Exception as err:  # noqa: BLE001 -- the reason is the message
