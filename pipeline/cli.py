@@ -34,8 +34,23 @@ def user_errors(command: Callable) -> Callable:
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             raise typer.Exit(err.exit_code) from None
+        except Exception as err:
+            lost = _lost_tracking_server(err)
+            if lost is None:
+                raise
+            print(f"error: {lost}", file=sys.stderr)
+            raise typer.Exit(lost.exit_code) from None
 
     return wrapper
+
+
+def _lost_tracking_server(err: Exception) -> UserError | None:
+    """The one-line error for an MLflow call that could not reach the tracking server, else None."""
+    if "mlflow" not in sys.modules:
+        return None
+    from pipeline.tracking import unreachable, unreachable_error
+
+    return unreachable_error(err) if unreachable(err) else None
 
 
 WorkspaceOption = Annotated[
@@ -152,3 +167,32 @@ def serve_ui(
 
     params = load_params(params_file)
     run_server(model or champion_uri(params.mlflow.registered_model), params.serve)
+
+
+@app.command("team-server")
+@user_errors
+def team_server(
+    folder: Annotated[Path, typer.Option("--folder", help="where PostgreSQL's data, the artifacts and the logs live")] = Path("team-server"),
+    host: Annotated[str, typer.Option("--host", help="address to listen on: loopback, or 0.0.0.0 for a team's network")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="port of the MLflow server")] = 5000,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="MLflow server worker processes")] = 2,
+) -> None:
+    """Run a team's MLflow tracking server here: PostgreSQL store, proxied artifacts; Ctrl-C stops it."""
+    from pipeline.team_server import run_team_server
+
+    run_team_server(folder, host, port, workers)
+
+
+@app.command("node-params")
+@user_errors
+def node_params(
+    nnodes: Annotated[int, typer.Option("--nnodes", help="nodes in the job (SLURM_NNODES, or WORLD_SIZE of a PyTorchJob)")],
+    node_rank: Annotated[int, typer.Option("--node-rank", help="this node's rank (SLURM_NODEID, or RANK of a PyTorchJob)")],
+    rdzv_endpoint: Annotated[str, typer.Option("--rdzv-endpoint", help="host:port of node 0, where torchrun meets")],
+    out: Annotated[Path, typer.Option("--out", help="params file to write for this node")],
+    params_file: ParamsFile = Path("params.yaml"),
+) -> None:
+    """Write this node's params for a multi-node `train ddp` launched by a cluster (SLURM, Kubernetes)."""
+    from pipeline.cluster import write_node_params
+
+    print(write_node_params(params_file, nnodes, node_rank, rdzv_endpoint, out))

@@ -82,6 +82,10 @@ class Paths:
         return self.metrics / "promotion.json"
 
     @property
+    def promote_metrics(self) -> Path:
+        return self.metrics / "promote.json"
+
+    @property
     def scaling(self) -> Path:
         return self.root / "reports" / "scaling"
 

@@ -72,6 +72,13 @@ def use_store() -> str:
     return uri
 
 
+def _unreachable(err: Exception) -> bool:
+    """A tracking server that did not answer is not a missing model: the command line says which."""
+    from pipeline.tracking import unreachable
+
+    return unreachable(err)
+
+
 def _registry_ref(uri: str, name: str, alias: str | None, version: str | None) -> ModelRef:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -82,7 +89,9 @@ def _registry_ref(uri: str, name: str, alias: str | None, version: str | None) -
         return ModelRef(uri, uri, name if number is not None else None, number)
     try:
         found = MlflowClient().get_model_version_by_alias(name, alias)
-    except MlflowException:
+    except MlflowException as err:
+        if _unreachable(err):
+            raise
         raise UserError(
             f"no version of the registered model {name!r} has the alias {alias!r} in {store}: "
             "run `dvc repro` (its promote stage registers the model and sets `champion`) "
@@ -133,6 +142,8 @@ def load_model(uri_or_dir: str) -> LoadedModel:
     try:
         model = mlflow.pyfunc.load_model(ref.load_uri)
     except (MlflowException, OSError) as err:
+        if _unreachable(err):
+            raise
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load the model {ref.uri}: {reason}") from None
     return LoadedModel(model, model_classes(model), ref)

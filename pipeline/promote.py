@@ -3,7 +3,8 @@
     python -m pipeline promote
 
 `candidate` points at the better of dp and ddp on `promote.metric`; `champion` moves only when the
-candidate beats it by `promote.min_improvement`. The same inputs twice change nothing.
+candidate beats it by `promote.min_improvement`. The whole decision goes to `metrics/promotion.json`
+(its numbers to `metrics/promote.json`). The same inputs twice change nothing.
 """
 
 from __future__ import annotations
@@ -86,9 +87,13 @@ def _version_of_run(client, name: str, run_id: str):
 def _alias_version(client, name: str, alias: str):
     from mlflow.exceptions import MlflowException
 
+    from pipeline.tracking import unreachable
+
     try:
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException:  # no such alias (or no such registered model yet)
+    except MlflowException as err:  # no such alias (or no such registered model yet)
+        if unreachable(err):
+            raise
         return None
 
 
@@ -103,9 +108,13 @@ def _metric_of_version(client, version, metric: str) -> float | None:
     if version.run_id:
         from mlflow.exceptions import MlflowException
 
+        from pipeline.tracking import unreachable
+
         try:
             value = client.get_run(version.run_id).data.metrics.get(metric)
-        except MlflowException:
+        except MlflowException as err:
+            if unreachable(err):
+                raise
             return None
         return None if value is None else float(value)
     return None
@@ -174,6 +183,13 @@ def _decision(client, name: str, inputs: dict[str, Any], version) -> tuple[dict[
     return {**inputs, **outputs}, False
 
 
+def write_outputs(paths: Paths, record: dict[str, Any]) -> None:
+    """The whole record to promotion.json; its numbers, which `dvc metrics` and `dvc exp show`
+    compare across experiments, to promote.json."""
+    atomic_write_json(paths.promotion, record)
+    atomic_write_json(paths.promote_metrics, {k: record[k] for k in ("promoted", "version", "champion_version", "improvement")})
+
+
 def run_promote(params: Params, paths: Paths) -> dict[str, Any]:
     """The stage's entry point; returns what it wrote to promotion.json."""
     import mlflow
@@ -217,11 +233,11 @@ def run_promote(params: Params, paths: Paths) -> dict[str, Any]:
     if replayed and not registered and current_candidate is not None and int(current_candidate.version) == number:
         # The same inputs were decided before: the registry already says so. Touch nothing, not
         # even the MLflow record of promotions.
-        atomic_write_json(paths.promotion, record)  # byte-identical; restores a deleted file
+        write_outputs(paths, record)  # byte-identical; restores a deleted file
         print(f"promote: nothing to change: {name} version {number} ({strategy}) was already decided: {record['decision']}")
         return record
 
-    with tracked_run(params.mlflow.experiment, "promote", run_name="promote", params=run_params, tags={"candidate_strategy": strategy}):
+    with tracked_run(params.mlflow.experiment, "promote", params=run_params, tags={"candidate_strategy": strategy}):
         client.set_registered_model_alias(name, CANDIDATE, str(number))
         if record["promoted"] and not replayed:
             client.set_registered_model_alias(name, CHAMPION, str(number))
@@ -235,7 +251,7 @@ def run_promote(params: Params, paths: Paths) -> dict[str, Any]:
         for key, value in decision_tags.items():
             client.set_model_version_tag(name, str(number), key, value)
 
-        atomic_write_json(paths.promotion, record)
+        write_outputs(paths, record)
         mlflow.set_tags({
             "promotion_decision": record["decision"],
             "model_version": str(number),

@@ -38,9 +38,13 @@ def existing_run(run_info: dict, model_dir: Path, strategy: str) -> str:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    from pipeline.tracking import unreachable
+
     try:
         MlflowClient().get_run(run_info["run_id"])
-    except MlflowException:
+    except MlflowException as err:
+        if unreachable(err):
+            raise
         raise UserError(
             f"MLflow run {run_info['run_id']} named in {model_dir / 'run.json'} is not in the store "
             f"{mlflow.get_tracking_uri()}: run `dvc repro -f train@{strategy}` "

@@ -156,7 +156,7 @@ def main_process_run(params: Params, strategy: Strategy, state: TrainingState):
         tags["cpu_only"] = "true"  # a process stands in for each GPU: not a GPU figure
     run_name = f"train-{strategy.name}-{params.gpus}gpu" + (f"-{os.environ['DVC_EXP_NAME']}" if os.environ.get("DVC_EXP_NAME") else "")
     flat = {k: v for k, v in to_flat_dict(params).items() if k.split(".")[0] in ("seed", "gpus", "data", "model", "train", "distributed")}
-    with tracked_run(params.mlflow.experiment, "train", strategy=strategy.name, run_id=state.run_id, run_name=run_name, params=None, tags=tags) as run:
+    with tracked_run(params.mlflow.experiment, "train", strategy=strategy.name, run_id=state.run_id, run_name=run_name, params=None, tags=tags, system_metrics=params.mlflow.system_metrics) as run:
         if state.run_id is None:
             import mlflow
 

@@ -44,7 +44,8 @@ def test_stage_outputs_are_the_paths_the_code_writes():
         assert declared_files(s[f"train@{strategy}"], "plots") == {PATHS.train_curve(strategy)}
         assert declared_files(s[f"evaluate@{strategy}"], "metrics") == {PATHS.eval_metrics(strategy)}
         assert declared_files(s[f"evaluate@{strategy}"], "plots") == {PATHS.eval_predictions(strategy), PATHS.eval_confusion_png(strategy)}
-    assert declared_files(s["promote"], "metrics") == {PATHS.promotion}
+    assert declared_files(s["promote"], "outs") == {PATHS.promotion}
+    assert declared_files(s["promote"], "metrics") == {PATHS.promote_metrics}
 
 
 def test_every_declared_param_exists():
@@ -78,8 +79,10 @@ def test_shipped_params_file_holds_every_declared_param():
 # pipeline; any other pipeline module a stage imports decides what it writes.
 PLUMBING = {
     f"pipeline/{name}.py"
-    for name in ("__init__", "errors", "paths", "config", "tracking", "cli", "fileio", "devices", "workers")
-}
+    for name in (
+        "__init__", "errors", "paths", "config", "tracking", "abandoned_runs", "cli", "fileio", "devices", "workers",
+    )
+}  # fmt: skip
 
 
 def _module_file(name: str) -> str | None:

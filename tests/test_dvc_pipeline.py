@@ -148,3 +148,29 @@ def test_queued_experiments_land_in_the_real_store(project, workers):
     assert not list(project.glob(".dvc/tmp/exps/**/mlruns/mlflow.db")), "no experiment may write a store of its own"
     table = sh(project, "dvc", "exp", "show", "--csv")
     assert all(name in table for name in names) and "val_macro_f1" in table
+
+
+def test_a_dvc_remote_gives_a_fresh_clone_the_results_without_recomputing(project, tmp_path):
+    """The README's team round trip: `dvc push` fills the remote, a colleague's `git clone` and
+    `dvc pull` get the shards, models and metrics, and `dvc repro` there has nothing to rerun."""
+    sh(project, "dvc", "repro")  # the workspace's own results (the queue tests left experiments, not the workspace)
+    sh(project, "dvc", "remote", "add", "-d", "team", str(tmp_path / "remote"))
+    sh(project, "git", "add", "-A")
+    sh(project, "git", "commit", "-q", "-m", "results, and the team's remote")
+    assert "pushed" in sh(project, "dvc", "push")
+
+    clone = tmp_path / "clone"
+    sh(tmp_path, "git", "clone", "-q", str(project), str(clone))
+    assert not (clone / "data" / "shards").exists() and not (clone / "models").exists()
+    sh(clone, "dvc", "pull")
+    manifest = json.loads((clone / "data" / "shards" / "manifest.json").read_text())
+    assert all((clone / "data" / "shards" / shard["file"]).is_file() for shard in manifest["shards"])
+    for strategy in ("dp", "ddp"):
+        assert (clone / "models" / strategy / "model.safetensors").is_file()
+        for name in (f"train_{strategy}.json", f"eval_{strategy}.json"):
+            assert (clone / "metrics" / name).read_bytes() == (project / "metrics" / name).read_bytes()
+    assert (clone / "metrics" / "promote.json").is_file() and (clone / "metrics" / "promotion.json").is_file()
+    assert "Data and pipelines are up to date" in sh(clone, "dvc", "status")
+    rerun = sh(clone, "dvc", "repro")
+    assert "Running stage" not in rerun and "Data and pipelines are up to date" in rerun, rerun
+    assert not (clone / "mlruns" / "mlflow.db").exists(), "nothing ran, so nothing was logged"

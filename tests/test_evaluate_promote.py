@@ -87,6 +87,7 @@ def ws(trained):
     for path, data in saved.items():
         path.write_bytes(data)
     (trained / "metrics" / "promotion.json").unlink(missing_ok=True)
+    (trained / "metrics" / "promote.json").unlink(missing_ok=True)
     write_params(trained, {})
 
 
@@ -246,9 +247,15 @@ def test_first_model_becomes_champion_and_a_rerun_changes_nothing(ws):
     assert float(tags["val_macro_f1"]) == 0.5 and "git_commit" in tags
     assert tags["promotion_decision"] == "first_champion" and tags["promotion_reason"]
 
+    # The numbers alone are the stage's metrics file: no text columns in `dvc metrics show`.
+    figures = json.loads((ws / "metrics" / "promote.json").read_text())
+    assert figures == {"promoted": 1, "version": 1, "champion_version": 1, "improvement": None}
+
     written = (ws / "metrics" / "promotion.json").read_bytes()
+    (ws / "metrics" / "promote.json").unlink()
     promote(ws, "first")
     assert (ws / "metrics" / "promotion.json").read_bytes() == written
+    assert json.loads((ws / "metrics" / "promote.json").read_text()) == figures
     assert registry_state("first") == (versions, aliases)
 
     promote_runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.stage = 'promote'")
