@@ -53,15 +53,38 @@ def prepare(root: Path, images_per_class: int, size: int, seed: int = 0) -> dict
         from pipeline.synthetic import generate_synthetic_dataset
 
         small = images_per_class < 50  # validation blocks of 10 frames (+1 gap) need more frames than that
-        data = {"synthetic": {"images_per_class": images_per_class}, "image_size": size, "block_size": 4 if small else 10, "block_gap": 0 if small else 1}
+        data = {
+            "synthetic": {"images_per_class": images_per_class},
+            "image_size": size,
+            "block_size": 4 if small else 10,
+            "block_gap": 0 if small else 1,
+        }
         params = params_from_dict({"seed": seed, "data": data})
         paths = Paths(root)
-        generate_synthetic_dataset(paths.raw, images_per_class=images_per_class, frames_per_run=10, seed=seed, size=200)
-        manifest = build_shards(params.data, params.seed, paths.raw, paths.raw_train, paths.raw_test, paths.shards)
-        info = {"kind": "shards", "shards": str(paths.shards), "train": manifest["splits"]["train"]["count"], "val": manifest["splits"]["val"]["count"]}
-    except ImportError as err:  # PIL, PyYAML or tqdm missing on this machine: throughput does not depend on pixels
+        generate_synthetic_dataset(
+            paths.raw, images_per_class=images_per_class, frames_per_run=10, seed=seed, size=200
+        )
+        manifest = build_shards(
+            params.data, params.seed, paths.raw, paths.raw_train, paths.raw_test, paths.shards
+        )
+        info = {
+            "kind": "shards",
+            "shards": str(paths.shards),
+            "train": manifest["splits"]["train"]["count"],
+            "val": manifest["splits"]["val"]["count"],
+        }
+    except (
+        ImportError
+    ) as err:  # PIL, PyYAML or tqdm missing on this machine: throughput does not depend on pixels
         count = images_per_class * CLASSES
-        info = {"kind": "random", "why": f"{type(err).__name__}: {err}", "train": int(count * 0.8), "val": count - int(count * 0.8), "size": size, "seed": seed}
+        info = {
+            "kind": "random",
+            "why": f"{type(err).__name__}: {err}",
+            "train": int(count * 0.8),
+            "val": count - int(count * 0.8),
+            "size": size,
+            "seed": seed,
+        }
     info["seconds"] = round(time.perf_counter() - started, 1)
     (root / "data.json").write_text(json.dumps(info, indent=2))
     return info
@@ -89,7 +112,13 @@ def build(strategy, args, steps_per_epoch: int):
     values = {
         "gpus": max(1, args.gpus),
         "model": {"name": args.model},
-        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "channels_last": True, "bf16": True, "data_on_device": True},
+        "train": {
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "channels_last": True,
+            "bf16": True,
+            "data_on_device": True,
+        },
     }
     try:
         from pipeline.config import params_from_dict
@@ -117,13 +146,17 @@ def _build_here(strategy, args, steps_per_epoch: int) -> SimpleNamespace:
     from pipeline.loop import StepSettings
 
     torch.manual_seed(0)
-    model = torchvision.models.get_model(args.model, weights=None, num_classes=CLASSES).to(memory_format=torch.channels_last)
+    model = torchvision.models.get_model(args.model, weights=None, num_classes=CLASSES).to(
+        memory_format=torch.channels_last
+    )
     cuda = strategy.device.type == "cuda"
     wrapped = strategy.wrap(model, "bf16" if cuda else "fp32")
     bare = strategy.unwrap(wrapped)
     fused = strategy.device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(bare.parameters(), lr=0.003, weight_decay=0.05, fused=fused or None)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.003, total_steps=max(1, steps_per_epoch * args.epochs), pct_start=0.15)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=0.003, total_steps=max(1, steps_per_epoch * args.epochs), pct_start=0.15
+    )
 
     def place(x, y):
         if not cuda:
@@ -166,11 +199,17 @@ def record_compute_dtypes(bare: nn.Module) -> set[tuple[str, str]]:
     DataParallel's replicas share the module's hooks."""
     seen: set[tuple[str, str]] = set()
     first_conv = next(m for m in bare.modules() if isinstance(m, nn.Conv2d))
-    first_conv.register_forward_hook(lambda module, inputs, output: seen.add((str(output.device), str(output.dtype).removeprefix("torch."))))
+    first_conv.register_forward_hook(
+        lambda module, inputs, output: seen.add(
+            (str(output.device), str(output.dtype).removeprefix("torch."))
+        )
+    )
     return seen
 
 
-def repeat_to_steps(x: torch.Tensor, y: torch.Tensor, batch: int, world: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+def repeat_to_steps(
+    x: torch.Tensor, y: torch.Tensor, batch: int, world: int, steps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The split repeated until one epoch has at least `steps` steps of `batch` per process."""
     times = -(-steps * batch * world // len(y))  # ceiling
     return (x.repeat(times, 1, 1, 1), y.repeat(times)) if times > 1 else (x, y)
@@ -202,7 +241,9 @@ def run(args) -> None:
     from pipeline.strategy import DistributedStrategy, inside_torchrun, make_strategy
 
     if args.strategy == "ddp" and not inside_torchrun():
-        raise SystemExit("probe: --strategy ddp runs under torchrun (torchrun --standalone --nproc-per-node=N ...)")
+        raise SystemExit(
+            "probe: --strategy ddp runs under torchrun (torchrun --standalone --nproc-per-node=N ...)"
+        )
     strategy = DistributedStrategy() if args.strategy == "ddp" else make_strategy("dp", args.gpus)
     try:
         train_x, train_y, val_x, val_y, data_kind = load_data(args.data)
@@ -211,9 +252,13 @@ def run(args) -> None:
         sampler = strategy.sampler(len(train_y), 0)
         steps = len(sampler) // batch
         if steps < 1:
-            raise SystemExit(f"probe: {len(train_y)} training images are fewer than one batch of {args.batch_size}")
+            raise SystemExit(
+                f"probe: {len(train_y)} training images are fewer than one batch of {args.batch_size}"
+            )
         parts, built_by = build(strategy, args, steps)
-        if strategy.device.type == "cuda":  # only the devices this process uses: touching others would create contexts there
+        if (
+            strategy.device.type == "cuda"
+        ):  # only the devices this process uses: touching others would create contexts there
             for d in range(args.gpus) if args.strategy == "dp" else [strategy.device.index]:
                 torch.cuda.reset_peak_memory_stats(d)
         train_x, train_y = parts.place(train_x, train_y)
@@ -226,10 +271,22 @@ def run(args) -> None:
             order = list(sampler)
             # The first epoch warms up (allocations, cuDNN plans); a sync in any later step is a defect.
             with sync_debug(args.sync_debug and epoch > 0):
-                stats = train_one_epoch(parts.model, parts.optimizer, parts.scheduler, loss_fn, train_x, train_y, order, batch, strategy, parts.settings)
+                stats = train_one_epoch(
+                    parts.model,
+                    parts.optimizer,
+                    parts.scheduler,
+                    loss_fn,
+                    train_x,
+                    train_y,
+                    order,
+                    batch,
+                    strategy,
+                    parts.settings,
+                )
             epochs.append(stats)
             if strategy.is_main:
-                print(f"probe {args.strategy}: epoch {epoch + 1}/{args.epochs} {stats.seconds:.2f}s {stats.images / stats.seconds:.0f} img/s loss {stats.loss:.3f}", flush=True)
+                rate = f"{stats.seconds:.2f}s {stats.images / stats.seconds:.0f} img/s loss {stats.loss:.3f}"
+                print(f"probe {args.strategy}: epoch {epoch + 1}/{args.epochs} {rate}", flush=True)
         strategy.share_main_buffers(parts.bare)  # as pipeline.trainer does before every evaluation
         val_loss, val_accuracy = evaluate(parts.eval_model, val_x, val_y, 256, strategy, parts.settings)
         # Steady state: the epochs after the first (which pays for cuDNN autotuning and allocations).
@@ -250,7 +307,11 @@ def run(args) -> None:
             dist.all_gather_object(dtypes_per_rank, sorted(compute_dtypes))
         if strategy.is_main:
             cuda = strategy.device.type == "cuda"
-            gpus = (strategy.world_size if args.strategy == "ddp" else max(getattr(strategy, "gpus", 0), 1)) if cuda else 0
+            gpus = (
+                (strategy.world_size if args.strategy == "ddp" else max(getattr(strategy, "gpus", 0), 1))
+                if cuda
+                else 0
+            )
             result = {
                 "strategy": args.strategy,
                 "gpus": gpus,
@@ -258,7 +319,13 @@ def run(args) -> None:
                 "device": strategy.device_label,
                 "card": card(strategy),
                 # ddp: how gradients were averaged (nccl, or gloo on CPU), as the run's allreduce tag says
-                "backend": (strategy.allreduce if args.strategy == "ddp" else "DataParallel" if getattr(strategy, "gpus", 0) > 1 else "single device"),
+                "backend": (
+                    strategy.allreduce
+                    if args.strategy == "ddp"
+                    else "DataParallel"
+                    if getattr(strategy, "gpus", 0) > 1
+                    else "single device"
+                ),
                 "model": args.model,
                 "image_size": int(train_x.shape[-1]),
                 "global_batch": args.batch_size,
@@ -274,7 +341,9 @@ def run(args) -> None:
                 "channels_last": parts.settings.channels_last,
                 "epochs": [round(s.seconds, 3) for s in epochs],
                 "images_per_second": images / seconds if seconds > 0 else 0.0,
-                "data_wait_fraction": sum(s.data_wait_seconds for s in steady) / seconds if seconds > 0 else 0.0,
+                "data_wait_fraction": sum(s.data_wait_seconds for s in steady) / seconds
+                if seconds > 0
+                else 0.0,
                 "peak_memory_mb": float(peak.item()),
                 "train_loss": epochs[-1].loss,
                 "val_accuracy": val_accuracy,
@@ -289,7 +358,15 @@ def run(args) -> None:
             args.save_weights.mkdir(parents=True, exist_ok=True)
             state = {k: v.detach().cpu().clone() for k, v in parts.bare.state_dict().items()}
             parameters = sorted(name for name, _ in parts.bare.named_parameters())
-            torch.save({"state": state, "parameters": parameters, "world_size": strategy.world_size, "rank": strategy.rank}, args.save_weights / f"rank{strategy.rank}.pt")
+            torch.save(
+                {
+                    "state": state,
+                    "parameters": parameters,
+                    "world_size": strategy.world_size,
+                    "rank": strategy.rank,
+                },
+                args.save_weights / f"rank{strategy.rank}.pt",
+            )
     finally:
         strategy.close()
 
@@ -303,8 +380,9 @@ def table(paths: list[Path]) -> str:
             rows.append({"strategy": path.stem, "error": f"no result ({type(err).__name__})"})
     cards = sorted({r["card"] for r in rows if "card" in r})
     header = (
-        f"{'strategy':<8} {'GPUs':>4} {'procs':>5} {'backend':<13} {'batch':>6} {'per GPU':>7} {'steps':>5} {'images/s':>10} "
-        f"{'data wait':>9} {'peak mem MiB':>12} {'ranks agree':>11} {'compute':<9}  {'epochs (s)':<24} model / data"
+        f"{'strategy':<8} {'GPUs':>4} {'procs':>5} {'backend':<13} {'batch':>6} {'per GPU':>7} {'steps':>5} "
+        f"{'images/s':>10} {'data wait':>9} {'peak mem MiB':>12} {'ranks agree':>11} {'compute':<9}  "
+        f"{'epochs (s)':<24} model / data"
     )
     lines = [f"card(s): {', '.join(cards) or 'unknown'}", header, "-" * len(header)]
     for r in rows:
@@ -312,10 +390,13 @@ def table(paths: list[Path]) -> str:
             lines.append(f"{r['strategy']:<8} {r['error']}")
             continue
         dtypes = ",".join(sorted({dtype for _, dtype in r.get("compute_dtypes", [])})) or "?"
+        per_gpu, steps = r.get("per_gpu_batch", "?"), r.get("steps_per_epoch", "?")
         lines.append(
-            f"{r['strategy']:<8} {r['gpus']:>4} {r['processes']:>5} {r['backend']:<13} {r['global_batch']:>6} {r.get('per_gpu_batch', '?'):>7} "
-            f"{r.get('steps_per_epoch', '?'):>5} {r['images_per_second']:>10,.0f} {r['data_wait_fraction']:>9.1%} {r['peak_memory_mb']:>12,.0f} "
-            f"{str(r['ranks_agree']):>11} {dtypes:<9}  {str(r['epochs']):<24} {r['model']} {r['image_size']}px, channels_last={r['channels_last']} "
+            f"{r['strategy']:<8} {r['gpus']:>4} {r['processes']:>5} {r['backend']:<13} "
+            f"{r['global_batch']:>6} {per_gpu:>7} {steps:>5} {r['images_per_second']:>10,.0f} "
+            f"{r['data_wait_fraction']:>9.1%} {r['peak_memory_mb']:>12,.0f} {r['ranks_agree']!s:>11} "
+            f"{dtypes:<9}  {r['epochs']!s:<24} "
+            f"{r['model']} {r['image_size']}px, channels_last={r['channels_last']} "
             f"data_on_device={r['data_on_device']} sync_debug={r.get('sync_debug', False)}, {r['data']}"
         )
     lines.append(
@@ -331,21 +412,38 @@ def main() -> None:
     parser.add_argument("--images-per-class", type=int, default=140)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--strategy", choices=("dp", "ddp"))
-    parser.add_argument("--gpus", type=int, default=1, help="dp: devices for DataParallel (ignored without CUDA)")
+    parser.add_argument(
+        "--gpus", type=int, default=1, help="dp: devices for DataParallel (ignored without CUDA)"
+    )
     parser.add_argument("--data", type=Path, help="a folder made by --prepare")
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64, help="global batch, as train.batch_size")
-    parser.add_argument("--min-steps", type=int, default=1, help="repeat the training split until an epoch has this many steps")
-    parser.add_argument("--sync-debug", action="store_true", help="epochs after the first under set_sync_debug_mode('error') (CUDA)")
+    parser.add_argument(
+        "--min-steps",
+        type=int,
+        default=1,
+        help="repeat the training split until an epoch has this many steps",
+    )
+    parser.add_argument(
+        "--sync-debug",
+        action="store_true",
+        help="epochs after the first under set_sync_debug_mode('error') (CUDA)",
+    )
     parser.add_argument("--json", type=Path, help="write the result here (main process)")
-    parser.add_argument("--save-weights", type=Path, help="every rank saves its final weights here as rank<r>.pt")
-    parser.add_argument("--table", type=Path, nargs="+", help="print one table of these result files and exit")
+    parser.add_argument(
+        "--save-weights", type=Path, help="every rank saves its final weights here as rank<r>.pt"
+    )
+    parser.add_argument(
+        "--table", type=Path, nargs="+", help="print one table of these result files and exit"
+    )
     args = parser.parse_args()
     if args.table:
         print(table(args.table))
     elif args.prepare:
-        print("probe data: " + json.dumps(prepare(args.prepare, args.images_per_class, args.size)), flush=True)
+        print(
+            "probe data: " + json.dumps(prepare(args.prepare, args.images_per_class, args.size)), flush=True
+        )
     elif args.strategy and args.data:
         run(args)
     else:

@@ -446,58 +446,64 @@ def precision_comparison(args: argparse.Namespace) -> list[tuple[str, str, str]]
     pool = max(args.steps * BATCH, 512)
     images = torch.randn(pool, 3, SIZE, SIZE, generator=generator).half()
     labels = torch.randint(0, CLASSES, (pool,), generator=generator)
-    loops = {name: LoopConfig(name, channels_last=True, loop_adamw=False, steps=args.steps, bf16=name == "bf16") for name in dtypes}
-    for loop in loops.values():  # warm-up: first-call allocations and oneDNN primitive creation
+    loops = [LoopConfig(name, True, False, args.steps, bf16=name == "bf16") for name in dtypes]
+    for loop in loops:  # warm-up: first-call allocations and oneDNN primitive creation
         loop.epoch(images, labels, 2, generator)
         loop.rates.clear()
-    for round_ in range(args.repeat):  # interleaved and rotated, matmuls re-measured beside them
+    for round_ in range(args.repeat):  # interleaved and rotated, the matmuls re-measured beside them
         for name, dtype in dtypes.items():
             rates[name] = max(rates[name], matmul_gflops(repeat=2, dtype=dtype))
-        for loop in list(loops.values())[round_ % 2 :] + list(loops.values())[: round_ % 2]:
+        for loop in loops[round_ % 2 :] + loops[: round_ % 2]:
             loop.epoch(images, labels, args.steps, generator)
+    fp32, bf16 = rates["fp32"], rates["bf16"]
     rows = [
-        ("(a) fp32 matmul rate", f"{rates['fp32']:.0f} GFLOP/s", "2048x2048 torch.mm, best of rounds"),
-        ("(a) bf16 matmul rate", f"{rates['bf16']:.0f} GFLOP/s", f"{rates['bf16'] / rates['fp32']:.2f}x fp32 (bf16 tensors)"),
-        ("(a) training FLOPs per image", f"{per_image / 1e9:.3f} GFLOP", "FlopCounterMode, forward + backward"),
+        ("(a) fp32 matmul rate", f"{fp32:.0f} GFLOP/s", "2048x2048 torch.mm, best of rounds"),
+        ("(a) bf16 matmul rate", f"{bf16:.0f} GFLOP/s", f"{bf16 / fp32:.2f}x fp32 (bf16 tensors)"),
+        ("(a) training FLOPs per image", f"{per_image / 1e9:.3f} GFLOP", "FlopCounterMode, fwd + bwd"),
     ]
-    for name, loop in loops.items():
+    for loop in loops:
         effective = loop.best * per_image / 1e9
-        ran = loop.settings.precision
-        against = f"{effective / rates['fp32']:.0%} of the fp32 matmul, {effective / rates['bf16']:.0%} of the bf16 matmul"
-        rows.append((f"(b) loop, train.bf16={name == 'bf16'} (ran {ran})", f"{loop.best:.1f} img/s", f"{effective:.0f} GFLOP/s effective = {against}"))
-    rows.append(("(b) loop bf16 vs fp32", f"{loops['bf16'].best / loops['fp32'].best:.2f}x", "images/s"))
+        shares = f"{effective / fp32:.0%} of fp32 matmul, {effective / bf16:.0%} of bf16 matmul"
+        name = f"(b) loop, train.bf16={loop.label == 'bf16'} (ran {loop.settings.precision})"
+        rows.append((name, f"{loop.best:.1f} img/s", f"{effective:.0f} GFLOP/s effective = {shares}"))
+    rows.append(("(b) loop bf16 vs fp32 (images/s)", f"{loops[1].best / loops[0].best:.2f}x", ""))
     if not args.skip_end_to_end:
         rows += precision_end_to_end(args, native)
     return rows
 
 
 def precision_end_to_end(args: argparse.Namespace, native: bool) -> list[tuple[str, str, str]]:
+    """`train dp` on the default data with train.bf16 false and true, `--rounds` times each in turn."""
+    best: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="train-bench-precision-") as tmp:
         started = time.perf_counter()
         workspace = default_data_workspace(args.workdir or Path(tmp))
-        print(f"(c) default data fetched and preprocessed in {time.perf_counter() - started:.0f}s", flush=True)
-        best: dict[str, dict] = {}
+        print(f"(c) default data made in {time.perf_counter() - started:.0f}s", flush=True)
         for _ in range(args.rounds):
             for name in ("fp32", "bf16"):
                 write_bf16(workspace, name == "bf16")
-                figures = run_stage(workspace, "dp", timeout=1200)
+                run = run_stage(workspace, "dp", timeout=1200)
                 print(
-                    f"(c) train dp, train.bf16={name == 'bf16'}: ran {figures['precision']}, epochs {figures['epochs']} s, "
-                    f"best after the first {figures['images_per_second']:.1f} img/s, val accuracy {figures['val_accuracy']:.4f}",
+                    f"(c) train dp, train.bf16={name == 'bf16'}: ran {run['precision']}, "
+                    f"epochs {run['epochs']} s, {run['images_per_second']:.1f} img/s, "
+                    f"val accuracy {run['val_accuracy']:.4f}",
                     flush=True,
                 )
-                if name not in best or figures["images_per_second"] > best[name]["images_per_second"]:
-                    best[name] = figures
-    fp32, bf16 = best["fp32"], best["bf16"]
+                if name not in best or run["images_per_second"] > best[name]["images_per_second"]:
+                    best[name] = run
     rows = []
-    for name, figures in best.items():
-        result = f"ran {figures['precision']}; {figures['images']} images in {figures['epoch_seconds']:.1f}s; whole run {figures['train_seconds']:.0f}s"
-        rows.append((f"(c) train dp, train.bf16={name == 'bf16'}", f"{figures['images_per_second']:.1f} img/s", result))
-        rows.append((f"(c)   validation accuracy, train.bf16={name == 'bf16'}", f"{figures['val_accuracy']:.4f}", "default data, same seed"))
-    speedup = bf16["images_per_second"] / fp32["images_per_second"]
-    rows.append(("(c) train dp bf16 vs fp32 (images/s)", f"{speedup:.2f}x", verdict(speedup, 1.5) if native else "bf16 not native: both ran fp32"))
-    gap = abs(bf16["val_accuracy"] - fp32["val_accuracy"])
-    rows.append(("(c) validation accuracy, |bf16 - fp32|", f"{gap * 100:.2f} points", "PASS (target <= 1)" if gap <= 0.01 else "FAIL (target <= 1)"))
+    for name, run in best.items():
+        wanted = f"train.bf16={name == 'bf16'}"
+        result = f"ran {run['precision']}; {run['images']} images in {run['epoch_seconds']:.1f}s"
+        rows.append((f"(c) train dp, {wanted}", f"{run['images_per_second']:.1f} img/s", result))
+        result = f"default data, seed 0; whole training {run['train_seconds']:.0f}s"
+        rows.append((f"(c)   validation accuracy, {wanted}", f"{run['val_accuracy']:.4f}", result))
+    speedup = best["bf16"]["images_per_second"] / best["fp32"]["images_per_second"]
+    result = verdict(speedup, 1.5) if native else "bf16 not native here: both ran fp32"
+    rows.append(("(c) train dp, bf16 vs fp32 (images/s)", f"{speedup:.2f}x", result))
+    gap = abs(best["bf16"]["val_accuracy"] - best["fp32"]["val_accuracy"]) * 100
+    result = f"{'PASS' if gap <= 1 else 'FAIL'} (target <= 1)"
+    rows.append(("(c) validation accuracy, |bf16 - fp32|", f"{gap:.2f} points", result))
     return rows
 
 
@@ -510,7 +516,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="times (c) runs dp, ddp and the original in turn; each keeps its best (default 1)")
     parser.add_argument("--quick", action="store_true", help="a fast, rougher run: 40 images per class, 2 epochs, 5 rounds")
     parser.add_argument("--skip-end-to-end", action="store_true", help="only (a) and (b)")
-    parser.add_argument("--precision", action="store_true", help="compare bf16 with fp32 instead (see the module docstring)")
+    parser.add_argument("--precision", action="store_true", help="compare bf16 with fp32 instead (see above)")
     parser.add_argument("--workdir", type=Path, help="where to put data and workspace (default: a temp dir)")
     parser.add_argument("--ddp-worker", type=Path, help=argparse.SUPPRESS)  # internal: one torchrun rank of the DDP step timing
     args = parser.parse_args()
@@ -522,11 +528,15 @@ def main() -> None:
 
     n_cores = cores()
     threads = torch.get_num_threads()
-    print(f"machine: {processor_name()}, {n_cores} usable CPU cores; torch {torch.__version__}, {threads} intra-op threads (as training uses)")
+    print(
+        f"machine: {processor_name()}, {n_cores} usable CPU cores; torch {torch.__version__}, "
+        f"{threads} intra-op threads (as training uses)"
+    )
     if args.precision:
         load_before, begun = os.getloadavg()[0], time.perf_counter()
         print_table(precision_comparison(args))
-        print(f"total {time.perf_counter() - begun:.0f}s; load average (1 min, includes this benchmark): {load_before:.2f} before, {os.getloadavg()[0]:.2f} after, on {n_cores} cores")
+        load = f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after, on {n_cores} cores"
+        print(f"total {time.perf_counter() - begun:.0f}s; load average (1 min, with this benchmark): {load}")
         return
     print(f"model {MODEL} at {SIZE} px, {CLASSES} classes, global batch {BATCH}; (b) best of {args.repeat} rounds of {args.steps} steps per configuration")
     load_before = os.getloadavg()[0]

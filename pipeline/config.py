@@ -172,7 +172,8 @@ class TrainConfig(_Section):
     """Use the channels_last memory format (faster convolutions)."""
     bf16: bool = True
     """bf16 autocast, for training, validation and the evaluate stage, where the device computes bf16
-    natively (CUDA; a CPU with AMX or AVX512-BF16); fp32 elsewhere. Runs are tagged with the precision used."""
+    natively (CUDA; a CPU with AMX or AVX512-BF16); fp32 elsewhere. Runs are tagged with the precision
+    used."""
     data_on_device: bool = True
     """Keep the whole training split on the GPU when it fits."""
 

@@ -29,7 +29,10 @@ def check_visible_gpus(requested: int) -> None:
     """On a CUDA machine, asking for more GPUs than are visible is a user error."""
     if torch.cuda.is_available() and requested > torch.cuda.device_count():
         visible = torch.cuda.device_count()
-        raise UserError(f"gpus={requested} but only {visible} CUDA device(s) are visible: set gpus to at most {visible} (dvc exp run -S gpus={visible})")
+        raise UserError(
+            f"gpus={requested} but only {visible} CUDA device(s) are visible: "
+            f"set gpus to at most {visible} (dvc exp run -S gpus={visible})"
+        )
 
 
 SYNC_BATCHNORM_NEEDS_CUDA = (
@@ -50,8 +53,8 @@ def check_data_parallel_options(replicas: int, sync_batchnorm: bool, compile_: b
         raise UserError(SYNC_BATCHNORM_NEEDS_DDP)
     if compile_ and replicas > 1:
         raise UserError(
-            f"train.compile does not reach DataParallel's {replicas} replicas (they run the uncompiled module "
-            "in threads: the compile time buys nothing): set train.compile: false for dp, or use ddp"
+            f"train.compile does not reach DataParallel's {replicas} replicas (they run the uncompiled "
+            "module in threads: the compile time buys nothing): set train.compile: false for dp, or use ddp"
         )
 
 
@@ -90,7 +93,14 @@ class Strategy:
         # The same sampler class everywhere: with one replica it is a seeded permutation per epoch,
         # with N replicas each rank takes every N-th index of that same permutation. So the union
         # of the ranks' k-th batches is exactly the one-process k-th batch.
-        return DistributedSampler(range(dataset_size), num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=seed, drop_last=True)
+        return DistributedSampler(
+            range(dataset_size),
+            num_replicas=self.world_size,
+            rank=self.rank,
+            shuffle=True,
+            seed=seed,
+            drop_last=True,
+        )
 
     def eval_indices(self, dataset_size: int) -> range:
         """This process's share of an exact evaluation: every item exactly once over all ranks."""
@@ -157,7 +167,9 @@ class DataParallelStrategy(Strategy):
         # on one GPU or on CPU the wrapper would only add overhead.
         if self.gpus <= 1:
             return model
-        return nn.DataParallel(AutocastForward(model, self.device, precision), device_ids=list(range(self.gpus)))
+        return nn.DataParallel(
+            AutocastForward(model, self.device, precision), device_ids=list(range(self.gpus))
+        )
 
 
 _COLLECTIVE_TIMEOUT = timedelta(minutes=10)
@@ -185,7 +197,9 @@ class DistributedStrategy(Strategy):
 
     def __init__(self, sync_batchnorm: bool = False):
         if not inside_torchrun():
-            raise RuntimeError("DistributedStrategy must run under torchrun (use `python -m pipeline train ddp`)")
+            raise RuntimeError(
+                "DistributedStrategy must run under torchrun (use `python -m pipeline train ddp`)"
+            )
         self.rank = int(os.environ["RANK"])
         self.local_rank = int(os.environ["LOCAL_RANK"])
         self.world_size = int(os.environ["WORLD_SIZE"])

@@ -39,14 +39,34 @@ RANK_ERRORS = "PIPELINE_RANK_ERRORS"
 def torchrun_command(params: Params, params_file: Path, workspace: Path) -> list[str]:
     """The torchrun invocation that starts `gpus` copies of `train ddp` on this node."""
     dist = params.distributed
-    command = [sys.executable, "-m", "pipeline.train", f"--nproc-per-node={params.gpus}", f"--max-restarts={dist.max_restarts}"]
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline.train",
+        f"--nproc-per-node={params.gpus}",
+        f"--max-restarts={dist.max_restarts}",
+    ]
     if dist.nnodes == 1:
         # --standalone picks a free port: two experiments training at once do not collide.
         command.append("--standalone")
     else:
         host, port = dist.rdzv_endpoint.rsplit(":", 1)
-        command += [f"--nnodes={dist.nnodes}", f"--node-rank={dist.node_rank}", f"--master-addr={host}", f"--master-port={port}"]
-    return command + ["-m", "pipeline", "train", "ddp", "--params", str(params_file), "--workspace", str(workspace)]
+        command += [
+            f"--nnodes={dist.nnodes}",
+            f"--node-rank={dist.node_rank}",
+            f"--master-addr={host}",
+            f"--master-port={port}",
+        ]
+    return command + [
+        "-m",
+        "pipeline",
+        "train",
+        "ddp",
+        "--params",
+        str(params_file),
+        "--workspace",
+        str(workspace),
+    ]
 
 
 def launch_ddp(params: Params, params_file: Path, workspace: Path) -> int:

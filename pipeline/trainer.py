@@ -193,7 +193,10 @@ def fit(params: Params, paths: Paths, strategy: Strategy) -> dict | None:
         for epoch in range(state.next_epoch, params.train.epochs):
             sampler.set_epoch(epoch)  # a new permutation every epoch, the same on every rank
             try:
-                stats = train_one_epoch(state.model, state.optimizer, state.scheduler, loss_fn, train_x, train_y, list(sampler), batch, strategy, settings)
+                stats = train_one_epoch(
+                    state.model, state.optimizer, state.scheduler, loss_fn, train_x, train_y, list(sampler),
+                    batch, strategy, settings,
+                )  # fmt: skip
             except NonFiniteLoss as err:
                 raise diverged(params, "training", f"by step {err.step} of epoch {epoch + 1}") from None
             strategy.share_main_buffers(state.bare)  # every rank evaluates the model that is exported
@@ -213,8 +216,8 @@ def diverged(params: Params, loss: str, when: str) -> UserError:
     """The error that ends a training whose numbers blew up: no model is written or logged."""
     train = params.train
     return UserError(
-        f"training diverged: the {loss} loss became NaN or infinite {when}: lower train.lr (now {train.lr:g}) "
-        f"or train.weight_decay (now {train.weight_decay:g}), the usual causes"
+        f"training diverged: the {loss} loss became NaN or infinite {when}: lower train.lr "
+        f"(now {train.lr:g}) or train.weight_decay (now {train.weight_decay:g}), the usual causes"
     )
 
 

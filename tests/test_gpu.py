@@ -25,13 +25,27 @@ REPO = Path(__file__).resolve().parents[1]
 PROBE = REPO / "benchmarks" / "gpu_train_probe.py"
 SUBPROCESS_TIMEOUT = 150
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: no GPU visible")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: no GPU visible"),
+]
 
 
 def _params(gpus: int, **train):
     from pipeline.config import params_from_dict
 
-    values = {"gpus": gpus, "model": {"name": "resnet18"}, "train": {"epochs": 6, "batch_size": 32, "channels_last": True, "bf16": True, "data_on_device": True, **train}}
+    values = {
+        "gpus": gpus,
+        "model": {"name": "resnet18"},
+        "train": {
+            "epochs": 6,
+            "batch_size": 32,
+            "channels_last": True,
+            "bf16": True,
+            "data_on_device": True,
+            **train,
+        },
+    }
     return params_from_dict(values)
 
 
@@ -40,7 +54,9 @@ def _run(command: list[str], log: Path, timeout: int = SUBPROCESS_TIMEOUT) -> st
     process group (torchrun's ranks too) and fail with the output so far."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with open(log, "w") as out:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -77,14 +93,18 @@ def test_dp_over_all_visible_gpus_trains_with_bf16_in_every_replica_channels_las
 
     gpus = torch.cuda.device_count()
     params, strategy, state, settings, images, labels = _dp_training(gpus)
-    assert images.device.type == "cuda" and labels.device.type == "cuda", "data_on_device: the split should sit on the GPU"
+    assert images.device.type == "cuda" and labels.device.type == "cuda", (
+        "data_on_device: the split should sit on the GPU"
+    )
     assert settings.bf16 and settings.channels_last
     if gpus > 1:
         assert isinstance(state.model, nn.DataParallel) and state.model.device_ids == list(range(gpus))
     seen: list[tuple[torch.device, torch.dtype, bool]] = []
     # DataParallel's replicas share the bare module's hooks: this runs in every replica's thread.
     state.bare.conv1.register_forward_hook(
-        lambda module, inputs, output: seen.append((output.device, output.dtype, inputs[0].is_contiguous(memory_format=torch.channels_last)))
+        lambda module, inputs, output: seen.append(
+            (output.device, output.dtype, inputs[0].is_contiguous(memory_format=torch.channels_last))
+        )
     )
     before = {k: v.detach().clone() for k, v in state.bare.state_dict().items()}
 
@@ -92,16 +112,33 @@ def test_dp_over_all_visible_gpus_trains_with_bf16_in_every_replica_channels_las
     losses = []
     for epoch in range(params.train.epochs):
         sampler.set_epoch(epoch)
-        stats = train_one_epoch(state.model, state.optimizer, state.scheduler, nn.CrossEntropyLoss(), images, labels, list(sampler), 32, strategy, settings)
+        stats = train_one_epoch(
+            state.model,
+            state.optimizer,
+            state.scheduler,
+            nn.CrossEntropyLoss(),
+            images,
+            labels,
+            list(sampler),
+            32,
+            strategy,
+            settings,
+        )
         losses.append(stats.loss)
         assert stats.images == 128 and torch.isfinite(torch.tensor(stats.loss))
 
     assert {device.index for device, _, _ in seen} == set(range(gpus)), "every GPU should have run a replica"
     dtypes = {(str(device), str(dtype)) for device, dtype, _ in seen}
-    assert all(dtype == torch.bfloat16 for _, dtype, _ in seen), f"every replica should compute in bf16: {sorted(dtypes)}"
+    assert all(dtype == torch.bfloat16 for _, dtype, _ in seen), (
+        f"every replica should compute in bf16: {sorted(dtypes)}"
+    )
     assert all(channels_last for _, _, channels_last in seen)
     assert all(p.is_cuda for p in state.bare.parameters())
-    changed = [k for k, v in state.bare.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    changed = [
+        k
+        for k, v in state.bare.state_dict().items()
+        if v.is_floating_point() and not torch.equal(v, before[k])
+    ]
     assert changed, "training changed no weight"
     assert losses[-1] < losses[0], f"128 fixed images should be learnt a little in a few epochs: {losses}"
 
@@ -134,7 +171,8 @@ def test_training_steps_never_wait_for_the_gpu():
 
     gpus = torch.cuda.device_count()
     batch = 2 * gpus
-    params, strategy, state, settings, images, labels = _dp_training(gpus, images=(2 * NAN_CHECK_INTERVAL + 5) * batch)
+    steps = 2 * NAN_CHECK_INTERVAL + 5
+    _, strategy, state, settings, images, labels = _dp_training(gpus, images=steps * batch)
     sampler = strategy.sampler(len(labels), 0)
     loss_fn = nn.CrossEntropyLoss()
     for epoch in range(2):
@@ -142,7 +180,18 @@ def test_training_steps_never_wait_for_the_gpu():
         order = list(sampler)
         torch.cuda.set_sync_debug_mode("error" if epoch else 0)
         try:
-            train_one_epoch(state.model, state.optimizer, state.scheduler, loss_fn, images, labels, order, batch, strategy, settings)
+            train_one_epoch(
+                state.model,
+                state.optimizer,
+                state.scheduler,
+                loss_fn,
+                images,
+                labels,
+                order,
+                batch,
+                strategy,
+                settings,
+            )
         finally:
             torch.cuda.set_sync_debug_mode(0)
 
@@ -150,7 +199,11 @@ def test_training_steps_never_wait_for_the_gpu():
 @pytest.fixture(scope="module")
 def probe_data(tmp_path_factory) -> Path:
     data = tmp_path_factory.mktemp("probe") / "data"
-    _run([sys.executable, str(PROBE), "--prepare", str(data), "--images-per-class", "16", "--size", "64"], data.parent / "prepare.log", timeout=90)
+    _run(
+        [sys.executable, str(PROBE), "--prepare", str(data), "--images-per-class", "16", "--size", "64"],
+        data.parent / "prepare.log",
+        timeout=90,
+    )
     return data
 
 
@@ -167,23 +220,34 @@ def _ddp_probe(data: Path, out: Path, *options: str) -> dict:
 
 def test_ddp_steps_never_wait_for_the_gpu(probe_data, tmp_path):
     summary = _ddp_probe(probe_data, tmp_path, "--sync-debug", "--min-steps", "45")
-    assert summary["sync_debug"] and summary["steps_per_epoch"] >= 45, "the second epoch ran under set_sync_debug_mode('error')"
+    assert summary["sync_debug"] and summary["steps_per_epoch"] >= 45, (
+        "the second epoch ran under set_sync_debug_mode('error')"
+    )
 
 
 def test_ddp_over_nccl_ends_with_identical_weights_and_buffers_on_every_rank(probe_data, tmp_path):
     gpus = torch.cuda.device_count()
     weights = tmp_path / "weights"
     summary = _ddp_probe(probe_data, tmp_path, "--save-weights", str(weights))
-    assert summary["backend"] == "nccl" and summary["processes"] == gpus and summary["bf16"] and summary["data_on_device"]
+    assert (
+        summary["backend"] == "nccl"
+        and summary["processes"] == gpus
+        and summary["bf16"]
+        and summary["data_on_device"]
+    )
     assert {dtype for _, dtype in summary["compute_dtypes"]} == {"bfloat16"}, summary["compute_dtypes"]
-    states = [torch.load(weights / f"rank{rank}.pt", weights_only=True, map_location="cpu") for rank in range(gpus)]
+    states = [
+        torch.load(weights / f"rank{rank}.pt", weights_only=True, map_location="cpu") for rank in range(gpus)
+    ]
     assert all(s["world_size"] == gpus for s in states)
     # Buffers too: before evaluating, every rank takes rank 0's batch-norm statistics.
     names = list(states[0]["state"])
     assert len(names) > 10 and any("running_mean" in name for name in names)
     for other in states[1:]:
         for name in names:
-            assert torch.equal(states[0]["state"][name], other["state"][name]), f"rank {other['rank']} differs from rank 0 in {name}"
+            assert torch.equal(states[0]["state"][name], other["state"][name]), (
+                f"rank {other['rank']} differs from rank 0 in {name}"
+            )
     assert summary["ranks_agree"]
 
 
@@ -198,7 +262,9 @@ def test_dp_refuses_what_it_cannot_honour():
         with pytest.raises(UserError, match=rf"train.compile does not reach DataParallel's {gpus} replicas"):
             make_strategy("dp", gpus, compile_=True)
     else:
-        make_strategy("dp", 1, compile_=True)  # one GPU: no replicas, the compiled module is the one that runs
+        make_strategy(
+            "dp", 1, compile_=True
+        )  # one GPU: no replicas, the compiled module is the one that runs
 
 
 def test_asking_for_more_gpus_than_visible_names_how_many_there_are():
@@ -207,7 +273,9 @@ def test_asking_for_more_gpus_than_visible_names_how_many_there_are():
 
     visible = torch.cuda.device_count()
     check_visible_gpus(visible)  # exactly as many is fine
-    with pytest.raises(UserError, match=rf"gpus={visible + 1} but only {visible} CUDA device\(s\) are visible"):
+    with pytest.raises(
+        UserError, match=rf"gpus={visible + 1} but only {visible} CUDA device\(s\) are visible"
+    ):
         check_visible_gpus(visible + 1)
     with pytest.raises(UserError, match=rf"only {visible} CUDA device"):
         make_strategy("dp", visible + 1)

@@ -36,7 +36,9 @@ def without_native_bf16(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
 
 
-@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="needs Linux's /proc/cpuinfo to know the processor")
+@pytest.mark.skipif(
+    not Path("/proc/cpuinfo").is_file(), reason="needs Linux's /proc/cpuinfo to know the processor"
+)
 def test_native_bf16_is_what_the_processor_advertises():
     assert native_bf16(CPU) == bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
@@ -46,7 +48,9 @@ def test_fp32_where_bf16_is_not_native_or_not_wanted(without_native_bf16):
 
 
 def _conv_dtype_of_a_training_step(bf16_wanted: bool) -> torch.dtype:
-    params = params_from_dict({"model": {"name": "small_cnn"}, "train": {"epochs": 1, "batch_size": 8, "bf16": bf16_wanted}})
+    params = params_from_dict(
+        {"model": {"name": "small_cnn"}, "train": {"epochs": 1, "batch_size": 8, "bf16": bf16_wanted}}
+    )
     strategy = make_strategy("dp", 1)
     state = TrainingState(params, strategy, 29, steps_per_epoch=2)
     seen = []
@@ -54,7 +58,18 @@ def _conv_dtype_of_a_training_step(bf16_wanted: bool) -> torch.dtype:
     images, labels = torch.randn(16, 3, 32, 32).half(), torch.randint(0, 29, (16,))
     order = list(range(16))
     loss_fn = nn.CrossEntropyLoss()
-    train_one_epoch(state.model, state.optimizer, state.scheduler, loss_fn, images, labels, order, 8, strategy, step_settings(params, strategy))
+    train_one_epoch(
+        state.model,
+        state.optimizer,
+        state.scheduler,
+        loss_fn,
+        images,
+        labels,
+        order,
+        8,
+        strategy,
+        step_settings(params, strategy),
+    )
     assert len(seen) == 2
     return seen[0]
 

@@ -52,10 +52,17 @@ def _conv_dtype_in_thread(module: nn.Module, probe: nn.Module, thread_autocast) 
 def test_a_dataparallel_replica_runs_the_run_precision_in_its_own_thread(thread_autocast):
     model = build_model("small_cnn", 29)
     conv = model.features[0]
-    assert _conv_dtype_in_thread(model, conv, thread_autocast) != torch.bfloat16, "the hazard: the thread's own autocast wins"
+    assert _conv_dtype_in_thread(model, conv, thread_autocast) != torch.bfloat16, (
+        "the hazard: the thread's own autocast wins"
+    )
     replica = AutocastForward(model, CPU, "bf16")
     assert _conv_dtype_in_thread(replica, conv, thread_autocast) == torch.bfloat16
-    assert _conv_dtype_in_thread(AutocastForward(model, CPU, "fp32"), conv, lambda: torch.autocast("cpu", enabled=False)) == torch.float32
+    assert (
+        _conv_dtype_in_thread(
+            AutocastForward(model, CPU, "fp32"), conv, lambda: torch.autocast("cpu", enabled=False)
+        )
+        == torch.float32
+    )
 
 
 def test_unwrap_reaches_the_bare_model_through_the_replica_wrapper():
@@ -64,12 +71,16 @@ def test_unwrap_reaches_the_bare_model_through_the_replica_wrapper():
 
 
 def test_sync_batchnorm_under_dp_is_refused_in_one_line():
-    with pytest.raises(UserError, match=r"^train.sync_batchnorm applies only to ddp \(SyncBatchNorm needs a process group"):
+    with pytest.raises(
+        UserError, match=r"^train.sync_batchnorm applies only to ddp \(SyncBatchNorm needs a process group"
+    ):
         make_strategy("dp", 1, sync_batchnorm=True)
 
 
 def test_compile_is_refused_for_dataparallel_replicas_and_kept_for_one_device():
-    with pytest.raises(UserError, match=r"train.compile does not reach DataParallel's 2 replicas.*set train.compile: false"):
+    with pytest.raises(
+        UserError, match=r"train.compile does not reach DataParallel's 2 replicas.*set train.compile: false"
+    ):
         check_data_parallel_options(replicas=2, sync_batchnorm=False, compile_=True)
     # One device, or dp on CPU (one process whatever `gpus` is): the compiled module is the one that runs.
     check_data_parallel_options(replicas=1, sync_batchnorm=False, compile_=True)
@@ -94,7 +105,18 @@ def _nan_epoch(steps: int, poisoned_step: int) -> tuple[NonFiniteLoss, int]:
     settings = StepSettings(device=CPU, channels_last=False, bf16=False)
     order = list(range(steps * batch))
     with pytest.raises(NonFiniteLoss) as raised:
-        train_one_epoch(model, optimizer, scheduler, nn.CrossEntropyLoss(), images, labels, order, batch, Strategy(CPU), settings)
+        train_one_epoch(
+            model,
+            optimizer,
+            scheduler,
+            nn.CrossEntropyLoss(),
+            images,
+            labels,
+            order,
+            batch,
+            Strategy(CPU),
+            settings,
+        )
     return raised.value, scheduler.last_epoch
 
 
