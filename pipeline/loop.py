@@ -166,6 +166,7 @@ def train_one_epoch(
         # Accumulated on the device: calling .item() here would stall the GPU every step.
         totals[:2] += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double()])
         count, steps = count + len(y), steps + 1
+        # Checked every NAN_CHECK_INTERVAL steps, read one interval later: .item() here would stall the GPU.
         divergence.after_step(totals[0], steps)
     totals[2].fill_(count)
     with _intended_sync(settings.device):
