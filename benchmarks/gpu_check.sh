@@ -3,17 +3,21 @@
 #
 #   bash benchmarks/gpu_check.sh                # on the GPU machine (every visible GPU)
 #   bash benchmarks/gpu_check.sh --cpu-smoke    # tiny, on CPU with gloo: tests this script's logic
-#   options: --budget SECONDS (default 450, whole script), --with-stage (also the real
-#            `python -m pipeline train dp|ddp`, when MLflow and typer are installed there)
+#   options: --budget SECONDS (default 450, whole script), --per-gpu-batch N (default 128),
+#            --with-stage (also the real `python -m pipeline train dp|ddp`, when MLflow and typer are there)
 #
 # It installs nothing. It uses the first of $PYTHON, .venv/bin/python, python3, python that imports
-# torch, and runs what that python can: the GPU-marked tests if pytest and PyYAML are there; the
-# training probe (benchmarks/gpu_train_probe.py: the pipeline's own loop and strategies, no MLflow)
-# for dp and ddp over every visible GPU (NCCL, bf16 autocast, channels_last, data on the GPU) on
-# synthetic data made under /tmp, resnet18 at 64 px. Prints one table: strategy, GPUs, images per
-# second, data-wait fraction, peak memory. Without CUDA (or with --cpu-smoke) the same steps run on
-# tiny sizes with gloo. Everything printed also goes to $OUT/gpu_check.txt when $OUT is set, with
-# the raw results under $OUT/gpu_check_results/. Each part runs under `timeout`, within the budget.
+# torch, and runs what that python can: the GPU-marked tests if pytest and PyYAML are there (each
+# test's own timeouts are shorter than the part's, so a hang names its test); the training probe
+# (benchmarks/gpu_train_probe.py: the pipeline's own loop and strategies, no MLflow) for dp and ddp
+# over every visible GPU (NCCL, bf16 autocast, channels_last, data on the GPU) on synthetic data made
+# under /tmp, resnet18 at 64 px, at the params' global batch (64) and at a fixed batch per GPU
+# (--per-gpu-batch, 128), so that 8 GPUs are not measured on 8 images each. Prints one table naming
+# the card and its count: strategy, GPUs, batch, images per second, data-wait fraction, peak memory,
+# whether the ranks agree, the dtype every replica computed in. Without CUDA (or with --cpu-smoke)
+# the same steps run on tiny sizes with gloo. Everything printed also goes to $OUT/gpu_check.txt when
+# $OUT is set, with the raw results under $OUT/gpu_check_results/. Each part runs under `timeout`
+# (SIGINT first, so Python prints where it hung), within the budget.
 # Exit code: 0 when every part that ran passed, 1 otherwise.
 
 set -u
@@ -22,13 +26,15 @@ REPO=$(pwd)
 
 SMOKE=0
 BUDGET=450
+PER_GPU_BATCH=128
 WITH_STAGE=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --cpu-smoke) SMOKE=1 ;;
         --budget) BUDGET=$2; shift ;;
+        --per-gpu-batch) PER_GPU_BATCH=$2; shift ;;
         --with-stage) WITH_STAGE=1 ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -65,7 +71,8 @@ part() {
     echo
     echo "== $name (limit ${want}s, $(left)s of the budget left)"
     local begun=$SECONDS
-    timeout -k 10 "$want" "$@"
+    # SIGINT first: Python raises KeyboardInterrupt and prints where it was (pytest: which test).
+    timeout -s INT -k 15 "$want" "$@"
     local rc=$?
     if [ $rc -eq 0 ]; then
         PASSED+=("$name")
@@ -139,17 +146,24 @@ if [ "$GPUS" -eq 0 ] && [ $SMOKE -eq 0 ]; then
 fi
 if [ $SMOKE -eq 1 ]; then
     PROCS=2 IMAGES_PER_CLASS=16 SIZE=32 EPOCHS=2 BATCH=32 DP_GPUS=0 DP_LABEL="dp, one CPU process"
+    PER_GPU_BATCH=16 MIN_STEPS=4 SCALE=$PROCS
     echo "mode: CPU smoke: dp in one process, ddp as $PROCS gloo processes, resnet18 at ${SIZE}px, $((IMAGES_PER_CLASS * 29)) images"
 else
     PROCS=$GPUS IMAGES_PER_CLASS=140 SIZE=64 EPOCHS=3 DP_GPUS=$GPUS DP_LABEL="dp over $GPUS GPU(s)"
+    MIN_STEPS=30 SCALE=$GPUS
     BATCH=$(((64 + GPUS - 1) / GPUS * GPUS)) # global batch 64, or the next multiple of the GPU count
-    echo "mode: GPU: dp over $GPUS GPU(s), ddp with $GPUS NCCL process(es), resnet18 at ${SIZE}px, $((IMAGES_PER_CLASS * 29)) images, global batch $BATCH"
+    CARD=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0))" 2>/dev/null)
+    echo "mode: GPU: ${GPUS}x $CARD; dp over $GPUS GPU(s), ddp with $GPUS NCCL process(es), resnet18 at ${SIZE}px,"
+    echo "      $((IMAGES_PER_CLASS * 29)) images, global batch $BATCH, and $PER_GPU_BATCH per GPU (global $((PER_GPU_BATCH * GPUS)))"
 fi
+WIDE=$((PER_GPU_BATCH * SCALE)) # the fixed per-GPU batch over every GPU (every ddp process on CPU)
 
 # --- GPU-marked tests ------------------------------------------------------------------------------
 if has pytest && has yaml; then
     # -m gpu over every test module; modules that cannot import here (no MLflow, ...) must not stop the rest.
-    part "pytest -m gpu" 180 "$PY" -m pytest -m gpu -rs -q -p no:cacheprovider --continue-on-collection-errors tests
+    # -v names each test as it starts; the tests' own subprocess timeouts (at most 150 s) are shorter
+    # than this part's limit, so a hang fails its test with torchrun's output instead of killing pytest.
+    part "pytest -m gpu" 300 "$PY" -m pytest -m gpu -rs -v -p no:cacheprovider --continue-on-collection-errors tests
 else
     echo "== pytest -m gpu: skipped (needs pytest and PyYAML in $PY)"
 fi
@@ -157,10 +171,19 @@ fi
 # --- training throughput ---------------------------------------------------------------------------
 PROBE=(benchmarks/gpu_train_probe.py --data "$WORK/data" --epochs "$EPOCHS" --batch-size "$BATCH")
 if part "prepare data" 120 "$PY" benchmarks/gpu_train_probe.py --prepare "$WORK/data" --images-per-class "$IMAGES_PER_CLASS" --size "$SIZE"; then
-    part "$DP_LABEL" 120 "$PY" "${PROBE[@]}" --strategy dp --gpus "$DP_GPUS" --json "$RESULTS/1_dp_all.json"
-    part "ddp, $PROCS process(es)" 150 "$PY" -m torch.distributed.run --standalone --nproc-per-node="$PROCS" "${PROBE[@]}" --strategy ddp --json "$RESULTS/2_ddp_all.json"
+    TORCHRUN=("$PY" -m torch.distributed.run --standalone --nproc-per-node="$PROCS")
+    part "$DP_LABEL, batch $BATCH" 120 "$PY" "${PROBE[@]}" --strategy dp --gpus "$DP_GPUS" --json "$RESULTS/1_dp_all.json"
+    part "ddp, $PROCS process(es), batch $BATCH" 150 "${TORCHRUN[@]}" "${PROBE[@]}" --strategy ddp --json "$RESULTS/2_ddp_all.json"
     if [ "$DP_GPUS" -gt 1 ]; then
-        part "dp on 1 GPU (baseline)" 90 "$PY" "${PROBE[@]}" --strategy dp --gpus 1 --json "$RESULTS/0_dp_one.json"
+        part "dp on 1 GPU (baseline), batch $BATCH" 90 "$PY" "${PROBE[@]}" --strategy dp --gpus 1 --json "$RESULTS/0_dp_one.json"
+    fi
+    # A fixed batch per GPU: what each GPU would be given in a run sized for the node.
+    WIDE_PROBE=("${PROBE[@]}" --batch-size "$WIDE" --min-steps "$MIN_STEPS")
+    part "$DP_LABEL, $PER_GPU_BATCH per GPU" 120 "$PY" "${WIDE_PROBE[@]}" --strategy dp --gpus "$DP_GPUS" --json "$RESULTS/4_dp_all_per_gpu.json"
+    part "ddp, $PROCS process(es), $PER_GPU_BATCH per GPU" 150 "${TORCHRUN[@]}" "${WIDE_PROBE[@]}" --strategy ddp --json "$RESULTS/5_ddp_all_per_gpu.json"
+    if [ "$DP_GPUS" -gt 1 ]; then
+        part "dp on 1 GPU (baseline), batch $PER_GPU_BATCH" 90 "$PY" "${PROBE[@]}" --batch-size "$PER_GPU_BATCH" --min-steps "$MIN_STEPS" \
+            --strategy dp --gpus 1 --json "$RESULTS/3_dp_one_per_gpu.json"
     fi
 fi
 
@@ -191,7 +214,8 @@ fi
 
 # --- the table -------------------------------------------------------------------------------------
 echo
-echo "== training throughput (steady state: epochs after the first; peak memory: max over the devices/ranks used)"
+echo "== training throughput (steady state: epochs after the first; peak memory: max over the devices/ranks used;"
+echo "   compute: the dtype the first convolution ran in, on every replica/rank)"
 if compgen -G "$RESULTS/*.json" >/dev/null; then
     "$PY" benchmarks/gpu_train_probe.py --table "$RESULTS"/*.json
 else

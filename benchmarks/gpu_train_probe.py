@@ -7,13 +7,17 @@ benchmarks/gpu_check.sh runs on a lent GPU machine (and, tiny, on CPU to test it
     python benchmarks/gpu_train_probe.py --strategy dp --gpus N --data DIR --json OUT.json
     torchrun --standalone --nproc-per-node=N benchmarks/gpu_train_probe.py --strategy ddp --data DIR --json OUT.json
     python benchmarks/gpu_train_probe.py --table OUT1.json OUT2.json ...
+    options: --batch-size B (global), --min-steps N (repeat the training split until an epoch has N
+    steps: large batches on many GPUs), --sync-debug (epochs after the first under
+    torch.cuda.set_sync_debug_mode("error"): any host-device sync in a step fails the run)
 
 The step is the real one: `pipeline.loop.train_one_epoch` and `evaluate` with `pipeline.strategy`
 (DataParallel over N devices, or DDP over NCCL/gloo under torchrun), and, where pipeline.config can
 be imported (it needs PyYAML), the optimizer, schedule and StepSettings of `pipeline.trainer`
 (`TrainingState`, `step_settings`, `place_data`): on CUDA that is bf16 autocast, channels_last and
-the whole split on the GPU. Without PyYAML the same pieces are built here the same way.
-Needs only torch, torchvision (resnet18) and numpy.
+the whole split on the GPU. Without PyYAML the same pieces are built here the same way. It records
+the dtype the first convolution computed in on every device (DataParallel replicas included) and
+checks that the ranks end with identical weights and buffers. Needs only torch, torchvision and numpy.
 """
 
 from __future__ import annotations
@@ -49,15 +53,38 @@ def prepare(root: Path, images_per_class: int, size: int, seed: int = 0) -> dict
         from pipeline.synthetic import generate_synthetic_dataset
 
         small = images_per_class < 50  # validation blocks of 10 frames (+1 gap) need more frames than that
-        data = {"synthetic": {"images_per_class": images_per_class}, "image_size": size, "block_size": 4 if small else 10, "block_gap": 0 if small else 1}
+        data = {
+            "synthetic": {"images_per_class": images_per_class},
+            "image_size": size,
+            "block_size": 4 if small else 10,
+            "block_gap": 0 if small else 1,
+        }
         params = params_from_dict({"seed": seed, "data": data})
         paths = Paths(root)
-        generate_synthetic_dataset(paths.raw, images_per_class=images_per_class, frames_per_run=10, seed=seed, size=200)
-        manifest = build_shards(params.data, params.seed, paths.raw, paths.raw_train, paths.raw_test, paths.shards)
-        info = {"kind": "shards", "shards": str(paths.shards), "train": manifest["splits"]["train"]["count"], "val": manifest["splits"]["val"]["count"]}
-    except ImportError as err:  # PIL, PyYAML or tqdm missing on this machine: throughput does not depend on pixels
+        generate_synthetic_dataset(
+            paths.raw, images_per_class=images_per_class, frames_per_run=10, seed=seed, size=200
+        )
+        manifest = build_shards(
+            params.data, params.seed, paths.raw, paths.raw_train, paths.raw_test, paths.shards
+        )
+        info = {
+            "kind": "shards",
+            "shards": str(paths.shards),
+            "train": manifest["splits"]["train"]["count"],
+            "val": manifest["splits"]["val"]["count"],
+        }
+    except (
+        ImportError
+    ) as err:  # PIL, PyYAML or tqdm missing on this machine: throughput does not depend on pixels
         count = images_per_class * CLASSES
-        info = {"kind": "random", "why": f"{type(err).__name__}: {err}", "train": int(count * 0.8), "val": count - int(count * 0.8), "size": size, "seed": seed}
+        info = {
+            "kind": "random",
+            "why": f"{type(err).__name__}: {err}",
+            "train": int(count * 0.8),
+            "val": count - int(count * 0.8),
+            "size": size,
+            "seed": seed,
+        }
     info["seconds"] = round(time.perf_counter() - started, 1)
     (root / "data.json").write_text(json.dumps(info, indent=2))
     return info
@@ -85,7 +112,13 @@ def build(strategy, args, steps_per_epoch: int):
     values = {
         "gpus": max(1, args.gpus),
         "model": {"name": args.model},
-        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "channels_last": True, "bf16": True, "data_on_device": True},
+        "train": {
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "channels_last": True,
+            "bf16": True,
+            "data_on_device": True,
+        },
     }
     try:
         from pipeline.config import params_from_dict
@@ -113,13 +146,17 @@ def _build_here(strategy, args, steps_per_epoch: int) -> SimpleNamespace:
     from pipeline.loop import StepSettings
 
     torch.manual_seed(0)
-    model = torchvision.models.get_model(args.model, weights=None, num_classes=CLASSES).to(memory_format=torch.channels_last)
-    wrapped = strategy.wrap(model)
+    model = torchvision.models.get_model(args.model, weights=None, num_classes=CLASSES).to(
+        memory_format=torch.channels_last
+    )
+    cuda = strategy.device.type == "cuda"
+    wrapped = strategy.wrap(model, "bf16" if cuda else "fp32")
     bare = strategy.unwrap(wrapped)
     fused = strategy.device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(bare.parameters(), lr=0.003, weight_decay=0.05, fused=fused or None)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.003, total_steps=max(1, steps_per_epoch * args.epochs), pct_start=0.15)
-    cuda = strategy.device.type == "cuda"
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=0.003, total_steps=max(1, steps_per_epoch * args.epochs), pct_start=0.15
+    )
 
     def place(x, y):
         if not cuda:
@@ -148,14 +185,55 @@ def peak_memory_mb(strategy, dp_devices: int) -> float:
 
 
 def weights_digest(module: nn.Module) -> str:
-    """Hash of the parameters. Not the buffers: without sync_batchnorm each rank's batch-norm running
-    statistics come from its own last batch (DDP broadcasts rank 0's before each forward, and the
-    forward then updates them locally), so they legitimately differ between ranks."""
+    """Hash of the parameters and buffers. The buffers agree too: before evaluating, every rank takes
+    rank 0's batch-norm statistics (`share_main_buffers`, as pipeline.trainer does)."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.named_parameters()):
+    for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        digest.update(tensor.detach().double().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def record_compute_dtypes(bare: nn.Module) -> set[tuple[str, str]]:
+    """(device, dtype) of every output of the model's first convolution, in whichever thread ran it:
+    DataParallel's replicas share the module's hooks."""
+    seen: set[tuple[str, str]] = set()
+    first_conv = next(m for m in bare.modules() if isinstance(m, nn.Conv2d))
+    first_conv.register_forward_hook(
+        lambda module, inputs, output: seen.add(
+            (str(output.device), str(output.dtype).removeprefix("torch."))
+        )
+    )
+    return seen
+
+
+def repeat_to_steps(
+    x: torch.Tensor, y: torch.Tensor, batch: int, world: int, steps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split repeated until one epoch has at least `steps` steps of `batch` per process."""
+    times = -(-steps * batch * world // len(y))  # ceiling
+    return (x.repeat(times, 1, 1, 1), y.repeat(times)) if times > 1 else (x, y)
+
+
+def card(strategy) -> str:
+    if strategy.device.type != "cuda":
+        return "cpu"
+    return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(strategy.device)}"
+
+
+def sync_debug(enabled: bool):
+    """torch.cuda.set_sync_debug_mode("error") while a block runs, when enabled on CUDA."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def mode():
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    return mode() if enabled and torch.cuda.is_available() else contextlib.nullcontext()
 
 
 def run(args) -> None:
@@ -163,29 +241,53 @@ def run(args) -> None:
     from pipeline.strategy import DistributedStrategy, inside_torchrun, make_strategy
 
     if args.strategy == "ddp" and not inside_torchrun():
-        raise SystemExit("probe: --strategy ddp runs under torchrun (torchrun --standalone --nproc-per-node=N ...)")
+        raise SystemExit(
+            "probe: --strategy ddp runs under torchrun (torchrun --standalone --nproc-per-node=N ...)"
+        )
     strategy = DistributedStrategy() if args.strategy == "ddp" else make_strategy("dp", args.gpus)
     try:
         train_x, train_y, val_x, val_y, data_kind = load_data(args.data)
-        sampler = strategy.sampler(len(train_y), 0)
         batch = strategy.per_process_batch(args.batch_size)
+        train_x, train_y = repeat_to_steps(train_x, train_y, batch, strategy.world_size, args.min_steps)
+        sampler = strategy.sampler(len(train_y), 0)
         steps = len(sampler) // batch
         if steps < 1:
-            raise SystemExit(f"probe: {len(train_y)} training images are fewer than one batch of {args.batch_size}")
+            raise SystemExit(
+                f"probe: {len(train_y)} training images are fewer than one batch of {args.batch_size}"
+            )
         parts, built_by = build(strategy, args, steps)
-        if strategy.device.type == "cuda":  # only the devices this process uses: touching others would create contexts there
+        if (
+            strategy.device.type == "cuda"
+        ):  # only the devices this process uses: touching others would create contexts there
             for d in range(args.gpus) if args.strategy == "dp" else [strategy.device.index]:
                 torch.cuda.reset_peak_memory_stats(d)
         train_x, train_y = parts.place(train_x, train_y)
         val_x, val_y = parts.place(val_x, val_y)
         loss_fn = nn.CrossEntropyLoss()
+        compute_dtypes = record_compute_dtypes(parts.bare)
         epochs = []
         for epoch in range(args.epochs):
             sampler.set_epoch(epoch)
-            stats = train_one_epoch(parts.model, parts.optimizer, parts.scheduler, loss_fn, train_x, train_y, list(sampler), batch, strategy, parts.settings)
+            order = list(sampler)
+            # The first epoch warms up (allocations, cuDNN plans); a sync in any later step is a defect.
+            with sync_debug(args.sync_debug and epoch > 0):
+                stats = train_one_epoch(
+                    parts.model,
+                    parts.optimizer,
+                    parts.scheduler,
+                    loss_fn,
+                    train_x,
+                    train_y,
+                    order,
+                    batch,
+                    strategy,
+                    parts.settings,
+                )
             epochs.append(stats)
             if strategy.is_main:
-                print(f"probe {args.strategy}: epoch {epoch + 1}/{args.epochs} {stats.seconds:.2f}s {stats.images / stats.seconds:.0f} img/s loss {stats.loss:.3f}", flush=True)
+                rate = f"{stats.seconds:.2f}s {stats.images / stats.seconds:.0f} img/s loss {stats.loss:.3f}"
+                print(f"probe {args.strategy}: epoch {epoch + 1}/{args.epochs} {rate}", flush=True)
+        strategy.share_main_buffers(parts.bare)  # as pipeline.trainer does before every evaluation
         val_loss, val_accuracy = evaluate(parts.eval_model, val_x, val_y, 256, strategy, parts.settings)
         # Steady state: the epochs after the first (which pays for cuDNN autotuning and allocations).
         steady = epochs[1:] or epochs
@@ -193,6 +295,7 @@ def run(args) -> None:
         images = sum(s.images for s in steady)
         peak = torch.tensor([peak_memory_mb(strategy, getattr(strategy, "gpus", 0))], dtype=torch.float64)
         digests = [weights_digest(parts.bare)]
+        dtypes_per_rank = [sorted(compute_dtypes)]
         if strategy.world_size > 1:
             import torch.distributed as dist
 
@@ -200,26 +303,47 @@ def run(args) -> None:
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
             digests = [None] * strategy.world_size
             dist.all_gather_object(digests, weights_digest(parts.bare))
+            dtypes_per_rank = [None] * strategy.world_size
+            dist.all_gather_object(dtypes_per_rank, sorted(compute_dtypes))
         if strategy.is_main:
             cuda = strategy.device.type == "cuda"
+            gpus = (
+                (strategy.world_size if args.strategy == "ddp" else max(getattr(strategy, "gpus", 0), 1))
+                if cuda
+                else 0
+            )
             result = {
                 "strategy": args.strategy,
-                "gpus": (strategy.world_size if args.strategy == "ddp" else max(getattr(strategy, "gpus", 0), 1)) if cuda else 0,
+                "gpus": gpus,
                 "processes": strategy.world_size,
                 "device": strategy.device_label,
+                "card": card(strategy),
                 # ddp: how gradients were averaged (nccl, or gloo on CPU), as the run's allreduce tag says
-                "backend": (strategy.allreduce if args.strategy == "ddp" else "DataParallel" if getattr(strategy, "gpus", 0) > 1 else "single device"),
+                "backend": (
+                    strategy.allreduce
+                    if args.strategy == "ddp"
+                    else "DataParallel"
+                    if getattr(strategy, "gpus", 0) > 1
+                    else "single device"
+                ),
                 "model": args.model,
                 "image_size": int(train_x.shape[-1]),
                 "global_batch": args.batch_size,
+                "per_gpu_batch": args.batch_size // max(1, gpus if cuda else strategy.world_size),
+                "steps_per_epoch": len(sampler) // batch,
+                "sync_debug": bool(args.sync_debug and strategy.device.type == "cuda"),
                 "data": data_kind,
                 "data_on_device": train_x.device.type == "cuda",
                 "built_by": built_by,
                 "bf16": parts.settings.bf16,
+                # (device, dtype) of the first convolution's outputs, over every replica or rank
+                "compute_dtypes": sorted({tuple(pair) for rank in dtypes_per_rank for pair in rank}),
                 "channels_last": parts.settings.channels_last,
                 "epochs": [round(s.seconds, 3) for s in epochs],
                 "images_per_second": images / seconds if seconds > 0 else 0.0,
-                "data_wait_fraction": sum(s.data_wait_seconds for s in steady) / seconds if seconds > 0 else 0.0,
+                "data_wait_fraction": sum(s.data_wait_seconds for s in steady) / seconds
+                if seconds > 0
+                else 0.0,
                 "peak_memory_mb": float(peak.item()),
                 "train_loss": epochs[-1].loss,
                 "val_accuracy": val_accuracy,
@@ -234,7 +358,15 @@ def run(args) -> None:
             args.save_weights.mkdir(parents=True, exist_ok=True)
             state = {k: v.detach().cpu().clone() for k, v in parts.bare.state_dict().items()}
             parameters = sorted(name for name, _ in parts.bare.named_parameters())
-            torch.save({"state": state, "parameters": parameters, "world_size": strategy.world_size, "rank": strategy.rank}, args.save_weights / f"rank{strategy.rank}.pt")
+            torch.save(
+                {
+                    "state": state,
+                    "parameters": parameters,
+                    "world_size": strategy.world_size,
+                    "rank": strategy.rank,
+                },
+                args.save_weights / f"rank{strategy.rank}.pt",
+            )
     finally:
         strategy.close()
 
@@ -246,17 +378,31 @@ def table(paths: list[Path]) -> str:
             rows.append(json.loads(path.read_text()))
         except (OSError, ValueError) as err:
             rows.append({"strategy": path.stem, "error": f"no result ({type(err).__name__})"})
-    header = f"{'strategy':<8} {'GPUs':>4} {'procs':>5} {'backend':<13} {'images/s':>10} {'data wait':>9} {'peak mem MiB':>12} {'ranks agree':>11}  {'epochs (s)':<24} device / data"
-    lines = [header, "-" * len(header)]
+    cards = sorted({r["card"] for r in rows if "card" in r})
+    header = (
+        f"{'strategy':<8} {'GPUs':>4} {'procs':>5} {'backend':<13} {'batch':>6} {'per GPU':>7} {'steps':>5} "
+        f"{'images/s':>10} {'data wait':>9} {'peak mem MiB':>12} {'ranks agree':>11} {'compute':<9}  "
+        f"{'epochs (s)':<24} model / data"
+    )
+    lines = [f"card(s): {', '.join(cards) or 'unknown'}", header, "-" * len(header)]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['strategy']:<8} {r['error']}")
             continue
+        dtypes = ",".join(sorted({dtype for _, dtype in r.get("compute_dtypes", [])})) or "?"
+        per_gpu, steps = r.get("per_gpu_batch", "?"), r.get("steps_per_epoch", "?")
         lines.append(
-            f"{r['strategy']:<8} {r['gpus']:>4} {r['processes']:>5} {r['backend']:<13} {r['images_per_second']:>10,.0f} {r['data_wait_fraction']:>9.1%} "
-            f"{r['peak_memory_mb']:>12,.0f} {str(r['ranks_agree']):>11}  {str(r['epochs']):<24} {r['device']}, {r['model']} {r['image_size']}px "
-            f"batch {r['global_batch']}, bf16={r['bf16']} channels_last={r['channels_last']} data_on_device={r['data_on_device']}, {r['data']}"
+            f"{r['strategy']:<8} {r['gpus']:>4} {r['processes']:>5} {r['backend']:<13} "
+            f"{r['global_batch']:>6} {per_gpu:>7} {steps:>5} {r['images_per_second']:>10,.0f} "
+            f"{r['data_wait_fraction']:>9.1%} {r['peak_memory_mb']:>12,.0f} {r['ranks_agree']!s:>11} "
+            f"{dtypes:<9}  {r['epochs']!s:<24} "
+            f"{r['model']} {r['image_size']}px, channels_last={r['channels_last']} "
+            f"data_on_device={r['data_on_device']} sync_debug={r.get('sync_debug', False)}, {r['data']}"
         )
+    lines.append(
+        "DataParallel rows: replicas compute in the run's precision (compute column) but lose channels_last "
+        "(replicate() broadcasts flattened, contiguous weights), a known DataParallel cost."
+    )
     return "\n".join(lines)
 
 
@@ -266,19 +412,38 @@ def main() -> None:
     parser.add_argument("--images-per-class", type=int, default=140)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--strategy", choices=("dp", "ddp"))
-    parser.add_argument("--gpus", type=int, default=1, help="dp: devices for DataParallel (ignored without CUDA)")
+    parser.add_argument(
+        "--gpus", type=int, default=1, help="dp: devices for DataParallel (ignored without CUDA)"
+    )
     parser.add_argument("--data", type=Path, help="a folder made by --prepare")
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64, help="global batch, as train.batch_size")
+    parser.add_argument(
+        "--min-steps",
+        type=int,
+        default=1,
+        help="repeat the training split until an epoch has this many steps",
+    )
+    parser.add_argument(
+        "--sync-debug",
+        action="store_true",
+        help="epochs after the first under set_sync_debug_mode('error') (CUDA)",
+    )
     parser.add_argument("--json", type=Path, help="write the result here (main process)")
-    parser.add_argument("--save-weights", type=Path, help="every rank saves its final weights here as rank<r>.pt")
-    parser.add_argument("--table", type=Path, nargs="+", help="print one table of these result files and exit")
+    parser.add_argument(
+        "--save-weights", type=Path, help="every rank saves its final weights here as rank<r>.pt"
+    )
+    parser.add_argument(
+        "--table", type=Path, nargs="+", help="print one table of these result files and exit"
+    )
     args = parser.parse_args()
     if args.table:
         print(table(args.table))
     elif args.prepare:
-        print("probe data: " + json.dumps(prepare(args.prepare, args.images_per_class, args.size)), flush=True)
+        print(
+            "probe data: " + json.dumps(prepare(args.prepare, args.images_per_class, args.size)), flush=True
+        )
     elif args.strategy and args.data:
         run(args)
     else:

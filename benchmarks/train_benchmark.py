@@ -3,6 +3,7 @@ original study's loop compare on the same images?
 
     python benchmarks/train_benchmark.py            # ~5 minutes on 2 quiet cores
     python benchmarks/train_benchmark.py --quick    # ~2 minutes: fewer images, epochs and rounds
+    python benchmarks/train_benchmark.py --precision  # ~5 minutes: bf16 against fp32, see below
 
 Measures, in one run, for resnet18 at 64 px (29 classes, global batch 64):
 
@@ -23,6 +24,15 @@ Measures, in one run, for resnet18 at 64 px (29 classes, global batch 64):
       resnet18 with a 29-class head, Adam, over the same training files (fastest of its epochs);
       and `train dp` / `train ddp` again with `model.freeze_backbone: true` (the original study's
       mode, where only the head learns and DDP's all-reduce is tiny), for context.
+
+(a), (b) and (c) run in fp32 (`train.bf16: false`), so that their figures compare with the fp32
+ceiling and with earlier runs. `--precision` compares bf16 autocast with fp32 in one run instead,
+where the processor computes bf16 natively (AMX, AVX512-BF16; elsewhere both rows are fp32):
+the 2048x2048 matmul rate in fp32 and in bf16; our loop's images/s in each precision and its
+effective GFLOP/s (images/s x counted FLOPs per image) against both matmul rates; and the real
+`python -m pipeline train dp` on the default data (the shipped params.yaml: fetch, preprocess, then
+train with `train.bf16` true and false, same seed), its images/s and validation accuracy. Target:
+bf16 at least 1.5x fp32 end to end on a processor with AMX, validation accuracy within one point.
 
 Targets: (b) >= 80% of the ceiling; (c) ddp with 2 processes at least as fast as dp in one.
 Prints PASS/FAIL beside each; always exits 0 (it is a measurement, not a test).
@@ -80,9 +90,9 @@ def cores() -> int:
 # --- (a) the ceiling -------------------------------------------------------------------------------
 
 
-def matmul_gflops(repeat: int, n: int = 2048) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    out = torch.empty(n, n)
+def matmul_gflops(repeat: int, n: int = 2048, dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    out = torch.empty(n, n, dtype=dtype)
     for _ in range(2):
         torch.mm(a, b, out=out)
     best = float("inf")
@@ -109,9 +119,10 @@ def flops_per_image() -> float:
 class LoopConfig:
     """One configuration of the training step, built the way pipeline.trainer builds it."""
 
-    def __init__(self, label: str, channels_last: bool, loop_adamw: bool, steps: int):
+    def __init__(self, label: str, channels_last: bool, loop_adamw: bool, steps: int, bf16: bool = False):
         self.label = label
-        params = params_from_dict({"model": {"name": MODEL}, "gpus": 1, "train": {"epochs": 1, "batch_size": BATCH, "channels_last": channels_last}})
+        train = {"epochs": 1, "batch_size": BATCH, "channels_last": channels_last, "bf16": bf16}
+        params = params_from_dict({"model": {"name": MODEL}, "gpus": 1, "train": train})
         self.strategy = make_strategy("dp", 1)
         torch.manual_seed(0)
         self.state = TrainingState(params, self.strategy, CLASSES, steps_per_epoch=1000)
@@ -208,7 +219,8 @@ def ddp_worker(out: Path, steps: int, rounds: int) -> None:
 
     strategy = DistributedStrategy()
     try:
-        params = params_from_dict({"model": {"name": MODEL}, "gpus": strategy.world_size, "train": {"epochs": 1, "batch_size": BATCH}})
+        train = {"epochs": 1, "batch_size": BATCH, "bf16": False}
+        params = params_from_dict({"model": {"name": MODEL}, "gpus": strategy.world_size, "train": train})
         torch.manual_seed(0)
         state = TrainingState(params, strategy, CLASSES, steps_per_epoch=1000)
         settings = step_settings(params, strategy)
@@ -285,7 +297,7 @@ def write_params(workspace: Path, images_per_class: int, epochs: int, freeze_bac
         "gpus": 2,
         "data": {"source": "synthetic", "synthetic": {"images_per_class": images_per_class, "frames_per_run": 10}, "image_size": SIZE},
         "model": {"name": MODEL, "freeze_backbone": freeze_backbone},
-        "train": {"epochs": epochs, "batch_size": BATCH},
+        "train": {"epochs": epochs, "batch_size": BATCH, "bf16": False},
     }
     (workspace / "params.yaml").write_text(yaml.safe_dump(values))
     return values
@@ -306,6 +318,9 @@ def run_stage(workspace: Path, strategy: str, timeout: float) -> dict:
     summary = json.loads((workspace / "metrics" / f"train_{strategy}.json").read_text())
     steady = min(rows[1:] or rows, key=lambda r: float(r["epoch_seconds"]))  # the fastest epoch after the first
     return {
+        "val_accuracy": summary["val_accuracy"],
+        "precision": summary.get("precision", "fp32"),
+        "train_seconds": summary["train_seconds"],
         "epoch_seconds": float(steady["epoch_seconds"]),
         "images": int(steady["images"]),
         "images_per_second": float(steady["images_per_second"]),
@@ -381,6 +396,117 @@ def print_table(rows: list[tuple[str, str, str]]) -> None:
     print()
 
 
+# --- --precision: bf16 against fp32 ------------------------------------------------------------------
+
+
+def processor_name() -> str:
+    """lscpu's "Model name" (platform.processor() is often empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def default_data_workspace(work: Path) -> Path:
+    """The shipped params.yaml's data fetched and preprocessed in a workspace, as `dvc repro` makes it."""
+    from pipeline.config import load_params
+    from pipeline.fetch import fetch_raw
+    from pipeline.paths import Paths
+    from pipeline.preprocess import build_shards
+
+    workspace = work / "default"
+    workspace.mkdir(parents=True)
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(REPO / name, workspace / name)
+    params, paths = load_params(workspace / "params.yaml"), Paths(workspace)
+    fetch_raw(params, paths)
+    build_shards(params.data, params.seed, paths.raw, paths.raw_train, paths.raw_test, paths.shards)
+    return workspace
+
+
+def write_bf16(workspace: Path, bf16: bool) -> None:
+    values = yaml.safe_load((REPO / "params.yaml").read_text())
+    values["train"]["bf16"] = bf16
+    (workspace / "params.yaml").write_text(yaml.safe_dump(values))
+
+
+def precision_comparison(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    """(a) matmul rates, (b) our loop and (c) `train dp` on the default data, in fp32 and in bf16."""
+    from pipeline.serving.precision import native_bf16
+
+    native = native_bf16(torch.device("cpu"))
+    print(f"bf16 native on this processor (AMX or AVX512-BF16): {native}", flush=True)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    rates = {name: matmul_gflops(repeat=10, dtype=dtype) for name, dtype in dtypes.items()}
+    per_image = flops_per_image()
+    generator = torch.Generator().manual_seed(0)
+    pool = max(args.steps * BATCH, 512)
+    images = torch.randn(pool, 3, SIZE, SIZE, generator=generator).half()
+    labels = torch.randint(0, CLASSES, (pool,), generator=generator)
+    loops = [LoopConfig(name, True, False, args.steps, bf16=name == "bf16") for name in dtypes]
+    for loop in loops:  # warm-up: first-call allocations and oneDNN primitive creation
+        loop.epoch(images, labels, 2, generator)
+        loop.rates.clear()
+    for round_ in range(args.repeat):  # interleaved and rotated, the matmuls re-measured beside them
+        for name, dtype in dtypes.items():
+            rates[name] = max(rates[name], matmul_gflops(repeat=2, dtype=dtype))
+        for loop in loops[round_ % 2 :] + loops[: round_ % 2]:
+            loop.epoch(images, labels, args.steps, generator)
+    fp32, bf16 = rates["fp32"], rates["bf16"]
+    rows = [
+        ("(a) fp32 matmul rate", f"{fp32:.0f} GFLOP/s", "2048x2048 torch.mm, best of rounds"),
+        ("(a) bf16 matmul rate", f"{bf16:.0f} GFLOP/s", f"{bf16 / fp32:.2f}x fp32 (bf16 tensors)"),
+        ("(a) training FLOPs per image", f"{per_image / 1e9:.3f} GFLOP", "FlopCounterMode, fwd + bwd"),
+    ]
+    for loop in loops:
+        effective = loop.best * per_image / 1e9
+        shares = f"{effective / fp32:.0%} of fp32 matmul, {effective / bf16:.0%} of bf16 matmul"
+        name = f"(b) loop, train.bf16={loop.label == 'bf16'} (ran {loop.settings.precision})"
+        rows.append((name, f"{loop.best:.1f} img/s", f"{effective:.0f} GFLOP/s effective = {shares}"))
+    rows.append(("(b) loop bf16 vs fp32 (images/s)", f"{loops[1].best / loops[0].best:.2f}x", ""))
+    if not args.skip_end_to_end:
+        rows += precision_end_to_end(args, native)
+    return rows
+
+
+def precision_end_to_end(args: argparse.Namespace, native: bool) -> list[tuple[str, str, str]]:
+    """`train dp` on the default data with train.bf16 false and true, `--rounds` times each in turn."""
+    best: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="train-bench-precision-") as tmp:
+        started = time.perf_counter()
+        workspace = default_data_workspace(args.workdir or Path(tmp))
+        print(f"(c) default data made in {time.perf_counter() - started:.0f}s", flush=True)
+        for _ in range(args.rounds):
+            for name in ("fp32", "bf16"):
+                write_bf16(workspace, name == "bf16")
+                run = run_stage(workspace, "dp", timeout=1200)
+                print(
+                    f"(c) train dp, train.bf16={name == 'bf16'}: ran {run['precision']}, "
+                    f"epochs {run['epochs']} s, {run['images_per_second']:.1f} img/s, "
+                    f"val accuracy {run['val_accuracy']:.4f}",
+                    flush=True,
+                )
+                if name not in best or run["images_per_second"] > best[name]["images_per_second"]:
+                    best[name] = run
+    rows = []
+    for name, run in best.items():
+        wanted = f"train.bf16={name == 'bf16'}"
+        result = f"ran {run['precision']}; {run['images']} images in {run['epoch_seconds']:.1f}s"
+        rows.append((f"(c) train dp, {wanted}", f"{run['images_per_second']:.1f} img/s", result))
+        result = f"default data, seed 0; whole training {run['train_seconds']:.0f}s"
+        rows.append((f"(c)   validation accuracy, {wanted}", f"{run['val_accuracy']:.4f}", result))
+    speedup = best["bf16"]["images_per_second"] / best["fp32"]["images_per_second"]
+    result = verdict(speedup, 1.5) if native else "bf16 not native here: both ran fp32"
+    rows.append(("(c) train dp, bf16 vs fp32 (images/s)", f"{speedup:.2f}x", result))
+    gap = abs(best["bf16"]["val_accuracy"] - best["fp32"]["val_accuracy"]) * 100
+    result = f"{'PASS' if gap <= 1 else 'FAIL'} (target <= 1)"
+    rows.append(("(c) validation accuracy, |bf16 - fp32|", f"{gap:.2f} points", result))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images-per-class", type=int, default=100, help="synthetic 200x200 JPEGs per class for (c) (default 100: 2,900 images)")
@@ -390,6 +516,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="times (c) runs dp, ddp and the original in turn; each keeps its best (default 1)")
     parser.add_argument("--quick", action="store_true", help="a fast, rougher run: 40 images per class, 2 epochs, 5 rounds")
     parser.add_argument("--skip-end-to-end", action="store_true", help="only (a) and (b)")
+    parser.add_argument("--precision", action="store_true", help="compare bf16 with fp32 instead (see above)")
     parser.add_argument("--workdir", type=Path, help="where to put data and workspace (default: a temp dir)")
     parser.add_argument("--ddp-worker", type=Path, help=argparse.SUPPRESS)  # internal: one torchrun rank of the DDP step timing
     args = parser.parse_args()
@@ -401,7 +528,16 @@ def main() -> None:
 
     n_cores = cores()
     threads = torch.get_num_threads()
-    print(f"machine: {platform.processor() or platform.machine()}, {n_cores} usable CPU cores; torch {torch.__version__}, {threads} intra-op threads (as training uses)")
+    print(
+        f"machine: {processor_name()}, {n_cores} usable CPU cores; torch {torch.__version__}, "
+        f"{threads} intra-op threads (as training uses)"
+    )
+    if args.precision:
+        load_before, begun = os.getloadavg()[0], time.perf_counter()
+        print_table(precision_comparison(args))
+        load = f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after, on {n_cores} cores"
+        print(f"total {time.perf_counter() - begun:.0f}s; load average (1 min, with this benchmark): {load}")
+        return
     print(f"model {MODEL} at {SIZE} px, {CLASSES} classes, global batch {BATCH}; (b) best of {args.repeat} rounds of {args.steps} steps per configuration")
     load_before = os.getloadavg()[0]
     begun = time.perf_counter()

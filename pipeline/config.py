@@ -164,13 +164,16 @@ class TrainConfig(_Section):
     resume: bool = False
     """Continue from the last checkpoint in checkpoints/<strategy>/ if an unfinished one is there."""
     sync_batchnorm: bool = False
-    """Convert batch-norm to SyncBatchNorm under ddp, so results do not depend on how a batch is split."""
+    """Convert batch-norm to SyncBatchNorm under ddp (CUDA only), so results do not depend on how a batch is
+    split; refused under dp, which has no process group."""
     compile: bool = False
-    """Wrap the model in torch.compile."""
+    """Wrap the model in torch.compile; refused for dp over several GPUs, whose replicas would not run it."""
     channels_last: bool = True
     """Use the channels_last memory format (faster convolutions)."""
     bf16: bool = True
-    """bf16 autocast on CUDA (ignored on CPU)."""
+    """bf16 autocast, for training, validation and the evaluate stage, where the device computes bf16
+    natively (CUDA; a CPU with AMX or AVX512-BF16); fp32 elsewhere. Runs are tagged with the precision
+    used."""
     data_on_device: bool = True
     """Keep the whole training split on the GPU when it fits."""
 

@@ -23,6 +23,7 @@ import torch
 from pipeline.config import Params
 from pipeline.errors import UserError
 from pipeline.serving.networks import class_probabilities
+from pipeline.serving.precision import autocast, precision
 from pipeline.fileio import atomic_write_bytes, atomic_write_json
 from pipeline.paths import Paths
 from pipeline.registry import existing_run, read_run_info
@@ -158,7 +159,9 @@ def _evaluate_split(network, paths: Paths, manifest: dict, split: str, params: P
     images, labels = load_split(paths.shards, split, manifest)
     if len(labels) == 0:
         return None
-    probabilities = class_probabilities(network, images, params.evaluate.batch_size, device)
+    # The precision the training validated in: bf16 where asked for and native on the device.
+    with autocast(device, precision(device, params.train.bf16)):
+        probabilities = class_probabilities(network, images, params.evaluate.batch_size, device)
     y_true, y_pred = labels.numpy(), probabilities.argmax(axis=1)
     return y_true, y_pred, probabilities
 
@@ -224,7 +227,12 @@ def run_evaluate(params: Params, paths: Paths, strategy: str) -> dict[str, float
     report = _report_text(strategy, run_info["run_id"], val_text, test_text, metrics)
 
     with tracked_run(
-        params.mlflow.experiment, "evaluate", strategy=strategy, run_id=run_info["run_id"], tags={"evaluated": "true"}, keep_status_on_error=True
+        params.mlflow.experiment,
+        "evaluate",
+        strategy=strategy,
+        run_id=run_info["run_id"],
+        tags={"evaluated": "true", "eval_precision": precision(device, params.train.bf16)},
+        keep_status_on_error=True,
     ):
         client = MlflowClient()
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=_metric_step(client, run_info["run_id"]))

@@ -1,18 +1,22 @@
 """The training loop: one epoch of optimizer steps, and an exact evaluation pass.
 
 It knows nothing about DataParallel or DDP: the strategy picks this process's indices and batch
-size and sums the counters across processes.
+size and sums the counters across processes. No step waits for the device: the loss is checked for
+NaN on the device and read back late, and the epoch ends with its one intended synchronization.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from pipeline.serving.precision import autocast
 from pipeline.strategy import Strategy
 
 
@@ -21,7 +25,11 @@ class StepSettings:
     device: torch.device
     channels_last: bool
     bf16: bool
-    """bf16 autocast; only ever true on CUDA."""
+    """bf16 autocast: true only where the device computes bf16 natively (see serving/precision.py)."""
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.bf16 else "fp32"
 
 
 @dataclass(frozen=True)
@@ -47,13 +55,78 @@ def _batch(images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, sett
     return x, y
 
 
-def _autocast(settings: StepSettings):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if settings.bf16 else contextlib.nullcontext()
+def _autocast(settings: StepSettings) -> contextlib.AbstractContextManager:
+    return autocast(settings.device, settings.precision)
 
 
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def _intended_sync(device: torch.device) -> Iterator[None]:
+    """An intended host-device synchronization (an epoch's end): allowed under
+    torch.cuda.set_sync_debug_mode, which then reports every other one."""
+    if device.type != "cuda":
+        yield
+        return
+    mode = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(mode)
+
+
+class NonFiniteLoss(Exception):
+    """The training loss became NaN or infinite, at the latest by this epoch's step `step` (1-based)."""
+
+    def __init__(self, step: int):
+        super().__init__(f"the training loss became NaN or infinite by step {step} of the epoch")
+        self.step = step
+
+
+NAN_CHECK_INTERVAL = 20
+"""Steps between two looks at the running loss; a NaN stops the epoch at most twice this many steps late."""
+
+
+class DivergenceCheck:
+    """Stops a training whose loss turned NaN or infinite within 2 x `interval` steps, without a host sync.
+
+    Every `interval` steps, whether the epoch's running loss sum is finite (summed over the processes,
+    so that all stop at the same step) is copied to the host asynchronously; the next check reads it,
+    by when the copy has long arrived (the host runs at most a few steps ahead of the GPU).
+    """
+
+    def __init__(self, strategy: Strategy, device: torch.device, interval: int = NAN_CHECK_INTERVAL):
+        self.strategy, self.device, self.interval = strategy, device, interval
+        self.flag: torch.Tensor | None = None  # 1 or more: some process's loss sum is not finite
+        self.copied: torch.cuda.Event | None = None
+        self.flag_step = 0
+
+    def after_step(self, loss_sum: torch.Tensor, step: int) -> None:
+        if step % self.interval:
+            return
+        self.raise_if_diverged()
+        flag = self.strategy.all_reduce_sum(torch.isfinite(loss_sum).logical_not().double().reshape(1))
+        if self.device.type == "cuda":
+            if self.flag is None:
+                self.flag = torch.empty(1, dtype=torch.float64, pin_memory=True)
+            self.flag.copy_(flag, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+        else:
+            self.flag = flag
+        self.flag_step = step
+
+    def raise_if_diverged(self) -> None:
+        if self.flag is None:
+            return
+        if self.copied is not None:
+            self.copied.synchronize()  # recorded `interval` steps ago: long complete, so no stall
+        if self.flag.item() > 0:
+            raise NonFiniteLoss(self.flag_step)
 
 
 def train_one_epoch(
@@ -69,10 +142,13 @@ def train_one_epoch(
     settings: StepSettings,
 ) -> EpochStats:
     """Optimizer steps over `order` (this process's indices) in batches of `batch_size`; a last
-    incomplete batch is dropped so every step averages the same number of images."""
+    incomplete batch is dropped so every step averages the same number of images. Raises
+    NonFiniteLoss when the loss becomes NaN or infinite."""
     model.train()
     index_device = images.device
     totals = torch.zeros(3, dtype=torch.float64, device=settings.device)  # loss sum, correct, count
+    count, steps = 0, 0  # Python numbers: a count made a device tensor every step is a host-to-device copy
+    divergence = DivergenceCheck(strategy, settings.device)
     data_wait = 0.0
     started = time.perf_counter()
     for start in range(0, len(order) - batch_size + 1, batch_size):
@@ -88,10 +164,17 @@ def train_one_epoch(
         optimizer.step()
         scheduler.step()
         # Accumulated on the device: calling .item() here would stall the GPU every step.
-        totals += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(), torch.tensor(len(y), dtype=torch.float64, device=y.device)])
-    _synchronize(settings.device)
-    seconds = time.perf_counter() - started
-    loss_sum, correct, count = strategy.all_reduce_sum(totals).tolist()
+        totals[:2] += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double()])
+        count, steps = count + len(y), steps + 1
+        # Checked every NAN_CHECK_INTERVAL steps, read one interval later: .item() here would stall the GPU.
+        divergence.after_step(totals[0], steps)
+    totals[2].fill_(count)
+    with _intended_sync(settings.device):
+        _synchronize(settings.device)
+        seconds = time.perf_counter() - started
+        loss_sum, correct, count = strategy.all_reduce_sum(totals).tolist()
+    if not math.isfinite(loss_sum):
+        raise NonFiniteLoss(steps)
     return EpochStats(loss_sum / max(count, 1), correct / max(count, 1), int(count), seconds, data_wait)
 
 
@@ -108,6 +191,8 @@ def evaluate(
         with _autocast(settings):
             logits = model(x)
         loss = nn.functional.cross_entropy(logits.float(), y, reduction="sum")
-        totals += torch.stack([loss.double(), (logits.argmax(1) == y).sum().double(), torch.tensor(len(y), dtype=torch.float64, device=y.device)])
-    loss_sum, correct, count = strategy.all_reduce_sum(totals).tolist()
+        totals[:2] += torch.stack([loss.double(), (logits.argmax(1) == y).sum().double()])
+        totals[2] += len(y)
+    with _intended_sync(settings.device):
+        loss_sum, correct, count = strategy.all_reduce_sum(totals).tolist()
     return loss_sum / max(count, 1), correct / max(count, 1)

@@ -18,6 +18,7 @@ from torch.utils.data import DistributedSampler
 
 from pipeline.devices import device_label
 from pipeline.errors import UserError
+from pipeline.serving.precision import autocast
 
 
 def inside_torchrun() -> bool:
@@ -28,13 +29,33 @@ def check_visible_gpus(requested: int) -> None:
     """On a CUDA machine, asking for more GPUs than are visible is a user error."""
     if torch.cuda.is_available() and requested > torch.cuda.device_count():
         visible = torch.cuda.device_count()
-        raise UserError(f"gpus={requested} but only {visible} CUDA device(s) are visible: set gpus to at most {visible} (dvc exp run -S gpus={visible})")
+        raise UserError(
+            f"gpus={requested} but only {visible} CUDA device(s) are visible: "
+            f"set gpus to at most {visible} (dvc exp run -S gpus={visible})"
+        )
 
 
 SYNC_BATCHNORM_NEEDS_CUDA = (
     "train.sync_batchnorm needs CUDA (SyncBatchNorm does not run on CPU): set it to false, "
     "or use model.name: small_cnn, which has no batch-norm"
 )
+
+
+SYNC_BATCHNORM_NEEDS_DDP = (
+    "train.sync_batchnorm applies only to ddp (SyncBatchNorm needs a process group, and dp has none): "
+    "set it to false to train dp"
+)
+
+
+def check_data_parallel_options(replicas: int, sync_batchnorm: bool, compile_: bool) -> None:
+    """Refuse what DataParallel cannot honour, rather than ignore it while the run logs it as applied."""
+    if sync_batchnorm:
+        raise UserError(SYNC_BATCHNORM_NEEDS_DDP)
+    if compile_ and replicas > 1:
+        raise UserError(
+            f"train.compile does not reach DataParallel's {replicas} replicas (they run the uncompiled "
+            "module in threads: the compile time buys nothing): set train.compile: false for dp, or use ddp"
+        )
 
 
 def check_batch_divides(global_batch: int, world_size: int) -> None:
@@ -72,17 +93,27 @@ class Strategy:
         # The same sampler class everywhere: with one replica it is a seeded permutation per epoch,
         # with N replicas each rank takes every N-th index of that same permutation. So the union
         # of the ranks' k-th batches is exactly the one-process k-th batch.
-        return DistributedSampler(range(dataset_size), num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=seed, drop_last=True)
+        return DistributedSampler(
+            range(dataset_size),
+            num_replicas=self.world_size,
+            rank=self.rank,
+            shuffle=True,
+            seed=seed,
+            drop_last=True,
+        )
 
     def eval_indices(self, dataset_size: int) -> range:
         """This process's share of an exact evaluation: every item exactly once over all ranks."""
         return range(self.rank, dataset_size, self.world_size)
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, precision: str = "fp32") -> nn.Module:
+        """The model as this strategy trains it; `precision` is the run's (`bf16` or `fp32`)."""
         return model
 
     def unwrap(self, model: nn.Module) -> nn.Module:
-        return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
+        while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel, AutocastForward)):
+            model = model.module
+        return model
 
     def eval_model(self, wrapped: nn.Module) -> nn.Module:
         return wrapped
@@ -93,6 +124,9 @@ class Strategy:
     def broadcast_object(self, value: Any) -> Any:
         return value
 
+    def share_main_buffers(self, module: nn.Module) -> None:
+        """Give every process rank 0's buffers (BatchNorm's running statistics)."""
+
     def barrier(self) -> None:
         pass
 
@@ -100,19 +134,42 @@ class Strategy:
         pass
 
 
+class AutocastForward(nn.Module):
+    """`module`, whose forward enters the run's autocast itself, in whichever thread calls it.
+
+    Autocast state is per thread, and DataParallel's replica threads re-enter it with `enabled=` only,
+    which on CUDA means float16: PyTorch's AMP notes put autocast inside forward for DataParallel.
+    """
+
+    def __init__(self, module: nn.Module, device: torch.device, precision: str):
+        super().__init__()
+        self.module = module
+        self.autocast_device = torch.device(device.type)
+        self.precision = precision
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with autocast(self.autocast_device, self.precision):
+            return self.module(*args, **kwargs)
+
+
 class DataParallelStrategy(Strategy):
     name = "dp"
 
-    def __init__(self, gpus: int):
+    def __init__(self, gpus: int, sync_batchnorm: bool = False, compile_: bool = False):
         check_visible_gpus(gpus)
         self.gpus = gpus if torch.cuda.is_available() else 0
+        check_data_parallel_options(max(self.gpus, 1), sync_batchnorm, compile_)
         super().__init__(torch.device("cuda:0") if self.gpus else torch.device("cpu"))
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, precision: str = "fp32") -> nn.Module:
         model = model.to(self.device)
         # DataParallel scatters each batch over the devices and gathers the outputs on cuda:0;
         # on one GPU or on CPU the wrapper would only add overhead.
-        return nn.DataParallel(model, device_ids=list(range(self.gpus))) if self.gpus > 1 else model
+        if self.gpus <= 1:
+            return model
+        return nn.DataParallel(
+            AutocastForward(model, self.device, precision), device_ids=list(range(self.gpus))
+        )
 
 
 _COLLECTIVE_TIMEOUT = timedelta(minutes=10)
@@ -140,7 +197,9 @@ class DistributedStrategy(Strategy):
 
     def __init__(self, sync_batchnorm: bool = False):
         if not inside_torchrun():
-            raise RuntimeError("DistributedStrategy must run under torchrun (use `python -m pipeline train ddp`)")
+            raise RuntimeError(
+                "DistributedStrategy must run under torchrun (use `python -m pipeline train ddp`)"
+            )
         self.rank = int(os.environ["RANK"])
         self.local_rank = int(os.environ["LOCAL_RANK"])
         self.world_size = int(os.environ["WORLD_SIZE"])
@@ -172,7 +231,7 @@ class DistributedStrategy(Strategy):
         check_batch_divides(global_batch, self.world_size)
         return global_batch // self.world_size
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, precision: str = "fp32") -> nn.Module:
         if self.sync_batchnorm:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(self.device)
@@ -195,6 +254,12 @@ class DistributedStrategy(Strategy):
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def share_main_buffers(self, module: nn.Module) -> None:
+        # Each rank's BatchNorm statistics come from its own last batch: evaluated as they are, the
+        # ranks would blend slightly different models, none of them the one exported (rank 0's).
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
     def barrier(self) -> None:
         dist.barrier()
 
@@ -203,9 +268,9 @@ class DistributedStrategy(Strategy):
             dist.destroy_process_group()
 
 
-def make_strategy(name: str, gpus: int, sync_batchnorm: bool = False) -> Strategy:
+def make_strategy(name: str, gpus: int, sync_batchnorm: bool = False, compile_: bool = False) -> Strategy:
     if name == "dp":
-        return DataParallelStrategy(gpus)
+        return DataParallelStrategy(gpus, sync_batchnorm, compile_)
     if name == "ddp":
         return DistributedStrategy(sync_batchnorm)
     raise ValueError(f"unknown strategy {name!r}")

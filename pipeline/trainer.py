@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import math
 import os
 import random
 import resource
@@ -22,8 +23,9 @@ from torch import nn
 from pipeline.checkpoint import checkpoint_path, fingerprint, load_checkpoint, save_checkpoint
 from pipeline.config import Params, to_flat_dict
 from pipeline.errors import UserError
-from pipeline.loop import EpochStats, StepSettings, evaluate, train_one_epoch
+from pipeline.loop import EpochStats, NonFiniteLoss, StepSettings, evaluate, train_one_epoch
 from pipeline.serving.networks import build_model
+from pipeline.serving.precision import precision
 from pipeline.paths import Paths
 from pipeline.fileio import atomic_write_bytes, atomic_write_json
 from pipeline.shards import load_split, read_manifest
@@ -37,8 +39,9 @@ def seed_everything(seed: int) -> None:
 
 
 def step_settings(params: Params, strategy: Strategy) -> StepSettings:
-    cuda = strategy.device.type == "cuda"
-    return StepSettings(device=strategy.device, channels_last=params.train.channels_last, bf16=params.train.bf16 and cuda)
+    """bf16 where asked for and native on the device (CUDA, or a CPU with AMX or AVX512-BF16), else fp32."""
+    bf16 = precision(strategy.device, params.train.bf16) == "bf16"
+    return StepSettings(device=strategy.device, channels_last=params.train.channels_last, bf16=bf16)
 
 
 def place_data(images: torch.Tensor, labels: torch.Tensor, params: Params, device: torch.device):
@@ -64,7 +67,7 @@ class TrainingState:
         model = build_model(params.model.name, num_classes, pretrained=params.model.pretrained, freeze_backbone=params.model.freeze_backbone)
         if params.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        wrapped = strategy.wrap(model)
+        wrapped = strategy.wrap(model, precision(strategy.device, params.train.bf16))
         self.bare = strategy.unwrap(wrapped)  # what checkpoints and the exported model hold
         self.eval_model = strategy.eval_model(wrapped)
         self.model = torch.compile(wrapped) if params.train.compile else wrapped
@@ -151,7 +154,13 @@ def main_process_run(params: Params, strategy: Strategy, state: TrainingState):
         return
     from pipeline.tracking import tracked_run
 
-    tags = {"device": strategy.device_label, "world_size": str(strategy.world_size), "gpus": str(params.gpus), "allreduce": strategy.allreduce}
+    tags = {
+        "device": strategy.device_label,
+        "world_size": str(strategy.world_size),
+        "gpus": str(params.gpus),
+        "allreduce": strategy.allreduce,
+        "precision": precision(strategy.device, params.train.bf16),  # what ran: train.bf16 is only a wish
+    }
     if strategy.device.type == "cpu":
         tags["cpu_only"] = "true"  # a process stands in for each GPU: not a GPU figure
     run_name = f"train-{strategy.name}-{params.gpus}gpu" + (f"-{os.environ['DVC_EXP_NAME']}" if os.environ.get("DVC_EXP_NAME") else "")
@@ -183,8 +192,17 @@ def fit(params: Params, paths: Paths, strategy: Strategy) -> dict | None:
     with main_process_run(params, strategy, state):
         for epoch in range(state.next_epoch, params.train.epochs):
             sampler.set_epoch(epoch)  # a new permutation every epoch, the same on every rank
-            stats = train_one_epoch(state.model, state.optimizer, state.scheduler, loss_fn, train_x, train_y, list(sampler), batch, strategy, settings)
+            try:
+                stats = train_one_epoch(
+                    state.model, state.optimizer, state.scheduler, loss_fn, train_x, train_y, list(sampler),
+                    batch, strategy, settings,
+                )  # fmt: skip
+            except NonFiniteLoss as err:
+                raise diverged(params, "training", f"by step {err.step} of epoch {epoch + 1}") from None
+            strategy.share_main_buffers(state.bare)  # every rank evaluates the model that is exported
             val_loss, val_accuracy = evaluate(state.eval_model, val_x, val_y, params.evaluate.batch_size, strategy, settings)
+            if not math.isfinite(val_loss):
+                raise diverged(params, "validation", f"after epoch {epoch + 1}")
             record = epoch_record(epoch, stats, val_loss, val_accuracy)
             state.history.append(record)
             state.next_epoch = epoch + 1
@@ -192,6 +210,15 @@ def fit(params: Params, paths: Paths, strategy: Strategy) -> dict | None:
                 log_epoch(record, params)
                 save_checkpoint(checkpoint_path(paths.root, strategy.name), state.state_dict(fingerprint_))
         return finish(params, paths, strategy, state, manifest) if strategy.is_main else None
+
+
+def diverged(params: Params, loss: str, when: str) -> UserError:
+    """The error that ends a training whose numbers blew up: no model is written or logged."""
+    train = params.train
+    return UserError(
+        f"training diverged: the {loss} loss became NaN or infinite {when}: lower train.lr "
+        f"(now {train.lr:g}) or train.weight_decay (now {train.weight_decay:g}), the usual causes"
+    )
 
 
 def log_epoch(record: dict, params: Params) -> None:
@@ -228,6 +255,7 @@ def summary(params: Params, strategy: Strategy, state: TrainingState) -> dict:
         "world_size": strategy.world_size,
         "gpus": params.gpus,
         "device": strategy.device_label,
+        "precision": precision(strategy.device, params.train.bf16),
         "epochs": len(state.history),
         "train_seconds": seconds,
         "images_per_second": images / seconds if seconds > 0 else 0.0,

@@ -37,6 +37,7 @@ from pipeline.config import load_params
 from pipeline.errors import UserError
 from pipeline.evaluate import METRIC_NAMES, classification_metrics, load_trained, run_evaluate
 from pipeline.serving.networks import class_probabilities
+from pipeline.serving.precision import native_bf16
 from pipeline.paths import workspace_paths
 from pipeline.promote import pick_candidate, run_promote
 from pipeline.shards import load_split, read_manifest
@@ -198,6 +199,7 @@ def test_evaluate_writes_metrics_and_logs_into_the_training_run(ws):
     client = MlflowClient()
     run = client.get_run(run_id(ws, "dp"))
     assert run.data.tags["evaluated"] == "true"
+    assert run.data.tags["eval_precision"] == ("bf16" if native_bf16(torch.device("cpu")) else "fp32")
     assert run.data.tags["stage"] == "train"  # the training's run, reopened: its stage tag stays
     for key in ("val_macro_f1", "val_accuracy", "val_top3_accuracy", "test_accuracy", "eval_seconds"):
         assert run.data.metrics[key] == pytest.approx(figures[key]), key

@@ -1,13 +1,18 @@
-"""GPU code paths: DataParallel over every visible GPU with bf16, channels_last and the data on the
-device; DDP over NCCL started by torchrun; asking for more GPUs than there are.
+"""GPU code paths: DataParallel over every visible GPU with bf16 in every replica, channels_last and
+the data on the device; steps that never wait for the GPU; DDP over NCCL started by torchrun, whose
+ranks end with identical weights and buffers; what dp refuses; asking for more GPUs than there are.
 
 Skipped, with the reason, where no GPU is visible. On a lent GPU machine:
-    python -m pytest -m gpu -rs            (or: bash benchmarks/gpu_check.sh)
+    python -m pytest -m gpu -rs -v            (or: bash benchmarks/gpu_check.sh)
+Every subprocess here has a timeout (at most 150 s) shorter than gpu_check.sh's limit on the whole
+pytest part, so a hang fails its own test with the subprocess's output.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,87 +23,248 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = REPO / "benchmarks" / "gpu_train_probe.py"
+SUBPROCESS_TIMEOUT = 150
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: no GPU visible")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: no GPU visible"),
+]
 
 
 def _params(gpus: int, **train):
     from pipeline.config import params_from_dict
 
-    values = {"gpus": gpus, "model": {"name": "resnet18"}, "train": {"epochs": 6, "batch_size": 32, "channels_last": True, "bf16": True, "data_on_device": True, **train}}
+    values = {
+        "gpus": gpus,
+        "model": {"name": "resnet18"},
+        "train": {
+            "epochs": 6,
+            "batch_size": 32,
+            "channels_last": True,
+            "bf16": True,
+            "data_on_device": True,
+            **train,
+        },
+    }
     return params_from_dict(values)
 
 
-def test_dp_over_all_visible_gpus_trains_with_bf16_channels_last_and_data_on_device():
-    from pipeline.loop import train_one_epoch
+def _run(command: list[str], log: Path, timeout: int = SUBPROCESS_TIMEOUT) -> str:
+    """Run `command` with its output in `log` (not a pipe nobody reads); on a timeout, kill its whole
+    process group (torchrun's ranks too) and fail with the output so far."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            pytest.fail(f"timed out after {timeout}s: {' '.join(command)}\n{log.read_text()[-4000:]}")
+    output = log.read_text()
+    assert process.returncode == 0, output[-4000:]
+    return output
+
+
+def _learnable_data(count: int = 128):
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 29, (count,), generator=generator)
+    patterns = torch.randn(29, 3, 64, 64, generator=generator)  # one per class: learnable in a few steps
+    images = (patterns[labels] + 0.5 * torch.randn(count, 3, 64, 64, generator=generator)).half()
+    return images, labels
+
+
+def _dp_training(gpus: int, images: int = 128):
     from pipeline.strategy import DataParallelStrategy
     from pipeline.trainer import TrainingState, place_data, step_settings
 
-    gpus = torch.cuda.device_count()
     params = _params(gpus)
     strategy = DataParallelStrategy(gpus)
-    generator = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, 29, (128,), generator=generator)
-    patterns = torch.randn(29, 3, 64, 64, generator=generator)  # one per class: learnable in a few steps
-    images = (patterns[labels] + 0.5 * torch.randn(128, 3, 64, 64, generator=generator)).half()
-    images, labels = place_data(images, labels, params, strategy.device)
-    assert images.device.type == "cuda" and labels.device.type == "cuda", "data_on_device: the split should sit on the GPU"
-
+    images, labels = place_data(*_learnable_data(images), params, strategy.device)
     torch.manual_seed(0)
     state = TrainingState(params, strategy, 29, steps_per_epoch=4)
-    settings = step_settings(params, strategy)
+    return params, strategy, state, step_settings(params, strategy), images, labels
+
+
+def test_dp_over_all_visible_gpus_trains_with_bf16_in_every_replica_channels_last_and_data_on_device():
+    from pipeline.loop import train_one_epoch
+
+    gpus = torch.cuda.device_count()
+    params, strategy, state, settings, images, labels = _dp_training(gpus)
+    assert images.device.type == "cuda" and labels.device.type == "cuda", (
+        "data_on_device: the split should sit on the GPU"
+    )
     assert settings.bf16 and settings.channels_last
     if gpus > 1:
         assert isinstance(state.model, nn.DataParallel) and state.model.device_ids == list(range(gpus))
-    seen = {}
-    state.bare.conv1.register_forward_hook(lambda module, inputs, output: seen.update(input=inputs[0], output=output))
+    seen: list[tuple[torch.device, torch.dtype, bool]] = []
+    # DataParallel's replicas share the bare module's hooks: this runs in every replica's thread.
+    state.bare.conv1.register_forward_hook(
+        lambda module, inputs, output: seen.append(
+            (output.device, output.dtype, inputs[0].is_contiguous(memory_format=torch.channels_last))
+        )
+    )
     before = {k: v.detach().clone() for k, v in state.bare.state_dict().items()}
 
     sampler = strategy.sampler(len(labels), 0)
     losses = []
     for epoch in range(params.train.epochs):
         sampler.set_epoch(epoch)
-        stats = train_one_epoch(state.model, state.optimizer, state.scheduler, nn.CrossEntropyLoss(), images, labels, list(sampler), 32, strategy, settings)
+        stats = train_one_epoch(
+            state.model,
+            state.optimizer,
+            state.scheduler,
+            nn.CrossEntropyLoss(),
+            images,
+            labels,
+            list(sampler),
+            32,
+            strategy,
+            settings,
+        )
         losses.append(stats.loss)
         assert stats.images == 128 and torch.isfinite(torch.tensor(stats.loss))
 
-    assert seen["output"].dtype == torch.bfloat16, "bf16 autocast should be active"
-    assert seen["input"].is_contiguous(memory_format=torch.channels_last)
+    assert {device.index for device, _, _ in seen} == set(range(gpus)), "every GPU should have run a replica"
+    dtypes = {(str(device), str(dtype)) for device, dtype, _ in seen}
+    assert all(dtype == torch.bfloat16 for _, dtype, _ in seen), (
+        f"every replica should compute in bf16: {sorted(dtypes)}"
+    )
+    assert all(channels_last for _, _, channels_last in seen)
     assert all(p.is_cuda for p in state.bare.parameters())
-    changed = [k for k, v in state.bare.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    changed = [
+        k
+        for k, v in state.bare.state_dict().items()
+        if v.is_floating_point() and not torch.equal(v, before[k])
+    ]
     assert changed, "training changed no weight"
     assert losses[-1] < losses[0], f"128 fixed images should be learnt a little in a few epochs: {losses}"
 
 
-def test_ddp_over_nccl_ends_with_identical_weights_on_every_rank(tmp_path):
+def test_dataparallel_threads_run_the_replica_in_bf16_even_on_one_gpu():
+    """DataParallel's own threading code (parallel_apply), two replicas per GPU: each thread re-enters
+    autocast with CUDA's default dtype, float16, unless the replica enters bf16 itself."""
+    from torch.nn.parallel import parallel_apply
+
+    from pipeline.serving.networks import build_model
+    from pipeline.strategy import AutocastForward
+
     gpus = torch.cuda.device_count()
-    data = tmp_path / "data"
-    weights = tmp_path / "weights"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    prepare = [sys.executable, str(PROBE), "--prepare", str(data), "--images-per-class", "16", "--size", "64"]
-    subprocess.run(prepare, cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+    devices = [index for index in range(gpus) for _ in range(2)]
+    model = build_model("resnet18", 29).cuda().eval()
+    seen: list[torch.dtype] = []
+    model.conv1.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    replica = AutocastForward(model, torch.device("cuda"), "bf16")
+    inputs = [(torch.randn(4, 3, 64, 64, device="cuda"),) for _ in devices]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        parallel_apply([replica] * len(devices), inputs, devices=devices)
+    assert len(seen) == len(devices) and set(seen) == {torch.bfloat16}, seen
+
+
+def test_training_steps_never_wait_for_the_gpu():
+    """After a warm-up epoch, an epoch runs under set_sync_debug_mode("error"): a host-device sync in
+    any step (an .item(), a tensor made from host data) raises. The epoch's end is its one intended sync.
+    The epoch is long enough for the NaN check to copy and read its flag (NAN_CHECK_INTERVAL)."""
+    from pipeline.loop import NAN_CHECK_INTERVAL, train_one_epoch
+
+    gpus = torch.cuda.device_count()
+    batch = 2 * gpus
+    steps = 2 * NAN_CHECK_INTERVAL + 5
+    _, strategy, state, settings, images, labels = _dp_training(gpus, images=steps * batch)
+    sampler = strategy.sampler(len(labels), 0)
+    loss_fn = nn.CrossEntropyLoss()
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        torch.cuda.set_sync_debug_mode("error" if epoch else 0)
+        try:
+            train_one_epoch(
+                state.model,
+                state.optimizer,
+                state.scheduler,
+                loss_fn,
+                images,
+                labels,
+                order,
+                batch,
+                strategy,
+                settings,
+            )
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.fixture(scope="module")
+def probe_data(tmp_path_factory) -> Path:
+    data = tmp_path_factory.mktemp("probe") / "data"
+    _run(
+        [sys.executable, str(PROBE), "--prepare", str(data), "--images-per-class", "16", "--size", "64"],
+        data.parent / "prepare.log",
+        timeout=90,
+    )
+    return data
+
+
+def _ddp_probe(data: Path, out: Path, *options: str) -> dict:
+    gpus = torch.cuda.device_count()
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}", str(PROBE),
         "--strategy", "ddp", "--data", str(data), "--epochs", "2", "--batch-size", str(16 * gpus),
-        "--json", str(tmp_path / "ddp.json"), "--save-weights", str(weights),
+        "--json", str(out / "ddp.json"), *options,
     ]  # fmt: skip
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _run(command, out / "ddp.log")
+    return json.loads((out / "ddp.json").read_text())
 
-    import json
 
-    summary = json.loads((tmp_path / "ddp.json").read_text())
-    assert summary["backend"] == "nccl" and summary["processes"] == gpus and summary["bf16"] and summary["data_on_device"]
-    states = [torch.load(weights / f"rank{rank}.pt", weights_only=True, map_location="cpu") for rank in range(gpus)]
+def test_ddp_steps_never_wait_for_the_gpu(probe_data, tmp_path):
+    summary = _ddp_probe(probe_data, tmp_path, "--sync-debug", "--min-steps", "45")
+    assert summary["sync_debug"] and summary["steps_per_epoch"] >= 45, (
+        "the second epoch ran under set_sync_debug_mode('error')"
+    )
+
+
+def test_ddp_over_nccl_ends_with_identical_weights_and_buffers_on_every_rank(probe_data, tmp_path):
+    gpus = torch.cuda.device_count()
+    weights = tmp_path / "weights"
+    summary = _ddp_probe(probe_data, tmp_path, "--save-weights", str(weights))
+    assert (
+        summary["backend"] == "nccl"
+        and summary["processes"] == gpus
+        and summary["bf16"]
+        and summary["data_on_device"]
+    )
+    assert {dtype for _, dtype in summary["compute_dtypes"]} == {"bfloat16"}, summary["compute_dtypes"]
+    states = [
+        torch.load(weights / f"rank{rank}.pt", weights_only=True, map_location="cpu") for rank in range(gpus)
+    ]
     assert all(s["world_size"] == gpus for s in states)
-    # Parameters, not buffers: without sync_batchnorm each rank's batch-norm running statistics
-    # come from its own last batch, so they differ by design.
-    names = states[0]["parameters"]
-    assert len(names) > 10
+    # Buffers too: before evaluating, every rank takes rank 0's batch-norm statistics.
+    names = list(states[0]["state"])
+    assert len(names) > 10 and any("running_mean" in name for name in names)
     for other in states[1:]:
         for name in names:
-            assert torch.equal(states[0]["state"][name], other["state"][name]), f"rank {other['rank']} differs from rank 0 in {name}"
+            assert torch.equal(states[0]["state"][name], other["state"][name]), (
+                f"rank {other['rank']} differs from rank 0 in {name}"
+            )
     assert summary["ranks_agree"]
+
+
+def test_dp_refuses_what_it_cannot_honour():
+    from pipeline.errors import UserError
+    from pipeline.strategy import make_strategy
+
+    gpus = torch.cuda.device_count()
+    with pytest.raises(UserError, match="SyncBatchNorm needs a process group"):
+        make_strategy("dp", gpus, sync_batchnorm=True)
+    if gpus > 1:
+        with pytest.raises(UserError, match=rf"train.compile does not reach DataParallel's {gpus} replicas"):
+            make_strategy("dp", gpus, compile_=True)
+    else:
+        make_strategy(
+            "dp", 1, compile_=True
+        )  # one GPU: no replicas, the compiled module is the one that runs
 
 
 def test_asking_for_more_gpus_than_visible_names_how_many_there_are():
@@ -107,7 +273,9 @@ def test_asking_for_more_gpus_than_visible_names_how_many_there_are():
 
     visible = torch.cuda.device_count()
     check_visible_gpus(visible)  # exactly as many is fine
-    with pytest.raises(UserError, match=rf"gpus={visible + 1} but only {visible} CUDA device\(s\) are visible"):
+    with pytest.raises(
+        UserError, match=rf"gpus={visible + 1} but only {visible} CUDA device\(s\) are visible"
+    ):
         check_visible_gpus(visible + 1)
     with pytest.raises(UserError, match=rf"only {visible} CUDA device"):
         make_strategy("dp", visible + 1)

@@ -13,12 +13,14 @@ from pathlib import Path
 import mlflow
 import psutil
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, write_params
 from pipeline.checkpoint import checkpoint_path
 from pipeline.config import load_params
 from pipeline.paths import Paths
+from pipeline.serving.precision import native_bf16
 from pipeline.train import run_train
 
 
@@ -65,6 +67,8 @@ def test_dp_writes_outputs_and_one_complete_mlflow_run(tiny_workspace):
     assert run.info.status == "FINISHED"
     tags = run.data.tags
     assert (tags["stage"], tags["strategy"], tags["device"], tags["cpu_only"], tags["allreduce"]) == ("train", "dp", "cpu", "true", "none")
+    precision = "bf16" if native_bf16(torch.device("cpu")) else "fp32"  # train.bf16 is on: used where native
+    assert tags["precision"] == figures["precision"] == precision
     assert tags["git_commit"]
     history = MlflowClient().get_metric_history(run.info.run_id, "epoch_seconds")
     assert sorted(m.step for m in history) == [0, 1]
@@ -219,3 +223,94 @@ def test_a_fresh_start_ignores_an_old_checkpoint(tiny_workspace):
     _interrupt_dp_training(tiny_workspace, signal.SIGKILL)
     figures = train_here(tiny_workspace, "dp")
     assert figures["resumed_from_epoch"] == -1 and figures["epochs"] == 40
+
+
+# --- what stops a training: a diverging loss, and user errors under ddp ------------------------
+
+
+def _train_runs() -> list:
+    query = "tags.stage = 'train'"
+    return mlflow.search_runs(experiment_names=["asl-alphabet"], filter_string=query, output_format="list")
+
+
+def _damage(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_diverging_training_fails_its_run_and_writes_no_model(tiny_workspace):
+    write_params(tiny_workspace, {"train": {"weight_decay": 1e30}})
+    from pipeline.errors import UserError
+
+    expected = r"^training diverged: the training loss became NaN or infinite by step \d+ of epoch 1: "
+    with pytest.raises(UserError, match=expected + r"lower train.lr .* or train.weight_decay \(now 1e\+30\)"):
+        train_here(tiny_workspace, "dp")
+    [record] = _train_runs()
+    assert record.info.status == "FAILED"
+    logged = MlflowClient().search_logged_models(experiment_ids=[record.info.experiment_id])
+    assert logged == [], "no model logged"
+    paths = Paths(tiny_workspace)
+    assert not paths.model_dir("dp").exists() and not paths.train_metrics("dp").exists()
+    assert not checkpoint_path(tiny_workspace, "dp").exists(), "no checkpoint of a diverged epoch"
+
+
+def test_ddp_refuses_a_corrupt_shard_before_starting_any_process(tiny_workspace):
+    _damage(next((tiny_workspace / "data" / "shards").glob("val-*.safetensors")))
+    from pipeline.errors import UserError
+
+    params_file = tiny_workspace / "params.yaml"
+    # Found by a rank, the error would come back as torchrun's exit code, not raised here.
+    with pytest.raises(UserError, match=r"val-00000.safetensors is corrupt .*run `dvc repro -f preprocess`"):
+        run_train(load_params(params_file), Paths(tiny_workspace), "ddp", params_file)
+
+
+def test_ddp_refuses_an_incompatible_checkpoint_before_starting_any_process(tiny_workspace):
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.errors import UserError
+
+    save_checkpoint(checkpoint_path(tiny_workspace, "ddp"), {"fingerprint": "made-with-other-params"})
+    params_file = write_params(tiny_workspace, {"train": {"resume": True}})
+    with pytest.raises(UserError, match="was made with other params or data"):
+        run_train(load_params(params_file), Paths(tiny_workspace), "ddp", params_file)
+
+
+@pytest.mark.slow
+def test_a_user_error_inside_ddp_ranks_is_one_line_and_exit_code_2(tiny_workspace):
+    """A diverging loss is found by the ranks themselves: their line, once, not torchrun's traceback."""
+    write_params(tiny_workspace, {"train": {"weight_decay": 1e30}})
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "pipeline", "train", "ddp"]
+    result = subprocess.run(command, cwd=tiny_workspace, env=env, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, output[-3000:]
+    assert errors[0].startswith("error: training diverged: the training loss became NaN"), output[-3000:]
+    assert "Traceback" not in output and "ChildFailedError" not in output, output[-3000:]
+    [record] = _train_runs()
+    assert record.info.status == "FAILED"
+    assert not Paths(tiny_workspace).model_dir("ddp").exists()
+
+
+@pytest.mark.slow
+def test_ddp_validation_figures_are_those_of_the_exported_model(tiny_workspace):
+    """Each rank's BatchNorm statistics come from its own batches; every rank must evaluate rank 0's,
+    the exported model's, or the per-epoch validation blends several models."""
+    from pipeline.loop import StepSettings, evaluate
+    from pipeline.serving.pyfunc import WEIGHTS_FILE, load_network, read_model_config
+    from pipeline.shards import load_split
+    from pipeline.strategy import Strategy
+
+    write_params(tiny_workspace, {"model": {"name": "resnet18"}, "train": {"epochs": 1, "bf16": False}})
+    CliRun(tiny_workspace, "train", "ddp").finish()
+    paths = Paths(tiny_workspace)
+    figures = json.loads(paths.train_metrics("ddp").read_text())
+    assert figures["world_size"] == 2
+    model_dir = paths.model_dir("ddp")
+    network = load_network(model_dir / WEIGHTS_FILE, read_model_config(model_dir / "model_config.json"))
+    val_x, val_y = load_split(paths.shards, "val")
+    settings = StepSettings(device=torch.device("cpu"), channels_last=True, bf16=False)
+    val_loss, val_accuracy = evaluate(network, val_x, val_y, 64, Strategy(torch.device("cpu")), settings)
+    assert figures["val_accuracy"] == pytest.approx(val_accuracy, abs=1e-9)
+    assert figures["val_loss"] == pytest.approx(val_loss, rel=1e-5)

@@ -11,13 +11,15 @@ import torch
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes bf16 in hardware."""
+    """Whether `device` computes bf16 in hardware. On CPU that takes AVX512-BF16 or AMX, and oneDNN,
+    whose kernels use them (AMD Zen 4 has AVX512-BF16 but no AMX: there the gain is to be measured)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
         cpu = torch.cpu
         checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, hence looked up
-        return any(getattr(cpu, name, lambda: False)() for name in checks)
+        has_isa = any(getattr(cpu, name, lambda: False)() for name in checks)
+        return has_isa and torch.backends.mkldnn.is_available()
     return False
 
 
