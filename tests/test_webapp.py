@@ -1,4 +1,5 @@
-"""The web app's API in-process (FastAPI's TestClient): answers, model version, and every limit.
+"""The web app's API in-process (FastAPI's TestClient, or uvicorn in a thread where requests must
+overlap): answers, model version, precision, every limit, and batching of concurrent requests.
 
 One colour model (red A, green B, blue C) is registered as champion in a private store and loaded
 once; the apps here wrap it with small limits so the limit tests stay cheap.
@@ -6,23 +7,31 @@ once; the apps here wrap it with small limits so the limit tests stay cheap.
 
 from __future__ import annotations
 
+import socket
 import struct
 import tempfile
+import threading
+import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import requests
+import torch
 import yaml
 from fastapi.testclient import TestClient
 from PIL import Image
-from serving_support import COLOURS, colour_champion, encode, noisy, solid
+from serving_support import COLOURS, app_in_thread, colour_champion, encode, noisy, solid
 from typer.testing import CliRunner
 
 from pipeline.cli import app as cli
 from pipeline.config import ServeConfig
 from pipeline.predict import LoadedModel, load_model
+from pipeline.serving.limits import MIB, MemoryBudget
+from pipeline.serving.precision import precision
 from pipeline.webapp import create_app
 
 MAX_BYTES = 200_000
@@ -83,7 +92,8 @@ def test_page_is_one_self_contained_file(client: TestClient) -> None:
 
 def test_health_names_the_version_that_answers(client: TestClient, champion) -> None:
     body = client.get("/api/health").json()
-    assert body == {"status": "ok", "model": {"name": champion.name, "version": champion.version, "uri": champion.uri}}
+    model = {"name": champion.name, "version": champion.version, "uri": champion.uri}
+    assert body == {"status": "ok", "model": model, "precision": precision(torch.device("cpu"), True)}
 
 
 @pytest.mark.parametrize("colour", ["A", "B", "C"])
@@ -112,8 +122,17 @@ def test_raw_body_works_too(client: TestClient) -> None:
     assert response.status_code == 200 and response.json()["label"] == "B"
 
 
-def test_the_models_decode_limit_follows_the_serve_limit(loaded: LoadedModel, client: TestClient) -> None:
-    assert loaded.model.unwrap_python_model().max_pixels == MAX_PIXELS
+def test_the_models_decode_limit_follows_the_serve_limit(client: TestClient) -> None:
+    assert client.app.state.classifier.max_pixels == MAX_PIXELS
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_answers_say_which_precision_ran(loaded: LoadedModel, bf16: bool) -> None:
+    expected = precision(torch.device("cpu"), bf16)  # bf16 only where the CPU computes it natively
+    with TestClient(create_app(loaded, ServeConfig(bf16=bf16))) as app:
+        assert app.get("/api/health").json()["precision"] == expected
+        body = _upload(app, solid(COLOURS["C"])).json()
+    assert body["precision"] == expected and body["label"] == "C"
 
 
 # --- bad input: a clear 4xx, and the next request still works -----------------------------------
@@ -129,9 +148,14 @@ BAD_UPLOADS = {
     "text": (b"hello, this is not a picture", 415, "not an image"),
     "gif": (encode(Image.new("RGB", (8, 8)), "GIF"), 415, "JPEG, PNG or WebP"),
     "truncated-jpeg": (_truncated_jpeg(), 400, "truncated"),
-    "bomb-20000x20000": (_png_header(20000, 20000), 413, "too large"),
-    "header-over-limit": (_png_header(5000, 5000), 413, "5000x5000 pixels is over the limit of 1000000"),
-    "real-over-limit": (solid((1, 2, 3), 1001, 1000, fmt="PNG"), 413, "1001x1000"),
+    # Over twice PIL's own limit, Image.open refuses before the app sees a size: the app's limit is named all the same.
+    "bomb-20000x20000": (_png_header(20000, 20000), 413, "over the limit of 1000000 pixels (serve.max_image_pixels)"),
+    "header-over-limit": (_png_header(5000, 5000), 413, "5000x5000 pixels is over the limit of 1000000 (serve.max_image_pixels)"),
+    "real-over-limit": (
+        solid((1, 2, 3), 1001, 1000, fmt="PNG"),
+        413,
+        "1001x1000 pixels is over the limit of 1000000 (serve.max_image_pixels)",
+    ),
 }
 
 
@@ -211,6 +235,85 @@ def test_serves_nothing_but_its_page(client: TestClient, path: str) -> None:
 def test_wrong_method_is_a_json_error(client: TestClient) -> None:
     response = client.get("/api/predict")
     assert response.status_code == 405 and "error" in response.json()
+
+
+# --- memory and load ------------------------------------------------------------------------------
+
+
+def test_a_png_that_needs_more_than_the_decode_budget_is_413_naming_it(loaded: LoadedModel) -> None:
+    """A 2100x2100 RGBA PNG is decoded whole (17.6 MB) and is refused by a 16 MB budget; a JPEG of
+    the same size decodes at 1/8 scale and is classified."""
+    serve = ServeConfig(decode_memory_mb=16, max_image_pixels=5_000_000)
+    png = encode(Image.new("RGBA", (2100, 2100), (*COLOURS["B"], 255)), "PNG")
+    with TestClient(create_app(loaded, serve)) as app:
+        response = _upload(app, png, "big.png")
+        assert response.status_code == 413
+        assert "more than the whole decode budget of 16 MB (serve.decode_memory_mb)" in response.json()["error"]
+        jpeg = _upload(app, solid(COLOURS["B"], 2100, 2100))
+        assert jpeg.status_code == 200 and jpeg.json()["label"] == "B"
+
+
+def _send_half_an_upload(url: str, body: bytes) -> socket.socket:
+    """A connection that has sent the headers and half of `body`: its request stays inside the app."""
+    host, port = url.removeprefix("http://").split(":")
+    connection = socket.create_connection((host, int(port)), timeout=30)
+    head = f"POST /api/predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(body)}\r\n\r\n"
+    connection.sendall(head.encode() + body[: len(body) // 2])
+    return connection
+
+
+def _wait_for(condition, what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_a_full_server_answers_503_with_retry_after(loaded: LoadedModel) -> None:
+    app = create_app(loaded, ServeConfig(max_pending=1))
+    image = solid(COLOURS["A"])
+    with app_in_thread(app) as url:
+        slow = _send_half_an_upload(url, image)
+        try:
+            _wait_for(lambda: app.state.admission.inside == 1, "the slow upload to be inside the app")
+            refused = requests.post(f"{url}/api/predict", data=image, timeout=30)
+            assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+            assert "serve.max_pending" in refused.json()["error"]
+            slow.sendall(image[len(image) // 2 :])
+            assert slow.recv(100).startswith(b"HTTP/1.1 200")
+        finally:
+            slow.close()
+        assert requests.post(f"{url}/api/predict", data=image, timeout=30).json()["label"] == "A"
+
+
+def test_no_room_to_decode_is_503_with_retry_after(loaded: LoadedModel) -> None:
+    """The decode budget is taken (here: held by the test) and nobody may wait for it."""
+    with TestClient(create_app(loaded, ServeConfig())) as app:
+        budget = app.app.state.classifier.budget = MemoryBudget(64 * MIB, max_waiting=0)
+        with budget.reserve(60 * MIB):
+            response = _upload(app, solid(COLOURS["A"]))
+        assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+        assert "retry" in response.json()["error"]
+        assert _upload(app, solid(COLOURS["A"])).json()["label"] == "A"
+
+
+def test_concurrent_requests_share_forward_passes(loaded: LoadedModel) -> None:
+    """Twelve clients at once: every one gets its own answer, from fewer than twelve forward passes
+    of at most serve.max_batch images."""
+    app = create_app(loaded, ServeConfig(max_batch=8, batch_wait_ms=300))
+    colours = [("A", "B", "C")[i % 3] for i in range(12)]
+    start = threading.Barrier(len(colours))
+
+    def ask(url: str, colour: str) -> str:
+        start.wait()
+        return requests.post(f"{url}/api/predict", files={"file": ("x.jpg", solid(COLOURS[colour]))}, timeout=60).json()["label"]
+
+    with app_in_thread(app) as url, ThreadPoolExecutor(len(colours)) as clients:
+        labels = list(clients.map(lambda colour: ask(url, colour), colours))
+    assert labels == colours
+    sizes = app.state.batcher.batch_sizes
+    assert sum(size * count for size, count in sizes.items()) == 12
+    assert max(sizes) <= 8 and sum(sizes.values()) < 12, sizes
 
 
 # --- the command ----------------------------------------------------------------------------------
