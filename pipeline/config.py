@@ -236,6 +236,9 @@ class ServeConfig(_Section):
     for room; an image that alone needs more is refused with 413."""
     decode_threads: Annotated[int, Field(ge=1, le=256)] | None = None
     """Threads decoding uploads (null: one per core, at most 4)."""
+    torch_threads: Annotated[int, Field(ge=1, le=1024)] | None = None
+    """Threads of each forward pass (null: one less than the cores, at least one: the core left over
+    serves HTTP and decodes, rather than stalling the forward pass's threads by competing with them)."""
     max_pending: Annotated[int, Field(ge=1)] = 64
     """Requests held at once (uploading, waiting, decoding, classifying); more are answered 503 with
     Retry-After. Their uploads take up to max_pending x max_request_bytes."""

@@ -279,16 +279,19 @@ def create_app(loaded: LoadedModel, serve: ServeConfig) -> FastAPI:
 
 def run_server(model_uri: str, serve: ServeConfig) -> None:
     """Load the model, then serve the page until interrupted."""
+    import torch
     import uvicorn
 
     # This process only serves: PIL's own bomb guard may as well use the same limit (it warns
     # above it and refuses above twice it), behind the header check in `check_image`.
     Image.MAX_IMAGE_PIXELS = serve.max_image_pixels
+    torch.set_num_threads(serve.torch_threads or max(1, (os.cpu_count() or 1) - 1))
     loaded = load_model(model_uri)
     app = create_app(loaded, serve)
     print(
         f"serving {loaded.ref.describe()} ({loaded.ref.load_uri}) at http://{serve.host}:{serve.port}/ "
-        f"(forward passes in {app.state.classifier.precision}, up to {serve.max_batch} images each)",
+        f"(forward passes of up to {serve.max_batch} images in {app.state.classifier.precision} "
+        f"on {torch.get_num_threads()} threads)",
         flush=True,
     )
     uvicorn.run(app, host=serve.host, port=serve.port, log_level="info")

@@ -70,15 +70,20 @@ def test_exif_orientation_is_exactly_the_plain_recipes(orientation: int, width: 
 
 _PEAK_PROBE = textwrap.dedent(
     """
-    import resource, sys
+    import sys
     from pipeline.serving.imaging import decode_image, open_image
+
+    def high_water_mark():  # VmHWM: unlike ru_maxrss, not inherited from the (large) parent across exec
+        status = open("/proc/self/status").read().splitlines()
+        return int(next(line for line in status if line.startswith("VmHWM:")).split()[1]) * 1024
+
     data = open(sys.argv[1], "rb").read()
-    decode_image(data[:0] or open(sys.argv[2], "rb").read(), 64)  # decoders loaded, buffers warm
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    decode_image(open(sys.argv[2], "rb").read(), 64)  # decoders loaded, buffers warm
+    before = high_water_mark()
     decode_image(data, 64)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    peak = high_water_mark() - before
     image, estimate = open_image(data, 64)
-    print(peak * 1024, estimate)
+    print(peak, estimate)
     """
 )
 
@@ -95,7 +100,7 @@ def test_a_large_png_peaks_at_its_estimate_about_the_decoded_image(tmp_path) -> 
     peak, estimate = map(int, out.stdout.split())
     decoded = 3000 * 3000 * 4
     assert decoded <= estimate <= decoded + 10 * MIB
-    assert peak <= estimate, f"peak {peak / MIB:.0f} MB over the estimate {estimate / MIB:.0f} MB"
+    assert decoded * 0.9 <= peak <= estimate, f"peak {peak / MIB:.0f} MB, estimate {estimate / MIB:.0f} MB"
 
 
 def test_a_large_jpeg_is_estimated_at_its_reduced_scale() -> None:

@@ -66,7 +66,9 @@ DECODE_QUEUE_ENV = "ASL_DECODE_QUEUE"
 """Decodes that may wait for that memory (default 32); beyond them a request is answered 503."""
 
 _FORWARD_BATCH = 64  # images per forward pass: bounds the memory a large request takes
-log = logging.getLogger(__name__)
+# A child of MLflow's logger: MLflow shows its INFO lines wherever the model loads (`mlflow models
+# serve` configures no other logging), so the precision that serves is in the server's log.
+log = logging.getLogger("mlflow.pyfunc.asl_classifier")
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]
 # What pipeline.serving imports, pinned to the versions installed here. Given explicitly, MLflow
 # does not infer them: inference loads the model in a subprocess to watch its imports (slow, a guess).
@@ -254,7 +256,7 @@ class AslClassifier(mlflow.pyfunc.PythonModel):
         self._networks: dict[str, nn.Module] = {}
         self.precision = precision(self.device, _env_bf16())
         self._network_for(self.precision)
-        log.info("%s on %s: forward passes in %s", config["model"]["name"], self.device, self.precision)
+        log.info("%s on %s: forward passes in %s", config["model"]["name"], self.device.type, self.precision)
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         # The pd.DataFrame hint is one MLflow does not infer a signature from or validate against:
