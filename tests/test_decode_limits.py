@@ -150,3 +150,18 @@ def test_a_full_line_or_a_long_wait_is_busy_and_too_much_is_over_budget() -> Non
     with pytest.raises(OverBudget, match="more than the whole decode budget"), budget.reserve(101):
         pass
     assert budget.used == patient.used == 0 and patient.waiting == 0
+
+
+def test_handing_memory_back_starts_no_process(monkeypatch) -> None:
+    """A forked child (what ctypes.util.find_library does to run ldconfig) would be a copy, in RSS,
+    of a server holding a gigabyte of decodes at that moment."""
+    import subprocess as subprocess_module
+
+    from pipeline.serving import limits
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("return_freed_memory started a process")
+
+    monkeypatch.setattr(subprocess_module.Popen, "__init__", refuse)
+    limits._malloc_trim.cache_clear()
+    assert limits.return_freed_memory() >= 0

@@ -26,6 +26,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+import requests
 import yaml
 from conftest import REPO, write_params
 from playwright.sync_api import Browser, Page, expect, sync_playwright
@@ -177,6 +178,8 @@ def test_a_red_image_reads_a(browser: Browser, colour_server, tmp_path: Path) ->
     page = _open(browser, url)
     expect(page.locator("#model-version")).to_have_text(f"model: {champion.name} v{champion.version}")
     assert page.get_attribute("#model-version", "data-version") == str(champion.version)
+    precision = requests.get(f"{url}/api/health", timeout=10).json()["precision"]
+    assert page.get_attribute("#model-version", "title") == f"forward passes in {precision}"
     for name, colour in (("red.jpg", "A"), ("green.png", "B")):
         (tmp_path / name).write_bytes(solid(COLOURS[colour], 160, 120, fmt="PNG" if name.endswith("png") else "JPEG"))
         _upload(page, tmp_path / name)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import functools
 import itertools
 import threading
@@ -99,9 +98,10 @@ class MemoryBudget:
 
 @functools.cache
 def _malloc_trim() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-    name = ctypes.util.find_library("c")
+    # The process's own symbols, which hold libc's: ctypes.util.find_library would run ldconfig in
+    # a forked child, a copy (in RSS) of a server that may be holding a gigabyte at the time.
     try:
-        return ctypes.CDLL(name).malloc_trim if name else None
+        return ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):  # not glibc: nothing to call
         return None
 
