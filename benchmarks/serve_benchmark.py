@@ -10,7 +10,9 @@ Each checkout logs a resnet18 (64 px, 29 classes, untrained: the speed is the sa
 in a scratch store. All servers start at once on free loopback ports, then:
 
   (a) load: N clients (threads with a keep-alive connection each; default 1, 8 and 32) send a
-      200x200 JPEG per request for `--seconds`, after a warm-up; requests/s, p50 and p99 latency.
+      200x200 JPEG per request for `--seconds`, after a warm-up; requests/s, p50 and p99 latency,
+      and images per CPU-second of the server's processes (what an image costs, whatever share of
+      the cores the machine's other work leaves the server; the warm-up counted pro rata).
       serve-ui gets it as a multipart upload (as the page sends it), mlflow models serve as base64
       in a one-row `dataframe_split` (`--rows 8` sends 8 images per request as well). The servers
       take turns at each client count, `--rounds` times, so that drifting load hits all alike.
@@ -161,6 +163,16 @@ class Server:
                 pass
         return total
 
+    def cpu_seconds(self) -> float:
+        total = 0.0
+        for process in self.tree():
+            try:
+                times = process.cpu_times()
+                total += times.user + times.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
     def stop(self) -> None:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
@@ -201,7 +213,7 @@ def start_servers(checkout: Checkout, model_dir: Path, scratch: Path, env: dict[
     index = checkout.label.rpartition("#")[2]
     name, label = f"bench-{index}", checkout.label.rpartition("#")[0]
     env = {**env, **checkout.env}
-    code_env = {**env, "PYTHONPATH": str(checkout.path)}
+    code_env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(checkout.path), checkout.env.get("PYTHONPATH")]))}
     subprocess.run(
         [sys.executable, "-c", LOG_MODEL, str(model_dir), name], cwd=scratch, env=code_env, check=True, capture_output=True
     )
@@ -309,25 +321,30 @@ def client(
     connection.close()
 
 
-def run_clients(port: int, request: tuple[str, bytes, dict[str, str]], clients: int, seconds: float) -> tuple[Tally, float]:
-    tally, now = Tally(), time.monotonic()
+def run_clients(
+    server: Server, request: tuple[str, bytes, dict[str, str]], clients: int, seconds: float
+) -> tuple[Tally, float, float]:
+    """The tally, the seconds measured, and the server's CPU seconds meanwhile (warm-up included)."""
+    tally, now, cpu = Tally(), time.monotonic(), server.cpu_seconds()
     start, stop = now + WARMUP_S, now + WARMUP_S + seconds
-    threads = [threading.Thread(target=client, args=(port, request, start, stop, tally, None)) for _ in range(clients)]
+    threads = [threading.Thread(target=client, args=(server.port, request, start, stop, tally, None)) for _ in range(clients)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    return tally, time.monotonic() - start
+    return tally, time.monotonic() - start, server.cpu_seconds() - cpu
 
 
-def load_row(server: Server, clients: int, rows: int, tally: Tally, elapsed: float) -> str:
+def load_row(server: Server, clients: int, rows: int, tally: Tally, elapsed: float, cpu: float) -> str:
     latencies = np.asarray(tally.latencies) * 1000
     p50, p99 = np.percentile(latencies, [50, 99]) if len(latencies) else (float("nan"), float("nan"))
     errors = sum(tally.errors.values())
     per_s = len(latencies) / elapsed
+    # Requests per CPU-second of the server: what it costs, whatever share of the cores neighbours leave it.
+    per_cpu_s = len(latencies) * (elapsed + WARMUP_S) / elapsed / cpu if cpu else float("nan")
     return (
         f"| {server.name} | {rows} | {clients} | {per_s:.1f} | {per_s * rows:.1f} | {p50:.0f} ms | {p99:.0f} ms | "
-        f"{errors}{' ' + str(tally.errors) if errors else ''} |"
+        f"{per_cpu_s * rows:.0f} | {errors}{' ' + str(tally.errors) if errors else ''} |"
     )
 
 
@@ -420,14 +437,16 @@ def main() -> None:
 
 def run_load(servers: list[Server], args: argparse.Namespace) -> None:
     ordinary = ordinary_image()
-    print("\n| server | images per request | clients | requests/s | images/s | p50 | p99 | errors |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        "\n| server | images per request | clients | requests/s | images/s | p50 | p99 | images per server CPU-second | errors |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for clients in (int(n) for n in args.clients.split(",")):
         for _ in range(args.rounds):
             for server in servers:
                 for rows in [int(n) for n in args.rows.split(",")] if server.kind == "mlflow" else [1]:
-                    tally, elapsed = run_clients(server.port, request_for(server, [ordinary] * rows), clients, args.seconds)
-                    print(load_row(server, clients, rows, tally, elapsed), flush=True)
+                    tally, elapsed, cpu = run_clients(server, request_for(server, [ordinary] * rows), clients, args.seconds)
+                    print(load_row(server, clients, rows, tally, elapsed, cpu), flush=True)
         print(f"<!-- load average {load_average()} -->", flush=True)
 
 
