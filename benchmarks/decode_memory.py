@@ -12,6 +12,9 @@
     - decode_image: this repository's decode (centre square reduced band by band, nothing copied whole).
 (b) 8 threads decode the 6300x6300 PNG at once, twice, in one process (no budget): its RSS at the
     peak and afterwards, before and after `return_freed_memory` (glibc's malloc_trim).
+(c) An ordinary image (200x200 JPEG, the data set's): microseconds per decode, plain recipe against
+    decode_image, and the served model's `prepare_image` (header, estimate, budget, decode); best
+    of many rounds, interleaved.
 """
 
 from __future__ import annotations
@@ -104,7 +107,9 @@ def probe(recipe: str, path: str) -> None:
 
 def high_water_mark() -> int:
     """This process's peak RSS (VmHWM: unlike ru_maxrss, not inherited from the parent across exec)."""
-    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
+    line = next(
+        line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:")
+    )
     return int(line.split()[1]) * 1024
 
 
@@ -131,9 +136,31 @@ def concurrent_decodes(path: Path) -> str:
     kept = rss()
     seconds = return_freed_memory()
     return (
-        f"8 threads x 2 rounds: peak +{(peak[0] - idle) / MIB:.0f} MB; afterwards +{(kept - idle) / MIB:.0f} MB, "
+        f"8 threads x 2 rounds: peak +{(peak[0] - idle) / MIB:.0f} MB; "
+        f"afterwards +{(kept - idle) / MIB:.0f} MB, "
         f"after malloc_trim +{(rss() - idle) / MIB:.0f} MB (the trim took {seconds * 1000:.0f} ms)"
     )
+
+
+def ordinary_decodes() -> str:
+    from pipeline.serving.limits import MemoryBudget
+    from pipeline.serving.pyfunc import AslClassifier
+
+    gradient = np.linspace(0, 255, 200 * 200 * 3).reshape(200, 200, 3).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(gradient).save(buffer, format="JPEG", quality=90)
+    data = buffer.getvalue()
+    served = AslClassifier()  # only what prepare_image reads; no network needed
+    served.image_size, served.max_pixels, served.budget = SIZE, 40_000_000, MemoryBudget(1024 * MIB)
+    recipes = {"plain": plain, "decode_image": RECIPES["decode_image"], "prepare_image": served.prepare_image}
+    best = dict.fromkeys(recipes, float("inf"))
+    for _ in range(30):
+        for name, recipe in recipes.items():
+            started = time.perf_counter()
+            for _ in range(50):
+                recipe(data)
+            best[name] = min(best[name], (time.perf_counter() - started) / 50)
+    return ", ".join(f"{name} {seconds * 1e6:.0f} us" for name, seconds in best.items())
 
 
 def main() -> None:
@@ -149,15 +176,20 @@ def main() -> None:
             if recipe == "no draft" and not name.startswith("JPEG"):
                 continue
             out = subprocess.run(
-                [sys.executable, __file__, "--probe", recipe, str(path)], capture_output=True, text=True, check=True
+                [sys.executable, __file__, "--probe", recipe, str(path)],
+                capture_output=True,
+                text=True,
+                check=True,
             )
             peak, seconds, estimate = out.stdout.split()
             print(
-                f"| {name} | {path.stat().st_size / 1e6:.2f} MB | {recipe} | {int(peak) / MIB:.0f} MB | {float(seconds):.2f} | "
+                f"| {name} | {path.stat().st_size / 1e6:.2f} MB | {recipe} | {int(peak) / MIB:.0f} MB "
+                f"| {float(seconds):.2f} | "
                 f"{int(estimate) / MIB:.0f} MB |",
                 flush=True,
             )
     print(f"\n(b) {images['PNG RGBA'].name}: {concurrent_decodes(images['PNG RGBA'])}")
+    print(f"\n(c) 200x200 JPEG to {SIZE}x{SIZE}, per image: {ordinary_decodes()}")
 
 
 if __name__ == "__main__":

@@ -37,11 +37,22 @@ from pipeline.serving.pyfunc import AslClassifier
 def classifier(name: str, size: int, folder: Path) -> AslClassifier:
     torch.manual_seed(0)
     network = build_model(name, len(CLASSES)).eval()
-    save_file({k: v.detach().float().contiguous() for k, v in network.state_dict().items()}, str(folder / "w.safetensors"))
-    config = {"model": {"name": name}, "classes": list(CLASSES), "image_size": size, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    save_file(
+        {k: v.detach().float().contiguous() for k, v in network.state_dict().items()},
+        str(folder / "w.safetensors"),
+    )
+    config = {
+        "model": {"name": name},
+        "classes": list(CLASSES),
+        "image_size": size,
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+    }
     (folder / "c.json").write_text(json.dumps(config))
     loaded = AslClassifier()
-    loaded.load_context(PythonModelContext({"weights": str(folder / "w.safetensors"), "config": str(folder / "c.json")}, None))
+    loaded.load_context(
+        PythonModelContext({"weights": str(folder / "w.safetensors"), "config": str(folder / "c.json")}, None)
+    )
     return loaded
 
 
@@ -74,10 +85,13 @@ def main() -> None:
                         model.probabilities(pixels)
                     rate = batch * repeats / (time.perf_counter() - started)
                     best[count, batch, precision] = max(best.get((count, batch, precision), 0.0), rate)
-    cpu = torch.cpu
-    print(f"{args.model} at {args.size} px; torch {torch.__version__}; native bf16: {native_bf16(torch.device('cpu'))} "
-          f"(AVX512-BF16 {cpu._is_avx512_bf16_supported()}, AMX {cpu._is_amx_tile_supported()}); "
-          f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")  # fmt: skip
+    cpu, native = torch.cpu, native_bf16(torch.device("cpu"))
+    features = f"AVX512-BF16 {cpu._is_avx512_bf16_supported()}, AMX {cpu._is_amx_tile_supported()}"
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    print(
+        f"{args.model} at {args.size} px; torch {torch.__version__}; "
+        f"native bf16: {native} ({features}); load average {load}"
+    )
     print("\n| threads | batch | fp32 images/s | bf16 images/s | bf16 / fp32 |")
     print("| --- | --- | --- | --- | --- |")
     for count in threads:

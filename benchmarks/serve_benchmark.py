@@ -81,7 +81,10 @@ def write_model(folder: Path) -> Path:
     torch.manual_seed(0)
     network = build_model("resnet18", len(CLASSES)).eval()
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().float().contiguous() for k, v in network.state_dict().items()}, str(folder / "model.safetensors"))
+    save_file(
+        {k: v.detach().float().contiguous() for k, v in network.state_dict().items()},
+        str(folder / "model.safetensors"),
+    )
     config = {
         "model": {"name": "resnet18", "pretrained": False, "freeze_backbone": False},
         "classes": list(CLASSES),
@@ -113,7 +116,9 @@ def worst_images(cache: Path) -> dict[str, bytes]:
         y, x = np.mgrid[0:WORST_SIDE, 0:WORST_SIDE]
         pixels = np.zeros((WORST_SIDE, WORST_SIDE, 4), np.uint8)
         pixels[..., 0], pixels[..., 1], pixels[..., 2] = (x // 50 % 2) * 200, (y // 70 % 2) * 180, 90
-        pixels[..., 3] = np.where((x - WORST_SIDE / 2) ** 2 + (y - WORST_SIDE / 2) ** 2 < (WORST_SIDE / 3) ** 2, 255, 0)
+        pixels[..., 3] = np.where(
+            (x - WORST_SIDE / 2) ** 2 + (y - WORST_SIDE / 2) ** 2 < (WORST_SIDE / 3) ** 2, 255, 0
+        )
         image = Image.fromarray(pixels, "RGBA")
         png.write_bytes(encode(image, "PNG"))
         jpeg.write_bytes(encode(image.convert("RGB"), "JPEG", quality=90))
@@ -208,14 +213,23 @@ class Checkout:
         return cls(path, params, env, f"{name}{' ' + settings if settings else ''}#{index}")
 
 
-def start_servers(checkout: Checkout, model_dir: Path, scratch: Path, env: dict[str, str], kinds: list[str]) -> list[Server]:
+def start_servers(
+    checkout: Checkout, model_dir: Path, scratch: Path, env: dict[str, str], kinds: list[str]
+) -> list[Server]:
     """Log and register the model with `checkout`'s code, then start both servers on it."""
     index = checkout.label.rpartition("#")[2]
     name, label = f"bench-{index}", checkout.label.rpartition("#")[0]
     env = {**env, **checkout.env}
-    code_env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(checkout.path), checkout.env.get("PYTHONPATH")]))}
+    code_env = {
+        **env,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(checkout.path), checkout.env.get("PYTHONPATH")])),
+    }
     subprocess.run(
-        [sys.executable, "-c", LOG_MODEL, str(model_dir), name], cwd=scratch, env=code_env, check=True, capture_output=True
+        [sys.executable, "-c", LOG_MODEL, str(model_dir), name],
+        cwd=scratch,
+        env=code_env,
+        check=True,
+        capture_output=True,
     )
     uri = f"models:/{name}@champion"
     ui_port, mlflow_port = free_port(), free_port()
@@ -256,7 +270,12 @@ def start_servers(checkout: Checkout, model_dir: Path, scratch: Path, env: dict[
             continue
         log = scratch / f"{kind}-{index}.log"
         process = subprocess.Popen(
-            command, cwd=cwd, env=server_env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            cwd=cwd,
+            env=server_env,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         servers.append(Server(f"{kind} ({label})", kind, process, port, log))
     return servers
@@ -269,7 +288,10 @@ def request_for(server: Server, images: list[bytes]) -> tuple[str, bytes, dict[s
     """(path, body, headers) of one request carrying `images` (serve-ui: one image only)."""
     if server.kind == "serve-ui":
         boundary = "benchmarkboundary7f3a"
-        head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="image"\r\nContent-Type: application/octet-stream\r\n\r\n'
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="image"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        )
         body = head.encode() + images[0] + f"\r\n--{boundary}--\r\n".encode()
         return "/api/predict", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
     rows = [[base64.b64encode(image).decode("ascii")] for image in images]
@@ -321,13 +343,23 @@ def client(
     connection.close()
 
 
+def forward_passes(server: Server) -> dict[str, int] | None:
+    """serve-ui's count of forward passes and images so far (None for a server that does not say)."""
+    if server.kind != "serve-ui":
+        return None
+    return requests.get(f"http://127.0.0.1:{server.port}/api/health", timeout=30).json().get("batches")
+
+
 def run_clients(
     server: Server, request: tuple[str, bytes, dict[str, str]], clients: int, seconds: float
 ) -> tuple[Tally, float, float]:
     """The tally, the seconds measured, and the server's CPU seconds meanwhile (warm-up included)."""
     tally, now, cpu = Tally(), time.monotonic(), server.cpu_seconds()
     start, stop = now + WARMUP_S, now + WARMUP_S + seconds
-    threads = [threading.Thread(target=client, args=(server.port, request, start, stop, tally, None)) for _ in range(clients)]
+    threads = [
+        threading.Thread(target=client, args=(server.port, request, start, stop, tally, None))
+        for _ in range(clients)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -335,7 +367,9 @@ def run_clients(
     return tally, time.monotonic() - start, server.cpu_seconds() - cpu
 
 
-def load_row(server: Server, clients: int, rows: int, tally: Tally, elapsed: float, cpu: float) -> str:
+def load_row(
+    server: Server, clients: int, rows: int, tally: Tally, elapsed: float, cpu: float, per_pass: str
+) -> str:
     latencies = np.asarray(tally.latencies) * 1000
     p50, p99 = np.percentile(latencies, [50, 99]) if len(latencies) else (float("nan"), float("nan"))
     errors = sum(tally.errors.values())
@@ -343,8 +377,9 @@ def load_row(server: Server, clients: int, rows: int, tally: Tally, elapsed: flo
     # Requests per CPU-second of the server: what it costs, whatever share of the cores neighbours leave it.
     per_cpu_s = len(latencies) * (elapsed + WARMUP_S) / elapsed / cpu if cpu else float("nan")
     return (
-        f"| {server.name} | {rows} | {clients} | {per_s:.1f} | {per_s * rows:.1f} | {p50:.0f} ms | {p99:.0f} ms | "
-        f"{per_cpu_s * rows:.0f} | {errors}{' ' + str(tally.errors) if errors else ''} |"
+        f"| {server.name} | {rows} | {clients} | {per_s:.1f} | {per_s * rows:.1f} "
+        f"| {p50:.0f} ms | {p99:.0f} ms | "
+        f"{per_cpu_s * rows:.0f} | {per_pass} | {errors}{' ' + str(tally.errors) if errors else ''} |"
     )
 
 
@@ -364,7 +399,10 @@ def measure_memory(server: Server, image_name: str, image: bytes, clients: int =
     tally, barrier = Tally(), threading.Barrier(clients)
     request = request_for(server, [image])
     started = time.monotonic()
-    threads = [threading.Thread(target=client, args=(server.port, request, 0, 1e18, tally, barrier)) for _ in range(clients)]
+    threads = [
+        threading.Thread(target=client, args=(server.port, request, 0, 1e18, tally, barrier))
+        for _ in range(clients)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -378,7 +416,8 @@ def measure_memory(server: Server, image_name: str, image: bytes, clients: int =
     codes = ", ".join(f"{count} x {code}" for code, count in tally.errors.items())
     answered = f"{len(tally.latencies)} x 200" + (f", {codes}" if codes else "")
     return (
-        f"| {server.name} | {image_name} | {idle / gib:.2f} GiB | {peak[0] / gib:.2f} GiB | +{(peak[0] - idle) / gib:.2f} GiB | "
+        f"| {server.name} | {image_name} | {idle / gib:.2f} GiB | {peak[0] / gib:.2f} GiB "
+        f"| +{(peak[0] - idle) / gib:.2f} GiB | "
         f"+{(after - idle) / gib:.2f} GiB | {elapsed:.1f} s | {answered} |"
     )
 
@@ -398,21 +437,37 @@ def load_average() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--checkout", action="append", help="PATH[@KEY=VALUE,...]: a checkout of this repository (repeatable; default: this one)"
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--servers", default="serve-ui,mlflow", help="which servers to measure, comma-separated")
+    parser.add_argument(
+        "--checkout",
+        action="append",
+        help="PATH[@KEY=VALUE,...]: a checkout of this repository (repeatable; default: this one)",
+    )
+    parser.add_argument(
+        "--servers", default="serve-ui,mlflow", help="which servers to measure, comma-separated"
+    )
     parser.add_argument("--clients", default="1,8,32", help="client counts for (a), comma-separated")
-    parser.add_argument("--seconds", type=float, default=15.0, help="measured seconds per server and client count")
-    parser.add_argument("--rounds", type=int, default=1, help="times every server takes its turn at each client count")
-    parser.add_argument("--rows", default="1", help="images per mlflow models serve request, comma-separated (e.g. 1,8)")
+    parser.add_argument(
+        "--seconds", type=float, default=15.0, help="measured seconds per server and client count"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="times every server takes its turn at each client count"
+    )
+    parser.add_argument(
+        "--rows", default="1", help="images per mlflow models serve request, comma-separated (e.g. 1,8)"
+    )
     parser.add_argument("--skip-load", action="store_true", help="memory only")
     parser.add_argument("--skip-memory", action="store_true", help="load only")
     args = parser.parse_args()
 
     checkouts = [Checkout.parse(spec, index) for index, spec in enumerate(args.checkout or [str(REPO)])]
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     env.pop("PYTHONPATH", None)
     print(f"machine  {cpu_name()}, {os.cpu_count()} cores; load average {load_average()}")
     with tempfile.TemporaryDirectory(prefix="serve-benchmark-") as tmp:
@@ -420,7 +475,11 @@ def main() -> None:
         env["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch / 'mlflow.db'}"
         model_dir = write_model(scratch / "model")
         kinds = args.servers.split(",")
-        servers = [server for checkout in checkouts for server in start_servers(checkout, model_dir, scratch, env, kinds)]
+        servers = [
+            server
+            for checkout in checkouts
+            for server in start_servers(checkout, model_dir, scratch, env, kinds)
+        ]
         try:
             for server in servers:
                 server.wait_until_up()
@@ -438,21 +497,32 @@ def main() -> None:
 def run_load(servers: list[Server], args: argparse.Namespace) -> None:
     ordinary = ordinary_image()
     print(
-        "\n| server | images per request | clients | requests/s | images/s | p50 | p99 | images per server CPU-second | errors |"
+        "\n| server | images per request | clients | requests/s | images/s | p50 | p99 "
+        "| images per server CPU-second | images per forward pass | errors |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for clients in (int(n) for n in args.clients.split(",")):
         for _ in range(args.rounds):
             for server in servers:
                 for rows in [int(n) for n in args.rows.split(",")] if server.kind == "mlflow" else [1]:
-                    tally, elapsed, cpu = run_clients(server, request_for(server, [ordinary] * rows), clients, args.seconds)
-                    print(load_row(server, clients, rows, tally, elapsed, cpu), flush=True)
+                    before = forward_passes(server)
+                    tally, elapsed, cpu = run_clients(
+                        server, request_for(server, [ordinary] * rows), clients, args.seconds
+                    )
+                    after = forward_passes(server)
+                    if before is None or after is None:
+                        per_pass = f"{rows} (one request)"
+                    else:
+                        passes = after["forward_passes"] - before["forward_passes"]
+                        per_pass = f"{(after['images'] - before['images']) / max(1, passes):.1f}"
+                    print(load_row(server, clients, rows, tally, elapsed, cpu, per_pass), flush=True)
         print(f"<!-- load average {load_average()} -->", flush=True)
 
 
 def run_memory(servers: list[Server], images: dict[str, bytes]) -> None:
     print(
-        "\n| server | 8 concurrent images | idle RSS | peak RSS | peak above idle | 3 s after, above idle | all answered in | answers |"
+        "\n| server | 8 concurrent images | idle RSS | peak RSS | peak above idle "
+        "| 3 s after, above idle | all answered in | answers |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for server in servers:

@@ -52,6 +52,15 @@ class Batcher:
         self._ready.put((pixels, answer))
         return answer
 
+    def totals(self) -> dict[str, int]:
+        """Forward passes run so far, and the images they classified."""
+        with self._lock:
+            sizes = dict(self.batch_sizes)
+        return {
+            "forward_passes": sum(sizes.values()),
+            "images": sum(size * count for size, count in sizes.items()),
+        }
+
     def close(self) -> None:
         """Stop the thread once the images already submitted are answered."""
         self._ready.put(None)
@@ -90,10 +99,11 @@ class Batcher:
         batch = [item for item in batch if item[1].set_running_or_notify_cancel()]  # its client may have gone
         if not batch:
             return
-        self.batch_sizes[len(batch)] += 1
+        with self._lock:
+            self.batch_sizes[len(batch)] += 1
         try:
             probabilities = self.forward(np.stack([pixels for pixels, _ in batch]))
-        except Exception as err:  # noqa: BLE001 -- every request of the batch gets the error, the thread lives on
+        except Exception as err:  # noqa: BLE001 -- each request gets the error; the thread lives on
             for _, answer in batch:
                 answer.set_exception(err)
             return

@@ -67,7 +67,9 @@ class Rejected(Exception):
 
 
 def _busy(reason: str) -> Rejected:
-    return Rejected(503, f"the server is busy ({reason}): retry in a moment", {"Retry-After": str(RETRY_AFTER_S)})
+    return Rejected(
+        503, f"the server is busy ({reason}): retry in a moment", {"Retry-After": str(RETRY_AFTER_S)}
+    )
 
 
 # --- reading the upload ----------------------------------------------------------------------------
@@ -81,7 +83,9 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise Rejected(400, f"invalid Content-Length {declared!r}")
         if int(declared) > limit:
             raise Rejected(
-                413, f"the request is {int(declared)} bytes, over the limit of {limit} bytes (serve.max_request_bytes)"
+                413,
+                f"the request is {int(declared)} bytes, over the limit of {limit} bytes "
+                "(serve.max_request_bytes)",
             )
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -105,14 +109,20 @@ def form_file(content_type: str, body: bytes, field: str = UPLOAD_FIELD) -> byte
 
     def on_header_end() -> None:
         if header["name"].lower() == b"content-disposition":
-            parts[-1]["name"] = parse_options_header(header["value"])[1].get(b"name", b"").decode("utf-8", "replace")
+            parts[-1]["name"] = (
+                parse_options_header(header["value"])[1].get(b"name", b"").decode("utf-8", "replace")
+            )
         header["name"] = header["value"] = b""
 
     callbacks: Any = {  # python-multipart's MultipartCallbacks, a TypedDict of these
         "on_part_begin": lambda: parts.append({"name": None, "data": bytearray()}),
         "on_part_data": lambda data, start, end: parts[-1]["data"].extend(data[start:end]),
-        "on_header_field": lambda data, start, end: header.__setitem__("name", header["name"] + data[start:end]),
-        "on_header_value": lambda data, start, end: header.__setitem__("value", header["value"] + data[start:end]),
+        "on_header_field": lambda data, start, end: header.__setitem__(
+            "name", header["name"] + data[start:end]
+        ),
+        "on_header_value": lambda data, start, end: header.__setitem__(
+            "value", header["value"] + data[start:end]
+        ),
         "on_header_end": on_header_end,
     }
     try:
@@ -136,7 +146,9 @@ def check_image(data: bytes, max_pixels: int) -> None:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
             width, height = image.size
     except Image.DecompressionBombError:  # PIL's own guard, far above ours: its message cites its limit
-        raise Rejected(413, f"the image is too large: over the limit of {max_pixels} pixels (serve.max_image_pixels)") from None
+        raise Rejected(
+            413, f"the image is too large: over the limit of {max_pixels} pixels (serve.max_image_pixels)"
+        ) from None
     except Image.UnidentifiedImageError:
         raise Rejected(415, "not an image: send a JPEG, PNG or WebP file") from None
     except (OSError, ValueError, SyntaxError, EOFError, struct.error) as err:
@@ -158,7 +170,8 @@ def served_classifier(loaded: LoadedModel, serve: ServeConfig) -> AslClassifier:
     python_model = loaded.model.unwrap_python_model()
     if not isinstance(python_model, AslClassifier):
         raise UserError(
-            f"{loaded.ref.uri} is not an ASL classifier logged by `python -m pipeline train`: it cannot be served here"
+            f"{loaded.ref.uri} is not an ASL classifier logged by `python -m pipeline train`: "
+            "it cannot be served here"
         )
     classifier = copy.copy(python_model)
     classifier.max_pixels = min(int(python_model.max_pixels), serve.max_image_pixels)
@@ -178,7 +191,9 @@ def _decode(classifier: AslClassifier, image: bytes) -> Any:
     except Busy as err:
         raise _busy(str(err)) from None
     except OverBudget as err:
-        raise Rejected(413, f"the image is too large to decode here: {err} (serve.decode_memory_mb)") from None
+        raise Rejected(
+            413, f"the image is too large to decode here: {err} (serve.decode_memory_mb)"
+        ) from None
     except ImageTooLarge as err:
         raise Rejected(413, f"the image is too large: {err} (serve.max_image_pixels)") from None
     except _DECODE_ERRORS as err:
@@ -218,7 +233,9 @@ def create_app(loaded: LoadedModel, serve: ServeConfig) -> FastAPI:
     """The app around one loaded model; `serve` gives the limits, the batching and the precision."""
     page = PAGE.read_text(encoding="utf-8")
     classifier = served_classifier(loaded, serve)
-    decoders = ThreadPoolExecutor(serve.decode_threads or min(4, os.cpu_count() or 1), thread_name_prefix="decode")
+    decoders = ThreadPoolExecutor(
+        serve.decode_threads or min(4, os.cpu_count() or 1), thread_name_prefix="decode"
+    )
     batcher = Batcher(classifier.probabilities, serve.max_batch, serve.batch_wait_ms / 1000)
     admission = Admission(serve.max_pending)
 
@@ -228,7 +245,9 @@ def create_app(loaded: LoadedModel, serve: ServeConfig) -> FastAPI:
         batcher.close()
         decoders.shutdown(wait=True, cancel_futures=True)
 
-    app = FastAPI(title="ASL alphabet classifier", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app = FastAPI(
+        title="ASL alphabet classifier", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan
+    )
     app.state.classifier, app.state.batcher, app.state.admission = classifier, batcher, admission
 
     @app.exception_handler(Rejected)
@@ -250,12 +269,19 @@ def create_app(loaded: LoadedModel, serve: ServeConfig) -> FastAPI:
 
     @app.get("/api/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": loaded.ref.as_dict(), "precision": classifier.precision}
+        return {
+            "status": "ok",
+            "model": loaded.ref.as_dict(),
+            "precision": classifier.precision,
+            "batches": batcher.totals(),
+        }
 
     async def classify(request: Request) -> np.ndarray:
         body = await read_body(request, serve.max_request_bytes)
         content_type = request.headers.get("content-type", "")
-        image = form_file(content_type, body) if content_type.lower().startswith("multipart/form-data") else body
+        image = (
+            form_file(content_type, body) if content_type.lower().startswith("multipart/form-data") else body
+        )
         check_image(image, classifier.max_pixels)
         # Decoding and the forward pass are CPU-bound: off the event loop, so uploads keep streaming.
         with batcher.coming():

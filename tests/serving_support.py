@@ -80,7 +80,9 @@ def train_colour_model(folder: Path) -> Path:
             noise = rng.integers(-40, 40, size=(4, SIZE, SIZE, 3))
             images.append(np.clip(np.asarray(rgb) + noise, 0, 255).astype(np.uint8))
             labels += [CLASSES.index(name)] * 4
-        loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(normalize(np.concatenate(images)))), torch.tensor(labels))
+        loss = torch.nn.functional.cross_entropy(
+            model(torch.from_numpy(normalize(np.concatenate(images)))), torch.tensor(labels)
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -90,7 +92,10 @@ def train_colour_model(folder: Path) -> Path:
 def write_model_dir(folder: Path, model: torch.nn.Module, **extra: object) -> Path:
     """A `small_cnn` model folder as training writes one: weights + model_config.json (+ `extra` keys)."""
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().float().contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS_FILE))
+    save_file(
+        {k: v.detach().float().contiguous() for k, v in model.state_dict().items()},
+        str(folder / WEIGHTS_FILE),
+    )
     config = {
         "model": {"name": "small_cnn", "pretrained": False, "freeze_backbone": False},
         "classes": list(CLASSES),
@@ -158,7 +163,9 @@ def start_server(command: list[str], log: Path, *, cwd: Path, env: dict[str, str
     with log.open("wb") as out:
         # `mlflow models serve` execs `uvicorn` by name: this environment's bin must come first on PATH.
         env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
-        return subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def wait_until_up(process: subprocess.Popen, url: str, log: Path, timeout: float = 90) -> None:
@@ -195,7 +202,9 @@ def app_in_thread(app: object) -> Iterator[str]:
     import uvicorn
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -25,9 +25,13 @@ from pipeline.serving.pyfunc import CONFIG_FILE, WEIGHTS_FILE, AslClassifier
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory) -> AslClassifier:
     torch.manual_seed(0)
-    folder = write_model_dir(tmp_path_factory.mktemp("batching") / "model", build_model("small_cnn", len(CLASSES)).eval())
+    folder = write_model_dir(
+        tmp_path_factory.mktemp("batching") / "model", build_model("small_cnn", len(CLASSES)).eval()
+    )
     loaded = AslClassifier()
-    loaded.load_context(PythonModelContext({"weights": str(folder / WEIGHTS_FILE), "config": str(folder / CONFIG_FILE)}, None))
+    loaded.load_context(
+        PythonModelContext({"weights": str(folder / WEIGHTS_FILE), "config": str(folder / CONFIG_FILE)}, None)
+    )
     return loaded
 
 
@@ -54,7 +58,9 @@ def _run_together(batcher: Batcher, images: list[np.ndarray]) -> list[np.ndarray
 
 
 @pytest.mark.parametrize(("bf16", "tolerance"), [(False, 1e-6), (True, 1e-2)])
-def test_one_forward_pass_answers_each_as_if_alone(classifier: AslClassifier, bf16: bool, tolerance: float) -> None:
+def test_one_forward_pass_answers_each_as_if_alone(
+    classifier: AslClassifier, bf16: bool, tolerance: float
+) -> None:
     classifier.precision = precision(torch.device("cpu"), bf16)
     images = _images(8)
     alone = [classifier.probabilities(image[None])[0] for image in images]

@@ -49,16 +49,24 @@ CASES = [  # (width, height, mode, format): square and not, reduced (side >= 4 x
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("width", "height", "mode", "fmt"), CASES, ids=[f"{w}x{h}-{m}-{f}" for w, h, m, f in CASES])
+@pytest.mark.parametrize(
+    ("width", "height", "mode", "fmt"), CASES, ids=[f"{w}x{h}-{m}-{f}" for w, h, m, f in CASES]
+)
 @pytest.mark.parametrize("size", [32, 64])
-def test_pixels_are_exactly_the_plain_recipes(width: int, height: int, mode: str, fmt: str, size: int) -> None:
+def test_pixels_are_exactly_the_plain_recipes(
+    width: int, height: int, mode: str, fmt: str, size: int
+) -> None:
     data = _encode(_noise(width, height, mode, seed=width + height), fmt)
     np.testing.assert_array_equal(decode_image(data, size), _plain_decode(data, size))
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
-@pytest.mark.parametrize(("width", "height", "fmt"), [(301, 200, "JPEG"), (1001, 777, "PNG"), (777, 1001, "PNG")])
-def test_exif_orientation_is_exactly_the_plain_recipes(orientation: int, width: int, height: int, fmt: str) -> None:
+@pytest.mark.parametrize(
+    ("width", "height", "fmt"), [(301, 200, "JPEG"), (1001, 777, "PNG"), (777, 1001, "PNG")]
+)
+def test_exif_orientation_is_exactly_the_plain_recipes(
+    orientation: int, width: int, height: int, fmt: str
+) -> None:
     """Only the centre square is cut and turned, band by band: the same pixels, odd sizes included."""
     image = _noise(width, height, "RGB", seed=orientation)
     exif = image.getexif()
@@ -96,7 +104,9 @@ def test_a_large_png_peaks_at_its_estimate_about_the_decoded_image(tmp_path) -> 
     pixels = np.dstack([np.tile(ramp, (3000, 1))] * 3 + [np.tile(ramp[:, None], (1, 3000))])
     big.write_bytes(_encode(Image.fromarray(pixels, "RGBA"), "PNG", compress_level=1))
     small.write_bytes(_encode(Image.new("RGBA", (300, 300)), "PNG"))
-    out = subprocess.run([sys.executable, "-c", _PEAK_PROBE, str(big), str(small)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_PROBE, str(big), str(small)], capture_output=True, text=True, check=True
+    )
     peak, estimate = map(int, out.stdout.split())
     decoded = 3000 * 3000 * 4
     assert decoded <= estimate <= decoded + 10 * MIB

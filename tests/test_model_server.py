@@ -19,7 +19,17 @@ import pytest
 import requests
 import torch
 from PIL import Image
-from serving_support import COLOURS, colour_champion, encode, free_port, noisy, solid, start_server, stop, wait_until_up
+from serving_support import (
+    COLOURS,
+    colour_champion,
+    encode,
+    free_port,
+    noisy,
+    solid,
+    start_server,
+    stop,
+    wait_until_up,
+)
 
 from pipeline.dataset import CLASSES
 from pipeline.serving.precision import precision
@@ -59,7 +69,9 @@ def server(served) -> str:
 
 def _invoke(server: str, images: list[bytes]) -> requests.Response:
     rows = [[base64.b64encode(image).decode("ascii")] for image in images]
-    return requests.post(f"{server}/invocations", json={"dataframe_split": {"columns": ["image"], "data": rows}}, timeout=30)
+    return requests.post(
+        f"{server}/invocations", json={"dataframe_split": {"columns": ["image"], "data": rows}}, timeout=30
+    )
 
 
 def test_two_jpegs_give_two_predictions(server: str) -> None:
@@ -105,6 +117,10 @@ def test_the_readme_curl_example(server: str, tmp_path: Path) -> None:
     block = next(b for b in re.findall(r"```bash\n(.*?)```", serving, re.DOTALL) if "curl" in b)
     image = tmp_path / "red.jpg"
     image.write_bytes(solid(COLOURS["A"]))
-    script = re.sub(r"^IMAGE=.*$", f"IMAGE={image}", block, flags=re.MULTILINE).replace("http://127.0.0.1:5001", server)
-    out = subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    script = re.sub(r"^IMAGE=.*$", f"IMAGE={image}", block, flags=re.MULTILINE).replace(
+        "http://127.0.0.1:5001", server
+    )
+    out = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
     assert '"label": "A"' in out.stdout, out.stdout + out.stderr

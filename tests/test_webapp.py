@@ -64,7 +64,12 @@ def _png_header(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 1024))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _upload(client: TestClient, data: bytes, name: str = "image.jpg"):
@@ -84,15 +89,24 @@ def test_page_is_one_self_contained_file(client: TestClient) -> None:
     response = client.get("/")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/html")
-    for element in ('id="file-input"', 'id="prediction"', 'id="top5"', 'id="model-version"', 'id="webcam-snap"'):
+    for element in (
+        'id="file-input"',
+        'id="prediction"',
+        'id="top5"',
+        'id="model-version"',
+        'id="webcam-snap"',
+    ):
         assert element in response.text
-    assert 'src="http' not in response.text and 'href="http' not in response.text  # nothing fetched from elsewhere
+    assert (
+        'src="http' not in response.text and 'href="http' not in response.text
+    )  # nothing fetched from elsewhere
     assert "default-src 'none'" in response.headers["content-security-policy"]
 
 
 def test_health_names_the_version_that_answers(client: TestClient, champion) -> None:
     body = client.get("/api/health").json()
     model = {"name": champion.name, "version": champion.version, "uri": champion.uri}
+    assert body.pop("batches").keys() == {"forward_passes", "images"}
     assert body == {"status": "ok", "model": model, "precision": precision(torch.device("cpu"), True)}
 
 
@@ -101,7 +115,10 @@ def test_multipart_upload_reads_the_colour(client: TestClient, champion, colour:
     body = _upload(client, solid(COLOURS[colour], 120, 90)).json()
     assert body["label"] == colour
     assert body["model"] == {"name": champion.name, "version": champion.version, "uri": champion.uri}
-    assert len(body["top5"]) == 5 and body["top5"][0] == {"label": body["label"], "probability": body["probability"]}
+    assert len(body["top5"]) == 5 and body["top5"][0] == {
+        "label": body["label"],
+        "probability": body["probability"],
+    }
     probabilities = [item["probability"] for item in body["top5"]]
     assert probabilities == sorted(probabilities, reverse=True)
 
@@ -118,7 +135,9 @@ def test_answer_is_the_models_own(client: TestClient, loaded: LoadedModel) -> No
 
 
 def test_raw_body_works_too(client: TestClient) -> None:
-    response = client.post("/api/predict", content=solid(COLOURS["B"], fmt="PNG"), headers={"content-type": "image/png"})
+    response = client.post(
+        "/api/predict", content=solid(COLOURS["B"], fmt="PNG"), headers={"content-type": "image/png"}
+    )
     assert response.status_code == 200 and response.json()["label"] == "B"
 
 
@@ -148,9 +167,17 @@ BAD_UPLOADS = {
     "text": (b"hello, this is not a picture", 415, "not an image"),
     "gif": (encode(Image.new("RGB", (8, 8)), "GIF"), 415, "JPEG, PNG or WebP"),
     "truncated-jpeg": (_truncated_jpeg(), 400, "truncated"),
-    # Over twice PIL's own limit, Image.open refuses before the app sees a size: the app's limit is named all the same.
-    "bomb-20000x20000": (_png_header(20000, 20000), 413, "over the limit of 1000000 pixels (serve.max_image_pixels)"),
-    "header-over-limit": (_png_header(5000, 5000), 413, "5000x5000 pixels is over the limit of 1000000 (serve.max_image_pixels)"),
+    # Over twice PIL's own limit, Image.open refuses before the app sees a size: the app names its own limit.
+    "bomb-20000x20000": (
+        _png_header(20000, 20000),
+        413,
+        "over the limit of 1000000 pixels (serve.max_image_pixels)",
+    ),
+    "header-over-limit": (
+        _png_header(5000, 5000),
+        413,
+        "5000x5000 pixels is over the limit of 1000000 (serve.max_image_pixels)",
+    ),
     "real-over-limit": (
         solid((1, 2, 3), 1001, 1000, fmt="PNG"),
         413,
@@ -177,7 +204,11 @@ def test_bad_uploads_are_4xx_with_a_reason(client: TestClient, case: str) -> Non
             "no field named 'file'",
         ),
         (b"no parts here", "multipart/form-data", "no boundary"),
-        (b"--x\r\nthis is not a header line\r\n\r\n", "multipart/form-data; boundary=x", "malformed multipart"),
+        (
+            b"--x\r\nthis is not a header line\r\n\r\n",
+            "multipart/form-data; boundary=x",
+            "malformed multipart",
+        ),
     ],
     ids=["wrong-field", "no-boundary", "garbled"],
 )
@@ -188,7 +219,9 @@ def test_malformed_multipart_is_400(client: TestClient, body: bytes, content_typ
 
 
 def test_over_the_request_limit_by_content_length(client: TestClient) -> None:
-    response = client.post("/api/predict", content=b"\xff" * (MAX_BYTES + 1), headers={"content-type": "image/jpeg"})
+    response = client.post(
+        "/api/predict", content=b"\xff" * (MAX_BYTES + 1), headers={"content-type": "image/jpeg"}
+    )
     assert response.status_code == 413
     assert f"{MAX_BYTES + 1} bytes, over the limit of {MAX_BYTES}" in response.json()["error"]
     _assert_good(client)
@@ -219,13 +252,23 @@ def test_uploads_never_touch_the_disk(loaded: LoadedModel, monkeypatch) -> None:
     for name in ("SpooledTemporaryFile", "TemporaryFile", "NamedTemporaryFile", "mkstemp"):
         monkeypatch.setattr(tempfile, name, refuse)
     monkeypatch.setattr("starlette.formparsers.SpooledTemporaryFile", refuse)
-    with TestClient(create_app(loaded, ServeConfig(max_request_bytes=4_000_000, max_image_pixels=MAX_PIXELS))) as big:
+    with TestClient(
+        create_app(loaded, ServeConfig(max_request_bytes=4_000_000, max_image_pixels=MAX_PIXELS))
+    ) as big:
         response = _upload(big, image, "big.png")
     assert response.status_code == 200, response.text
 
 
 @pytest.mark.parametrize(
-    "path", ["/static/index.html", "/../../etc/passwd", "/%2e%2e/%2e%2e/etc/passwd", "/docs", "/openapi.json", "/index.html"]
+    "path",
+    [
+        "/static/index.html",
+        "/../../etc/passwd",
+        "/%2e%2e/%2e%2e/etc/passwd",
+        "/docs",
+        "/openapi.json",
+        "/index.html",
+    ],
 )
 def test_serves_nothing_but_its_page(client: TestClient, path: str) -> None:
     response = client.get(path)
@@ -248,7 +291,9 @@ def test_a_png_that_needs_more_than_the_decode_budget_is_413_naming_it(loaded: L
     with TestClient(create_app(loaded, serve)) as app:
         response = _upload(app, png, "big.png")
         assert response.status_code == 413
-        assert "more than the whole decode budget of 16 MB (serve.decode_memory_mb)" in response.json()["error"]
+        assert (
+            "more than the whole decode budget of 16 MB (serve.decode_memory_mb)" in response.json()["error"]
+        )
         jpeg = _upload(app, solid(COLOURS["B"], 2100, 2100))
         assert jpeg.status_code == 200 and jpeg.json()["label"] == "B"
 
@@ -257,7 +302,10 @@ def _send_half_an_upload(url: str, body: bytes) -> socket.socket:
     """A connection that has sent the headers and half of `body`: its request stays inside the app."""
     host, port = url.removeprefix("http://").split(":")
     connection = socket.create_connection((host, int(port)), timeout=30)
-    head = f"POST /api/predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(body)}\r\n\r\n"
+    head = (
+        f"POST /api/predict HTTP/1.1\r\nHost: {host}\r\n"
+        f"Content-Type: image/jpeg\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
     connection.sendall(head.encode() + body[: len(body) // 2])
     return connection
 
@@ -306,7 +354,9 @@ def test_concurrent_requests_share_forward_passes(loaded: LoadedModel) -> None:
 
     def ask(url: str, colour: str) -> str:
         start.wait()
-        return requests.post(f"{url}/api/predict", files={"file": ("x.jpg", solid(COLOURS[colour]))}, timeout=60).json()["label"]
+        return requests.post(
+            f"{url}/api/predict", files={"file": ("x.jpg", solid(COLOURS[colour]))}, timeout=60
+        ).json()["label"]
 
     with app_in_thread(app) as url, ThreadPoolExecutor(len(colours)) as clients:
         labels = list(clients.map(lambda colour: ask(url, colour), colours))
@@ -314,6 +364,7 @@ def test_concurrent_requests_share_forward_passes(loaded: LoadedModel) -> None:
     sizes = app.state.batcher.batch_sizes
     assert sum(size * count for size, count in sizes.items()) == 12
     assert max(sizes) <= 8 and sum(sizes.values()) < 12, sizes
+    assert app.state.batcher.totals() == {"forward_passes": sum(sizes.values()), "images": 12}
 
 
 # --- the command ----------------------------------------------------------------------------------
@@ -321,7 +372,9 @@ def test_concurrent_requests_share_forward_passes(loaded: LoadedModel) -> None:
 
 def test_serve_ui_without_a_champion_is_one_line(champion, tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"mlflow": {"registered_model": "nobody-registered-this"}, "serve": {"port": 1}}))
+    params.write_text(
+        yaml.safe_dump({"mlflow": {"registered_model": "nobody-registered-this"}, "serve": {"port": 1}})
+    )
     result = CliRunner().invoke(cli, ["serve-ui", "--params", str(params)])
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()

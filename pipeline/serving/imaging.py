@@ -57,10 +57,14 @@ def _square_and_resize(image: Image.Image, size: int) -> np.ndarray:
 
 
 def _bytes_per_pixel(mode: str) -> int:
-    return 2 if mode.startswith("I;16") else 1 if mode in ("1", "L", "P") else 4  # how Pillow stores each mode
+    return (
+        2 if mode.startswith("I;16") else 1 if mode in ("1", "L", "P") else 4
+    )  # how Pillow stores each mode
 
 
-def open_image(source: Path | str | bytes, size: int, max_pixels: int | None = None) -> tuple[Image.Image, int]:
+def open_image(
+    source: Path | str | bytes, size: int, max_pixels: int | None = None
+) -> tuple[Image.Image, int]:
     """The image with only its header read (size checked, JPEG scaled decoding set up), and the
     bytes its decode by `decode_opened` holds at its peak. The caller closes the image."""
     image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=IMAGE_FORMATS)
@@ -94,7 +98,12 @@ _UPRIGHT = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
-_QUARTER_TURNS = (Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90)
+_QUARTER_TURNS = (
+    Image.Transpose.TRANSPOSE,
+    Image.Transpose.ROTATE_270,
+    Image.Transpose.TRANSVERSE,
+    Image.Transpose.ROTATE_90,
+)
 
 
 def _stored_box(box: _Box, turn: Image.Transpose, width: int, height: int) -> _Box:
@@ -154,7 +163,9 @@ def decode_opened(image: Image.Image, size: int) -> np.ndarray:
         square, resize_box = _upright_region(image, box, turn), None
     square = _to_rgb(square)
     if square.size != (size, size) or resize_box is not None:
-        square = square.resize((size, size), Image.Resampling.BILINEAR, box=resize_box, reducing_gap=REDUCING_GAP)
+        square = square.resize(
+            (size, size), Image.Resampling.BILINEAR, box=resize_box, reducing_gap=REDUCING_GAP
+        )
     return np.asarray(square, dtype=np.uint8)
 
 
@@ -184,7 +195,9 @@ def resize_pixels(pixels: np.ndarray, size: int, max_pixels: int | None = None) 
     return _square_and_resize(_to_rgb(Image.fromarray(pixels)), size)
 
 
-def prepare_pixels(source: Path | str | bytes | np.ndarray, size: int, max_pixels: int | None = None) -> np.ndarray:
+def prepare_pixels(
+    source: Path | str | bytes | np.ndarray, size: int, max_pixels: int | None = None
+) -> np.ndarray:
     """`resize_pixels` for an array, `decode_image` for a file or encoded bytes."""
     if isinstance(source, np.ndarray):
         return resize_pixels(source, size, max_pixels)

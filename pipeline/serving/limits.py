@@ -42,7 +42,12 @@ class MemoryBudget:
     `OverBudget`. Waiting in line order means a large image is never starved by a stream of small ones.
     """
 
-    def __init__(self, capacity_bytes: int, max_waiting: int = DEFAULT_DECODE_QUEUE, timeout_s: float = DEFAULT_DECODE_WAIT_S):
+    def __init__(
+        self,
+        capacity_bytes: int,
+        max_waiting: int = DEFAULT_DECODE_QUEUE,
+        timeout_s: float = DEFAULT_DECODE_WAIT_S,
+    ):
         if capacity_bytes <= 0 or max_waiting < 0 or timeout_s <= 0:
             raise ValueError(f"invalid budget: {capacity_bytes} bytes, {max_waiting} waiting, {timeout_s} s")
         self.capacity, self.max_waiting, self.timeout_s = capacity_bytes, max_waiting, timeout_s
@@ -61,7 +66,8 @@ class MemoryBudget:
     def _take(self, cost: int) -> None:
         if cost > self.capacity:
             raise OverBudget(
-                f"decoding it takes about {cost / MIB:.0f} MB, more than the whole decode budget of {self.capacity / MIB:.0f} MB"
+                f"decoding it takes about {cost / MIB:.0f} MB, "
+                f"more than the whole decode budget of {self.capacity / MIB:.0f} MB"
             )
         with self._changed:
             if not self._line and self.used + cost <= self.capacity:

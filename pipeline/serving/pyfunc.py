@@ -161,14 +161,17 @@ def _bytes_from_cell(cell: Any) -> bytes:
     elif isinstance(cell, (bytes, bytearray, memoryview)):
         data = bytes(cell)
     else:
-        raise TypeError(f"'{IMAGE_COLUMN}' must hold the encoded image as bytes or base64 text, got {type(cell).__name__}")
+        raise TypeError(
+            f"'{IMAGE_COLUMN}' must hold the encoded image as bytes or base64 text, got {type(cell).__name__}"
+        )
     if not data:
         raise ValueError(f"'{IMAGE_COLUMN}' is empty")
     decoded = _from_base64(data)
     if decoded is not None:
         return decoded
     if isinstance(cell, str):
-        raise ValueError(f"'{IMAGE_COLUMN}' holds text that is not base64; send the image bytes or their base64")  # noqa: TRY004
+        reason = f"'{IMAGE_COLUMN}' holds text that is not base64; send the image bytes or their base64"
+        raise ValueError(reason)  # noqa: TRY004
     return data
 
 
@@ -193,7 +196,9 @@ def _describe_decode_error(err: Exception, max_pixels: int) -> str:
         return "not an image format PIL can read (send JPEG or PNG bytes)"
     if isinstance(err, ImageTooLarge):
         return f"too large: {err}"
-    if isinstance(err, Image.DecompressionBombError):  # PIL's own guard, far above ours: its message cites its limit
+    if isinstance(
+        err, Image.DecompressionBombError
+    ):  # PIL's own guard, far above ours: its message cites its limit
         return f"too large: over the limit of {max_pixels} pixels"
     return f"unreadable or truncated image ({type(err).__name__}: {err})"
 
@@ -258,7 +263,9 @@ class AslClassifier(mlflow.pyfunc.PythonModel):
         self._network_for(self.precision)
         log.info("%s on %s: forward passes in %s", config["model"]["name"], self.device.type, self.precision)
 
-    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         # The pd.DataFrame hint is one MLflow does not infer a signature from or validate against:
         # the explicit SIGNATURE is the one enforced.
         pixels = self._prepare_batch(model_input)
@@ -307,10 +314,15 @@ class AslClassifier(mlflow.pyfunc.PythonModel):
         arrays = frame[PIXELS_COLUMN] if PIXELS_COLUMN in frame else pd.Series([None] * len(frame))
         rows = zip(frame.index, images.tolist(), arrays.tolist())
         try:
-            prepared = [self._prepare_row(position, label, image, array) for position, (label, image, array) in enumerate(rows)]
+            prepared = [
+                self._prepare_row(position, label, image, array)
+                for position, (label, image, array) in enumerate(rows)
+            ]
         except Busy as err:
             raise ServerBusy(str(err)) from None
-        return np.stack(prepared) if prepared else np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+        return (
+            np.stack(prepared) if prepared else np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+        )
 
     def _prepare_row(self, position: int, label: Any, image: Any, array: Any) -> np.ndarray:
         if _is_missing(image) == _is_missing(array):
@@ -324,7 +336,9 @@ class AslClassifier(mlflow.pyfunc.PythonModel):
                 return self.prepare_image(source)
             return resize_pixels(source, self.image_size, self.max_pixels)
         except OverBudget as err:
-            raise InvalidImage(position, f"too large to decode here: {err} ({DECODE_MEMORY_ENV})", label) from None
+            raise InvalidImage(
+                position, f"too large to decode here: {err} ({DECODE_MEMORY_ENV})", label
+            ) from None
         except _DECODE_ERRORS as err:
             reason = _describe_decode_error(err, self.max_pixels) if isinstance(source, bytes) else str(err)
             raise InvalidImage(position, reason, label) from None
@@ -412,5 +426,7 @@ def _code_to_ship(folder: Path) -> Path:
     package.mkdir()
     for name in ("__init__.py", "errors.py"):
         shutil.copy(_PACKAGE_DIR / name, package / name)
-    shutil.copytree(_PACKAGE_DIR / "serving", package / "serving", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        _PACKAGE_DIR / "serving", package / "serving", ignore=shutil.ignore_patterns("__pycache__")
+    )
     return package
