@@ -13,7 +13,8 @@ at the end. The image is the Kaggle-layout test file `A_test.jpg` when data/raw 
 JPEG, the data set's size), else a generated 200x200 JPEG.
 
 Client and server share the machine's cores: on a 2-core machine the figures are the whole
-machine's, not the server's alone. Always exits 0 unless the server cannot start (a measurement,
+machine's, not the server's alone (`benchmarks/serve_benchmark.py` compares servers and commits,
+and counts the server's CPU time). Always exits 0 unless the server cannot start (a measurement,
 not a test).
 """
 
@@ -92,10 +93,20 @@ def start_server(params_file: Path, model: str | None, workdir: Path) -> tuple[s
     values["serve"] = {**values.get("serve", {}), "host": "127.0.0.1", "port": port}
     params = workdir / "params.yaml"
     params.write_text(yaml.safe_dump(values))
-    command = [sys.executable, "-m", "pipeline", "serve-ui", "--params", str(params), *(["--model", model] if model else [])]
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "serve-ui",
+        "--params",
+        str(params),
+        *(["--model", model] if model else []),
+    ]
     log = (workdir / "server.log").open("wb")
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
@@ -125,7 +136,9 @@ def client(url: str, image: bytes, deadline: float, limit: int, tally: Tally) ->
         while time.monotonic() < deadline and tally.claim(limit):
             start = time.perf_counter()
             try:
-                response = session.post(f"{url}/api/predict", files={"file": ("image.jpg", image, "image/jpeg")}, timeout=60)
+                response = session.post(
+                    f"{url}/api/predict", files={"file": ("image.jpg", image, "image/jpeg")}, timeout=60
+                )
                 error = None if response.status_code == 200 else f"HTTP {response.status_code}"
             except requests.RequestException as err:
                 error = type(err).__name__
@@ -136,7 +149,10 @@ def run_load(url: str, image: bytes, clients: int, seconds: float, limit: int) -
     tally = Tally()
     started = time.perf_counter()
     deadline = time.monotonic() + seconds
-    threads = [threading.Thread(target=client, args=(url, image, deadline, limit, tally), daemon=True) for _ in range(clients)]
+    threads = [
+        threading.Thread(target=client, args=(url, image, deadline, limit, tally), daemon=True)
+        for _ in range(clients)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -160,28 +176,37 @@ def report(tally: Tally, elapsed: float, clients: int, url: str, model: str, ima
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--url", help="base URL of a running server (default: start one)")
     parser.add_argument("--model", help="model for the server started here (default: the champion)")
-    parser.add_argument("--params", type=Path, default=REPO / "params.yaml", help="params file for the server started here")
+    parser.add_argument(
+        "--params", type=Path, default=REPO / "params.yaml", help="params file for the server started here"
+    )
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients (threads)")
     parser.add_argument("--seconds", type=float, default=20.0, help="how long to send requests")
     parser.add_argument("--max-requests", type=int, default=5000, help="stop after this many requests in all")
-    parser.add_argument("--image", type=Path, help="image to upload (default: A_test.jpg from data/raw, else a generated one)")
+    parser.add_argument(
+        "--image", type=Path, help="image to upload (default: A_test.jpg from data/raw, else a generated one)"
+    )
     args = parser.parse_args()
 
     image_name, image = (str(args.image), args.image.read_bytes()) if args.image else default_image()
     with tempfile.TemporaryDirectory(prefix="load-check-") as workdir:
-        process, url = (None, args.url.rstrip("/")) if args.url else start_server(args.params, args.model, Path(workdir))
+        process, url = (
+            (None, args.url.rstrip("/")) if args.url else start_server(args.params, args.model, Path(workdir))
+        )
         try:
-            model = requests.get(f"{url}/api/health", timeout=10).json()["model"]
+            health = requests.get(f"{url}/api/health", timeout=10).json()
+            model, precision = health["model"], health.get("precision", "fp32")
             run_load(url, image, 1, 60, WARMUP_REQUESTS)  # first requests pay for lazy initialisation
             tally, elapsed = run_load(url, image, args.clients, args.seconds, args.max_requests)
         finally:
             if process is not None:
                 stop_server(process)
     described = f"{model['name']} v{model['version']}" if model.get("version") is not None else model["uri"]
-    report(tally, elapsed, args.clients, url, described, image_name)
+    report(tally, elapsed, args.clients, url, f"{described}, forward passes in {precision}", image_name)
 
 
 if __name__ == "__main__":

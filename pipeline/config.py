@@ -28,7 +28,7 @@ from pydantic.dataclasses import dataclass
 from pydantic_core import ArgsKwargs, ErrorDetails
 
 from pipeline.errors import UserError
-from pipeline.serving import DEFAULT_MAX_IMAGE_PIXELS, MODEL_NAMES
+from pipeline.serving import DEFAULT_DECODE_MEMORY_MB, DEFAULT_MAX_IMAGE_PIXELS, MODEL_NAMES
 
 StrategyName = Literal["dp", "ddp"]
 PromotionMetric = Literal["val_accuracy", "val_macro_f1", "val_balanced_accuracy", "val_top3_accuracy"]
@@ -237,6 +237,24 @@ class ServeConfig(_Section):
     """Largest accepted upload."""
     max_image_pixels: Annotated[int, Field(ge=1024)] = DEFAULT_MAX_IMAGE_PIXELS
     """Largest accepted image (width x height): guards against decompression bombs."""
+    decode_memory_mb: Annotated[int, Field(ge=16)] = DEFAULT_DECODE_MEMORY_MB
+    """Memory that all decodes together may hold (a 6300x6300 PNG needs about 160 MB): a decode waits
+    for room; an image that alone needs more is refused with 413."""
+    decode_threads: Annotated[int, Field(ge=1, le=256)] | None = None
+    """Threads decoding uploads (null: one per core, at most 4)."""
+    torch_threads: Annotated[int, Field(ge=1, le=1024)] | None = None
+    """Threads of each forward pass (null: one less than the cores, at least one: the core left over
+    serves HTTP and decodes, rather than stalling the forward pass's threads by competing with them)."""
+    max_pending: Annotated[int, Field(ge=1)] = 64
+    """Requests held at once (uploading, waiting, decoding, classifying); more are answered 503 with
+    Retry-After. Their uploads take up to max_pending x max_request_bytes."""
+    max_batch: Annotated[int, Field(ge=1, le=1024)] = 32
+    """Most images in one forward pass: concurrent requests are classified together."""
+    batch_wait_ms: Annotated[float, Field(ge=0, le=1000)] = 5.0
+    """Longest a forward pass waits for the images of requests still being decoded (never when none is)."""
+    bf16: bool = True
+    """bf16 forward passes where the processor computes bf16 natively (AVX512-BF16 or AMX, CUDA), fp32
+    elsewhere; false: fp32 always. Answers and /api/health say which (`precision`)."""
 
 
 @dataclass(frozen=True, kw_only=True, config=_CONFIG)

@@ -152,7 +152,7 @@ def load_model(uri_or_dir: str) -> LoadedModel:
 # --- classifying -----------------------------------------------------------------------------------
 
 
-def top_k(probabilities: Sequence[float], classes: Sequence[str], k: int) -> list[dict[str, Any]]:
+def top_k(probabilities: Sequence[float] | np.ndarray, classes: Sequence[str], k: int) -> list[dict[str, Any]]:
     """The `k` most probable classes, most probable first (ties in class order)."""
     values = np.asarray(probabilities, dtype=np.float64)
     order = np.argsort(-values, kind="stable")[:k]
@@ -213,8 +213,8 @@ def predict_files(loaded: LoadedModel, files: Sequence[Path], k: int) -> list[di
     for start in range(0, len(files), _BATCH):
         chunk = files[start : start + _BATCH]
         contents = [_read(path) for path in chunk]
-        readable = [i for i, data in enumerate(contents) if isinstance(data, bytes)]
-        answers = dict(zip(readable, classify(loaded.model, [contents[i] for i in readable])))
+        readable = {i: data for i, data in enumerate(contents) if isinstance(data, bytes)}
+        answers = dict(zip(readable, classify(loaded.model, list(readable.values()))))
         for i, path in enumerate(chunk):
             answer = answers.get(i, contents[i])
             results.append(_result(str(path), answer, loaded.classes, k))

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -79,7 +80,9 @@ def train_colour_model(folder: Path) -> Path:
             noise = rng.integers(-40, 40, size=(4, SIZE, SIZE, 3))
             images.append(np.clip(np.asarray(rgb) + noise, 0, 255).astype(np.uint8))
             labels += [CLASSES.index(name)] * 4
-        loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(normalize(np.concatenate(images)))), torch.tensor(labels))
+        loss = torch.nn.functional.cross_entropy(
+            model(torch.from_numpy(normalize(np.concatenate(images)))), torch.tensor(labels)
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -89,7 +92,10 @@ def train_colour_model(folder: Path) -> Path:
 def write_model_dir(folder: Path, model: torch.nn.Module, **extra: object) -> Path:
     """A `small_cnn` model folder as training writes one: weights + model_config.json (+ `extra` keys)."""
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().float().contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS_FILE))
+    save_file(
+        {k: v.detach().float().contiguous() for k, v in model.state_dict().items()},
+        str(folder / WEIGHTS_FILE),
+    )
     config = {
         "model": {"name": "small_cnn", "pretrained": False, "freeze_backbone": False},
         "classes": list(CLASSES),
@@ -157,7 +163,9 @@ def start_server(command: list[str], log: Path, *, cwd: Path, env: dict[str, str
     with log.open("wb") as out:
         # `mlflow models serve` execs `uvicorn` by name: this environment's bin must come first on PATH.
         env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
-        return subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def wait_until_up(process: subprocess.Popen, url: str, log: Path, timeout: float = 90) -> None:
@@ -185,3 +193,27 @@ def stop(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def app_in_thread(app: object) -> Iterator[str]:
+    """`app` served by a real uvicorn on a free loopback port, in a thread of this process (so that
+    a test can look inside the app); yields the base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -22,20 +22,29 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import REPO
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModelContext
 from mlflow.pyfunc.scoring_server import invocations
 from PIL import Image
 from safetensors.torch import load_file
+from serving_support import COLOURS, SIZE, pinned_store, write_model_dir
 
 from pipeline.dataset import CLASSES
 from pipeline.errors import UserError
+from pipeline.serving import pyfunc
 from pipeline.serving.imaging import decode_image, normalize
+from pipeline.serving.limits import MIB, MemoryBudget
 from pipeline.serving.networks import build_model
-from pipeline.serving.pyfunc import CONFIG_FILE, WEIGHTS_FILE, AslClassifier, log_pyfunc_model
-from conftest import REPO
-from serving_support import COLOURS, SIZE, pinned_store, write_model_dir
-
+from pipeline.serving.precision import precision
+from pipeline.serving.pyfunc import (
+    BF16_ENV,
+    CONFIG_FILE,
+    DECODE_MEMORY_ENV,
+    WEIGHTS_FILE,
+    AslClassifier,
+    log_pyfunc_model,
+)
 
 # --- fixtures ----------------------------------------------------------------------------------
 
@@ -57,11 +66,15 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = build_model("small_cnn", len(CLASSES))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a net this small trains faster without thread hand-offs, and busy CPUs stall them
+    torch.set_num_threads(
+        1
+    )  # a net this small trains faster without thread hand-offs, and busy CPUs stall them
     try:
         for _ in range(25):
             pixels, labels = _colour_batch(rng, per_class=4)
-            loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(normalize(pixels))), torch.from_numpy(labels))
+            loss = torch.nn.functional.cross_entropy(
+                model(torch.from_numpy(normalize(pixels))), torch.from_numpy(labels)
+            )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -139,6 +152,16 @@ def _probabilities(result: pd.DataFrame) -> np.ndarray:
     return np.asarray(result["probabilities"].tolist(), dtype=np.float64)
 
 
+def _classifier(model_dir: Path, config_file: Path | None = None) -> AslClassifier:
+    """An AslClassifier loaded straight from a model folder, as MLflow would load it."""
+    classifier = AslClassifier()
+    config = config_file or model_dir / CONFIG_FILE
+    classifier.load_context(
+        PythonModelContext({"weights": str(model_dir / WEIGHTS_FILE), "config": str(config)}, None)
+    )
+    return classifier
+
+
 def _direct_forward(model_dir: Path, images: list[bytes]) -> np.ndarray:
     """The trained weights on training-time preprocessing, without MLflow or the pyfunc."""
     config = json.loads((model_dir / CONFIG_FILE).read_text())
@@ -166,7 +189,10 @@ def test_batches_of_any_size_and_mode(served: mlflow.pyfunc.PyFuncModel, count: 
 
 
 def test_labels_follow_the_class_order(served: mlflow.pyfunc.PyFuncModel) -> None:
-    images = [_solid(COLOURS[name], height, width) for name, (height, width) in zip("CAB", [(120, 80), (30, 30), (64, 200)])]
+    images = [
+        _solid(COLOURS[name], height, width)
+        for name, (height, width) in zip("CAB", [(120, 80), (30, 30), (64, 200)])
+    ]
     assert served.predict(pd.DataFrame({"image": images}))["label"].tolist() == ["C", "A", "B"]
 
 
@@ -174,16 +200,52 @@ def test_classes_travel_with_the_model(served: mlflow.pyfunc.PyFuncModel, model_
     assert served.metadata.metadata["classes"] == list(CLASSES)
     config = json.loads((model_files / "artifacts" / CONFIG_FILE).read_text())
     assert config["classes"] == list(CLASSES)
-    assert {spec.name: spec.required for spec in served.metadata.get_input_schema().inputs} == {"image": False, "pixels": False}
+    assert {spec.name: spec.required for spec in served.metadata.get_input_schema().inputs} == {
+        "image": False,
+        "pixels": False,
+    }
 
 
 # --- (ii) the preprocessing is the training one -------------------------------------------------
 
 
-def test_matches_a_direct_forward_pass(served: mlflow.pyfunc.PyFuncModel, model_dir: Path) -> None:
+def test_matches_a_direct_forward_pass(
+    served: mlflow.pyfunc.PyFuncModel, model_dir: Path, monkeypatch
+) -> None:
+    """In fp32 to float rounding; in bf16 (the default where the CPU computes it natively) to bf16's."""
     images = _mixed_images()
-    result = served.predict(pd.DataFrame({"image": images}))
-    np.testing.assert_allclose(_probabilities(result), _direct_forward(model_dir, images), atol=1e-5)
+    expected = _direct_forward(model_dir, images)
+    assert served.unwrap_python_model().precision == precision(torch.device("cpu"), True)
+    np.testing.assert_allclose(
+        _probabilities(served.predict(pd.DataFrame({"image": images}))), expected, atol=1e-2
+    )
+    monkeypatch.setenv(BF16_ENV, "0")
+    fp32 = _classifier(model_dir)
+    assert fp32.precision == "fp32"
+    np.testing.assert_allclose(
+        _probabilities(fp32.predict(None, pd.DataFrame({"image": images}))), expected, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(("bf16", "tolerance"), [(False, 1e-6), (True, 1e-2)])
+def test_a_batched_forward_pass_equals_one_image_at_a_time(
+    model_dir: Path, bf16: bool, tolerance: float
+) -> None:
+    classifier = _classifier(model_dir)
+    classifier.precision = precision(torch.device("cpu"), bf16)
+    pixels = np.stack([decode_image(image, SIZE) for image in _mixed_images()])
+    one_at_a_time = np.concatenate([classifier.probabilities(pixels[i : i + 1]) for i in range(len(pixels))])
+    np.testing.assert_allclose(classifier.probabilities(pixels), one_at_a_time, atol=tolerance)
+
+
+def test_precision_follows_the_environment(model_dir: Path, monkeypatch) -> None:
+    monkeypatch.setenv(BF16_ENV, "1")
+    assert _classifier(model_dir).precision == precision(torch.device("cpu"), True)
+    monkeypatch.setenv(BF16_ENV, "0")
+    assert _classifier(model_dir).precision == "fp32"
+    monkeypatch.setenv(BF16_ENV, "maybe")
+    with pytest.raises(ValueError, match=f"{BF16_ENV}='maybe': expected 1 or 0"):
+        _classifier(model_dir)
 
 
 # --- (iii) raw pixels --------------------------------------------------------------------------
@@ -194,7 +256,9 @@ def test_raw_pixels_match_encoded_png(served: mlflow.pyfunc.PyFuncModel) -> None
     pngs = [_encode(Image.fromarray(array), "PNG") for array in arrays]
     from_png = _probabilities(served.predict(pd.DataFrame({"image": pngs})))
     from_arrays = _probabilities(served.predict(pd.DataFrame({"pixels": arrays})))
-    from_lists = _probabilities(served.predict(pd.DataFrame({"pixels": [array.tolist() for array in arrays]})))
+    from_lists = _probabilities(
+        served.predict(pd.DataFrame({"pixels": [array.tolist() for array in arrays]}))
+    )
     np.testing.assert_allclose(from_arrays, from_png, atol=1e-6)
     np.testing.assert_allclose(from_lists, from_png, atol=1e-6)
 
@@ -250,16 +314,42 @@ def test_over_limit_pixels_are_refused(model_dir: Path, tmp_path: Path) -> None:
     """`max_image_pixels` in model_config.json caps both encoded images and raw arrays."""
     config = json.loads((model_dir / CONFIG_FILE).read_text())
     (tmp_path / CONFIG_FILE).write_text(json.dumps({**config, "max_image_pixels": 1024}))
-    classifier = AslClassifier()
-    classifier.load_context(
-        PythonModelContext({"weights": str(model_dir / WEIGHTS_FILE), "config": str(tmp_path / CONFIG_FILE)}, None)
-    )
+    classifier = _classifier(model_dir, tmp_path / CONFIG_FILE)
     small, big = _solid((9, 9, 9), 32, 32), _solid((9, 9, 9), 40, 40)
     assert len(classifier.predict(None, pd.DataFrame({"image": [small]}))) == 1
-    with pytest.raises(ValueError, match=r"image at row 1: too large: 40x40 pixels is over the limit of 1024"):
+    with pytest.raises(
+        ValueError, match=r"image at row 1: too large: 40x40 pixels is over the limit of 1024"
+    ):
         classifier.predict(None, pd.DataFrame({"image": [small, big]}))
     with pytest.raises(ValueError, match=r"image at row 0: 40x40 pixels is over the limit"):
         classifier.predict(None, pd.DataFrame({"pixels": [np.zeros((40, 40, 3), np.uint8)]}))
+
+
+def test_a_decompression_bomb_names_the_models_limit(served: mlflow.pyfunc.PyFuncModel) -> None:
+    """PIL refuses 20000x20000 itself (over twice its own limit); the message names the model's limit."""
+    bomb = _encode(Image.new("1", (20000, 20000)), "PNG")
+    limit = served.unwrap_python_model().max_pixels
+    with pytest.raises(ValueError, match=rf"image at row 0: too large: over the limit of {limit} pixels$"):
+        served.predict(pd.DataFrame({"image": [bomb]}))
+
+
+def test_an_image_over_the_decode_budget_is_400_naming_it(model_dir: Path) -> None:
+    """A 2100x2100 RGBA PNG is decoded whole, 17.6 MB: more than a 16 MB budget can ever give."""
+    classifier = _classifier(model_dir)
+    classifier.budget = MemoryBudget(16 * MIB)
+    png = _encode(Image.new("RGBA", (2100, 2100), (200, 10, 10, 255)), "PNG")
+    with pytest.raises(
+        MlflowException, match=rf"image at row 1: too large to decode here: .* 16 MB \({DECODE_MEMORY_ENV}\)"
+    ) as caught:
+        classifier.predict(None, pd.DataFrame({"image": [_solid((1, 2, 3), 20, 20), png]}))
+    assert caught.value.get_http_status_code() == 400
+
+
+def test_the_decode_budget_is_the_processs_sized_from_the_environment(model_dir: Path, monkeypatch) -> None:
+    monkeypatch.setattr(pyfunc, "_SHARED_BUDGET", None)
+    monkeypatch.setenv(DECODE_MEMORY_ENV, "300")
+    first, second = _classifier(model_dir), _classifier(model_dir)
+    assert first.budget is second.budget and first.budget.capacity == 300 * MIB
 
 
 # --- (v) the scoring server's JSON -------------------------------------------------------------
@@ -297,13 +387,22 @@ def test_json_dataframe_split_with_base64(served: mlflow.pyfunc.PyFuncModel) -> 
         {"instances": [{"image": "<png>"}, {"image": "<png>"}]},
         {"inputs": {"pixels": ["<pixels>", "<pixels>"]}},
     ],
-    ids=["records-image", "split-pixels", "records-pixels", "inputs-image", "instances-image", "inputs-pixels"],
+    ids=[
+        "records-image",
+        "split-pixels",
+        "records-pixels",
+        "inputs-image",
+        "instances-image",
+        "inputs-pixels",
+    ],
 )
 def test_every_json_format_gives_the_same_answer(served: mlflow.pyfunc.PyFuncModel, body: dict) -> None:
     array = _random_pixels(30, 50, 41)
     png = _encode(Image.fromarray(array), "PNG")
     filled = json.loads(
-        json.dumps(body).replace('"<png>"', json.dumps(_b64(png))).replace('"<pixels>"', json.dumps(array.tolist()))
+        json.dumps(body)
+        .replace('"<png>"', json.dumps(_b64(png)))
+        .replace('"<pixels>"', json.dumps(array.tolist()))
     )
     expected = _probabilities(served.predict(pd.DataFrame({"image": [png]})))[0]
     predictions = _invoke(served, filled)
@@ -319,14 +418,40 @@ def test_base64_text_works_in_process_too(served: mlflow.pyfunc.PyFuncModel) -> 
 
 
 def test_json_errors_are_400_and_name_the_row(served: mlflow.pyfunc.PyFuncModel) -> None:
-    body = {"dataframe_split": {"columns": ["image"], "data": [[_b64(_solid((5, 5, 5), 9, 9))], [_b64(b"not an image at all")]]}}
+    body = {
+        "dataframe_split": {
+            "columns": ["image"],
+            "data": [[_b64(_solid((5, 5, 5), 9, 9))], [_b64(b"not an image at all")]],
+        }
+    }
     with pytest.raises(MlflowException) as caught:
         invocations(json.dumps(body), "application/json", served, served.metadata.get_input_schema())
     assert caught.value.get_http_status_code() == 400
     assert "image at row 1: not an image format" in caught.value.message
 
 
-def test_logged_serving_example_is_a_batch_that_serves(served: mlflow.pyfunc.PyFuncModel, model_files: Path) -> None:
+def test_no_room_to_decode_is_503_from_the_scoring_server(
+    served: mlflow.pyfunc.PyFuncModel, monkeypatch
+) -> None:
+    """`mlflow models serve`'s own app: with the decode budget taken and no room to wait, 503."""
+    from fastapi.testclient import TestClient
+    from mlflow.pyfunc import scoring_server
+
+    budget = MemoryBudget(64 * MIB, max_waiting=0)
+    monkeypatch.setattr(served.unwrap_python_model(), "budget", budget)
+    body = {"dataframe_split": {"columns": ["image"], "data": [[_b64(_solid((5, 5, 5), 9, 9))]]}}
+    with TestClient(scoring_server.init(served)) as client:
+        with budget.reserve(60 * MIB):
+            response = client.post("/invocations", json=body)
+        assert response.status_code == 503, response.text
+        assert response.json()["error_code"] == "TEMPORARILY_UNAVAILABLE"
+        assert "busy" in response.json()["message"] and "retry" in response.json()["message"]
+        assert client.post("/invocations", json=body).status_code == 200
+
+
+def test_logged_serving_example_is_a_batch_that_serves(
+    served: mlflow.pyfunc.PyFuncModel, model_files: Path
+) -> None:
     example = json.loads((model_files / "serving_input_example.json").read_text())
     assert len(example["dataframe_split"]["data"]) == 2
     assert len(_invoke(served, example)) == 2

@@ -26,10 +26,20 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+import requests
 import yaml
 from conftest import REPO, write_params
 from playwright.sync_api import Browser, Page, expect, sync_playwright
-from serving_support import COLOURS, colour_champion, free_port, noisy, solid, start_server, stop, wait_until_up
+from serving_support import (
+    COLOURS,
+    colour_champion,
+    free_port,
+    noisy,
+    solid,
+    start_server,
+    stop,
+    wait_until_up,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -49,7 +59,11 @@ def _ensure_chromium() -> None:
         return
     if shutil.which("apt-get") and os.geteuid() == 0:
         subprocess.run(
-            "apt-get update -qq && apt-get install -y -qq chromium", shell=True, capture_output=True, timeout=900, check=False
+            "apt-get update -qq && apt-get install -y -qq chromium",
+            shell=True,
+            capture_output=True,
+            timeout=900,
+            check=False,
         )
     if not CHROMIUM.exists():
         pytest.skip(
@@ -61,7 +75,9 @@ def _ensure_chromium() -> None:
 def browser() -> Browser:
     _ensure_chromium()
     with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        launched = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
         try:
             yield launched
         finally:
@@ -74,7 +90,9 @@ def _serve_ui(workspace: Path, tracking_uri: str, *extra: str) -> tuple[subproce
     port = yaml.safe_load((workspace / "params.yaml").read_text())["serve"]["port"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_DISABLE_TELEMETRY": "true"}
     log = workspace / "serve-ui.log"
-    process = start_server([sys.executable, "-m", "pipeline", "serve-ui", *extra], log, cwd=workspace, env=env)
+    process = start_server(
+        [sys.executable, "-m", "pipeline", "serve-ui", *extra], log, cwd=workspace, env=env
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(process, f"{url}/api/health", log)
@@ -150,7 +168,9 @@ def _upload(page: Page, path: Path) -> None:
     page.wait_for_selector('#result[data-state="done"], #result[data-state="error"]')
 
 
-def test_the_page_shows_what_the_champion_predicts(browser: Browser, pipeline_server: str, pipeline_champion) -> None:
+def test_the_page_shows_what_the_champion_predicts(
+    browser: Browser, pipeline_server: str, pipeline_champion
+) -> None:
     _, tracking_uri, image = pipeline_champion
     mlflow.set_tracking_uri(tracking_uri)
     try:
@@ -177,8 +197,12 @@ def test_a_red_image_reads_a(browser: Browser, colour_server, tmp_path: Path) ->
     page = _open(browser, url)
     expect(page.locator("#model-version")).to_have_text(f"model: {champion.name} v{champion.version}")
     assert page.get_attribute("#model-version", "data-version") == str(champion.version)
+    precision = requests.get(f"{url}/api/health", timeout=10).json()["precision"]
+    assert page.get_attribute("#model-version", "title") == f"forward passes in {precision}"
     for name, colour in (("red.jpg", "A"), ("green.png", "B")):
-        (tmp_path / name).write_bytes(solid(COLOURS[colour], 160, 120, fmt="PNG" if name.endswith("png") else "JPEG"))
+        (tmp_path / name).write_bytes(
+            solid(COLOURS[colour], 160, 120, fmt="PNG" if name.endswith("png") else "JPEG")
+        )
         _upload(page, tmp_path / name)
         assert page.inner_text("#prediction").strip() == colour
         expect(page.locator("#top5 li")).to_have_count(5)
@@ -188,7 +212,9 @@ def test_a_red_image_reads_a(browser: Browser, colour_server, tmp_path: Path) ->
     page.close()
 
 
-def test_a_non_image_shows_an_error_and_the_next_image_works(browser: Browser, colour_server, tmp_path: Path) -> None:
+def test_a_non_image_shows_an_error_and_the_next_image_works(
+    browser: Browser, colour_server, tmp_path: Path
+) -> None:
     url, _ = colour_server
     page = _open(browser, url)
     (tmp_path / "notes.png").write_text("this is text with an image's name")
@@ -203,7 +229,9 @@ def test_a_non_image_shows_an_error_and_the_next_image_works(browser: Browser, c
     page.close()
 
 
-def test_an_upload_over_the_limit_shows_the_servers_reason(browser: Browser, colour_server, tmp_path: Path) -> None:
+def test_an_upload_over_the_limit_shows_the_servers_reason(
+    browser: Browser, colour_server, tmp_path: Path
+) -> None:
     url, _ = colour_server
     page = _open(browser, url)
     big = tmp_path / "big.png"

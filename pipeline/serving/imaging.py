@@ -8,7 +8,7 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, JpegImagePlugin
 
 from pipeline.serving import DEFAULT_MAX_IMAGE_PIXELS as DEFAULT_MAX_IMAGE_PIXELS
 
@@ -19,6 +19,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # The formats a camera or browser produces. PIL reads many more (TIFF, PSD, EPS via Ghostscript...);
 # every one of them is attack surface for a served model that decodes untrusted bytes.
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+REDUCING_GAP = 2.0  # resize(): whole-factor reduction first, then bilinear over the last factor of 2 or more
+_WORKING_BYTES = 8 << 20  # the decoder's buffers, the reduced square and its conversions
 
 
 class ImageTooLarge(ValueError):
@@ -47,8 +49,124 @@ def _square_and_resize(image: Image.Image, size: int) -> np.ndarray:
         left, top = (image.width - side) // 2, (image.height - side) // 2
         image = image.crop((left, top, left + side, top + side))
     if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+        image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=REDUCING_GAP)
     return np.asarray(image, dtype=np.uint8)
+
+
+# --- decoding encoded images within a known memory --------------------------------------------
+
+
+def _bytes_per_pixel(mode: str) -> int:
+    return (
+        2 if mode.startswith("I;16") else 1 if mode in ("1", "L", "P") else 4
+    )  # how Pillow stores each mode
+
+
+def open_image(
+    source: Path | str | bytes, size: int, max_pixels: int | None = None
+) -> tuple[Image.Image, int]:
+    """The image with only its header read (size checked, JPEG scaled decoding set up), and the
+    bytes its decode by `decode_opened` holds at its peak. The caller closes the image."""
+    image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=IMAGE_FORMATS)
+    try:
+        check_pixels(image.width, image.height, max_pixels)
+        full_pixels, channels = image.width * image.height, len(image.getbands())
+        # JPEG can decode straight at 1/2, 1/4 or 1/8 scale: far less work and memory than decoding
+        # it whole and throwing most of it away. draft() never goes below the requested size.
+        image.draft("RGB", (size, size))
+        peak = image.width * image.height * _bytes_per_pixel(image.mode)
+        if image.format == "WEBP":
+            peak *= 4  # libwebp's canvas and last frame, the bytes it hands over, then Pillow's copy
+        if image.info.get("progressive"):
+            # libjpeg holds every DCT coefficient (2 bytes) at full scale, chroma subsampled 1x, 2x or 4x.
+            chroma = {0: 1.0, 1: 0.5, 2: 0.25}.get(JpegImagePlugin.get_sampling(image), 1.0)
+            peak += int(full_pixels * 2 * (1 + (channels - 1) * chroma))
+        return image, peak + _WORKING_BYTES
+    except BaseException:
+        image.close()
+        raise
+
+
+_Box = tuple[int, int, int, int]
+# EXIF orientation -> the transposition that makes the image upright (as ImageOps.exif_transpose).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_QUARTER_TURNS = (
+    Image.Transpose.TRANSPOSE,
+    Image.Transpose.ROTATE_270,
+    Image.Transpose.TRANSVERSE,
+    Image.Transpose.ROTATE_90,
+)
+
+
+def _stored_box(box: _Box, turn: Image.Transpose, width: int, height: int) -> _Box:
+    """Where `box` of the upright image lies in the stored `width` x `height` image."""
+    x0, y0, x1, y1 = box
+    return {
+        Image.Transpose.FLIP_LEFT_RIGHT: (width - x1, y0, width - x0, y1),
+        Image.Transpose.ROTATE_180: (width - x1, height - y1, width - x0, height - y0),
+        Image.Transpose.FLIP_TOP_BOTTOM: (x0, height - y1, x1, height - y0),
+        Image.Transpose.TRANSPOSE: (y0, x0, y1, x1),
+        Image.Transpose.ROTATE_270: (y0, height - x1, y1, height - x0),
+        Image.Transpose.TRANSVERSE: (width - y1, height - x1, width - y0, height - x0),
+        Image.Transpose.ROTATE_90: (width - y1, x0, width - y0, x1),
+    }[turn]
+
+
+def _upright_region(image: Image.Image, box: _Box, turn: Image.Transpose | None) -> Image.Image:
+    """`box` of the upright image, cut from the stored one: only the region is copied and turned."""
+    if turn is None:
+        return image if box == (0, 0, *image.size) else image.crop(box)
+    return image.crop(_stored_box(box, turn, *image.size)).transpose(turn)
+
+
+def _reduced_square(image: Image.Image, box: _Box, factor: int, turn: Image.Transpose | None) -> Image.Image:
+    """The square `box` of the upright image in RGB (or L), reduced `factor` times, with no full-size copy."""
+    if turn is None and image.mode in ("L", "RGB"):
+        return image.reduce(factor, box)  # averages straight from the decoded pixels
+    # Otherwise turned and converted before being averaged, as `_to_rgb` then `resize` would do, one
+    # band of `factor` rows at a time: whole-image copies would double or triple the memory.
+    side = box[2] - box[0]
+    reduced = Image.new("RGB", (-(-side // factor), -(-side // factor)))
+    for row, top in enumerate(range(box[1], box[3], factor)):
+        band = _upright_region(image, (box[0], top, box[2], min(top + factor, box[3])), turn)
+        reduced.paste(_to_rgb(band).reduce(factor), (0, row))
+    return reduced
+
+
+def decode_opened(image: Image.Image, size: int) -> np.ndarray:
+    """Decode an image from `open_image` to uint8 `size` x `size` x 3: upright (EXIF orientation),
+    centre-cropped to a square, resized.
+
+    Beside the decoded pixels, nothing larger than the centre square is held, and for a large image
+    not even that: it is reduced by a whole factor first, band by band. The pixels are exactly those
+    of turning, converting and cropping the whole image, then `resize(reducing_gap=2)`.
+    """
+    image.load()
+    turn = _UPRIGHT.get(image.getexif().get(ExifTags.Base.Orientation, 1))
+    width, height = image.size[::-1] if turn in _QUARTER_TURNS else image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    box = (left, top, left + side, top + side)
+    factor = int(side / size / REDUCING_GAP)  # the reduction resize() itself would make
+    if factor > 1:
+        square = _reduced_square(image, box, factor, turn)
+        resize_box = (0.0, 0.0, side / factor, side / factor)  # what resize() keeps after reducing
+    else:
+        square, resize_box = _upright_region(image, box, turn), None
+    square = _to_rgb(square)
+    if square.size != (size, size) or resize_box is not None:
+        square = square.resize(
+            (size, size), Image.Resampling.BILINEAR, box=resize_box, reducing_gap=REDUCING_GAP
+        )
+    return np.asarray(square, dtype=np.uint8)
 
 
 def decode_image(source: Path | str | bytes, size: int, max_pixels: int | None = None) -> np.ndarray:
@@ -56,14 +174,9 @@ def decode_image(source: Path | str | bytes, size: int, max_pixels: int | None =
 
     Raises PIL's errors (or `ImageTooLarge`) for anything that is not a readable image.
     """
-    handle = io.BytesIO(source) if isinstance(source, bytes) else source
-    with Image.open(handle, formats=IMAGE_FORMATS) as image:
-        check_pixels(image.width, image.height, max_pixels)
-        # JPEG can decode straight at 1/2, 1/4 or 1/8 scale: far less work than decoding 200x200
-        # and throwing most of it away. draft() never goes below the requested size.
-        image.draft("RGB", (size, size))
-        image = ImageOps.exif_transpose(image)
-        return _square_and_resize(_to_rgb(image), size)
+    image, _ = open_image(source, size, max_pixels)
+    with image:
+        return decode_opened(image, size)
 
 
 def resize_pixels(pixels: np.ndarray, size: int, max_pixels: int | None = None) -> np.ndarray:
@@ -82,7 +195,9 @@ def resize_pixels(pixels: np.ndarray, size: int, max_pixels: int | None = None) 
     return _square_and_resize(_to_rgb(Image.fromarray(pixels)), size)
 
 
-def prepare_pixels(source: Path | str | bytes | np.ndarray, size: int, max_pixels: int | None = None) -> np.ndarray:
+def prepare_pixels(
+    source: Path | str | bytes | np.ndarray, size: int, max_pixels: int | None = None
+) -> np.ndarray:
     """`resize_pixels` for an array, `decode_image` for a file or encoded bytes."""
     if isinstance(source, np.ndarray):
         return resize_pixels(source, size, max_pixels)

@@ -2,15 +2,18 @@
 
 Input is a DataFrame with, per row, `image` (encoded JPEG/PNG/WebP bytes, or their base64) or
 `pixels` (uint8 HxWx3 arrays or nested lists); output is `label`, `probability`, `probabilities`.
-The model resizes and normalizes images itself, as training did (`model_config.json`).
+The model resizes and normalizes images itself, as training did (`model_config.json`), decodes
+within a process-wide memory budget, and runs in bf16 where the processor computes it natively.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -28,15 +31,25 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Schema
 from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
 from pipeline.errors import UserError
-from pipeline.serving.imaging import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLarge, normalize, prepare_pixels
-from pipeline.serving.networks import build_model, class_probabilities
+from pipeline.serving import DEFAULT_DECODE_MEMORY_MB
+from pipeline.serving.imaging import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImageTooLarge,
+    decode_opened,
+    normalize,
+    open_image,
+    resize_pixels,
+)
+from pipeline.serving.limits import DEFAULT_DECODE_QUEUE, MIB, Busy, MemoryBudget, OverBudget
+from pipeline.serving.networks import build_model
+from pipeline.serving.precision import autocast, precision
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model_config.json"
@@ -44,8 +57,18 @@ IMAGE_COLUMN = "image"
 PIXELS_COLUMN = "pixels"
 DEVICE_ENV = "ASL_SERVING_DEVICE"
 """Torch device the served model runs on (default `cpu`; e.g. `cuda` on a GPU server)."""
+BF16_ENV = "ASL_SERVING_BF16"
+"""`1` (default): bf16 where the device computes it natively (CPUs with AVX512-BF16 or AMX, CUDA),
+fp32 elsewhere; `0`: always fp32."""
+DECODE_MEMORY_ENV = "ASL_DECODE_MEMORY_MB"
+"""Memory that all the process's decodes may hold at once, in MB (default 1024)."""
+DECODE_QUEUE_ENV = "ASL_DECODE_QUEUE"
+"""Decodes that may wait for that memory (default 32); beyond them a request is answered 503."""
 
 _FORWARD_BATCH = 64  # images per forward pass: bounds the memory a large request takes
+# A child of MLflow's logger: MLflow shows its INFO lines wherever the model loads (`mlflow models
+# serve` configures no other logging), so the precision that serves is in the server's log.
+log = logging.getLogger("mlflow.pyfunc.asl_classifier")
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]
 # What pipeline.serving imports, pinned to the versions installed here. Given explicitly, MLflow
 # does not infer them: inference loads the model in a subprocess to watch its imports (slow, a guess).
@@ -80,6 +103,14 @@ class InvalidImage(MlflowException, ValueError):
         self.row, self.reason = row, reason
         where = f"row {row}" if label is None or label == row else f"row {row} (index {label!r})"
         super().__init__(f"image at {where}: {reason}", error_code=INVALID_PARAMETER_VALUE)
+
+
+class ServerBusy(MlflowException):
+    """Decoding would take more memory than the budget has free, and the line for it is full: the
+    scoring server answers 503 (TEMPORARILY_UNAVAILABLE), and the client should retry shortly."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"the model server is busy: {reason}", error_code=TEMPORARILY_UNAVAILABLE)
 
 
 # --- the model folder -------------------------------------------------------------------------
@@ -130,14 +161,17 @@ def _bytes_from_cell(cell: Any) -> bytes:
     elif isinstance(cell, (bytes, bytearray, memoryview)):
         data = bytes(cell)
     else:
-        raise TypeError(f"'{IMAGE_COLUMN}' must hold the encoded image as bytes or base64 text, got {type(cell).__name__}")
+        raise TypeError(
+            f"'{IMAGE_COLUMN}' must hold the encoded image as bytes or base64 text, got {type(cell).__name__}"
+        )
     if not data:
         raise ValueError(f"'{IMAGE_COLUMN}' is empty")
     decoded = _from_base64(data)
     if decoded is not None:
         return decoded
     if isinstance(cell, str):
-        raise ValueError(f"'{IMAGE_COLUMN}' holds text that is not base64; send the image bytes or their base64")  # noqa: TRY004
+        reason = f"'{IMAGE_COLUMN}' holds text that is not base64; send the image bytes or their base64"
+        raise ValueError(reason)  # noqa: TRY004
     return data
 
 
@@ -157,19 +191,62 @@ def _pixels_from_cell(cell: Any) -> np.ndarray:
     return array.astype(np.uint8)
 
 
-def _describe_decode_error(err: Exception) -> str:
+def _describe_decode_error(err: Exception, max_pixels: int) -> str:
     if isinstance(err, Image.UnidentifiedImageError):
         return "not an image format PIL can read (send JPEG or PNG bytes)"
-    if isinstance(err, (ImageTooLarge, Image.DecompressionBombError)):
+    if isinstance(err, ImageTooLarge):
         return f"too large: {err}"
+    if isinstance(
+        err, Image.DecompressionBombError
+    ):  # PIL's own guard, far above ours: its message cites its limit
+        return f"too large: over the limit of {max_pixels} pixels"
     return f"unreadable or truncated image ({type(err).__name__}: {err})"
+
+
+def _env_int(name: str, default: int, minimum: int) -> int:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    if not text.isdigit() or int(text) < minimum:
+        raise ValueError(f"{name}={text!r}: expected an integer >= {minimum}")
+    return int(text)
+
+
+def _env_bf16() -> bool:
+    text = os.environ.get(BF16_ENV, "1").strip().lower()
+    if text not in ("1", "0", "true", "false"):
+        raise ValueError(f"{BF16_ENV}={text!r}: expected 1 or 0")
+    return text in ("1", "true")
+
+
+_SHARED_BUDGET: MemoryBudget | None = None
+
+
+def shared_decode_budget() -> MemoryBudget:
+    """The process's decode budget, sized from the environment once: every model loaded in the
+    process decodes within it, since they share the process's memory."""
+    global _SHARED_BUDGET
+    if _SHARED_BUDGET is None:
+        megabytes = _env_int(DECODE_MEMORY_ENV, DEFAULT_DECODE_MEMORY_MB, 1)
+        _SHARED_BUDGET = MemoryBudget(megabytes * MIB, _env_int(DECODE_QUEUE_ENV, DEFAULT_DECODE_QUEUE, 0))
+    return _SHARED_BUDGET
+
+
+def inference_network(network: nn.Module, precision_: str) -> nn.Module:
+    """The channels_last `network` as a forward pass in `precision_` runs it: itself for fp32; for
+    bf16 a copy with its weights cast once (autocast would cast fp32 weights on every forward pass)."""
+    return copy.deepcopy(network).to(torch.bfloat16).eval() if precision_ == "bf16" else network
 
 
 # --- the pyfunc --------------------------------------------------------------------------------
 
 
 class AslClassifier(mlflow.pyfunc.PythonModel):
-    """Raw images in, class probabilities out; see the module docstring for the formats."""
+    """Raw images in, class probabilities out; see the module docstring for the formats.
+
+    The web page calls `prepare_image` and `probabilities` directly, from its own threads: both are
+    safe to call concurrently. `max_pixels`, `budget` and `precision` may be changed after loading.
+    """
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         config = read_model_config(Path(context.artifacts["config"]))
@@ -178,13 +255,50 @@ class AslClassifier(mlflow.pyfunc.PythonModel):
         self.mean, self.std = tuple(config["mean"]), tuple(config["std"])
         self.max_pixels = int(config["max_image_pixels"])
         self.device = torch.device(os.environ.get(DEVICE_ENV, "cpu"))
-        self.network = load_network(Path(context.artifacts["weights"]), config).to(self.device)
+        self.budget = shared_decode_budget()
+        network = load_network(Path(context.artifacts["weights"]), config)
+        self.network = network.to(self.device).to(memory_format=torch.channels_last)
+        self._networks: dict[str, nn.Module] = {}
+        self.precision = precision(self.device, _env_bf16())
+        self._network_for(self.precision)
+        log.info("%s on %s: forward passes in %s", config["model"]["name"], self.device.type, self.precision)
 
-    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         # The pd.DataFrame hint is one MLflow does not infer a signature from or validate against:
         # the explicit SIGNATURE is the one enforced.
         pixels = self._prepare_batch(model_input)
-        return self._result_frame(self._probabilities(pixels))
+        return self._result_frame(self.probabilities(pixels))
+
+    def prepare_image(self, data: bytes) -> np.ndarray:
+        """Encoded image bytes -> uint8 pixels for `probabilities`, decoded within the decode budget.
+
+        Raises `ImageTooLarge`, PIL's errors, `OverBudget` (never decodable here) or `Busy` (retry).
+        """
+        image, peak_bytes = open_image(data, self.image_size, self.max_pixels)
+        with image, self.budget.reserve(peak_bytes):
+            return decode_opened(image, self.image_size)
+
+    @torch.inference_mode()
+    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 N x S x S x 3 -> float64 N x classes, in forward passes of at most 64 images."""
+        if len(pixels) == 0:
+            return np.zeros((0, len(self.classes)))
+        network, chunks = self._network_for(self.precision), []
+        for start in range(0, len(pixels), _FORWARD_BATCH):
+            images = torch.from_numpy(normalize(pixels[start : start + _FORWARD_BATCH], self.mean, self.std))
+            images = images.to(self.device).contiguous(memory_format=torch.channels_last)
+            with autocast(self.device, self.precision):
+                logits = network(images)
+            chunks.append(torch.softmax(logits.float(), dim=1).double().cpu().numpy())
+        return np.concatenate(chunks)
+
+    def _network_for(self, precision_: str) -> nn.Module:
+        # Two threads may both build a missing one: the same network, and one of them is kept.
+        if precision_ not in self._networks:
+            self._networks[precision_] = inference_network(self.network, precision_)
+        return self._networks[precision_]
 
     def _prepare_batch(self, frame: pd.DataFrame) -> np.ndarray:
         if not isinstance(frame, pd.DataFrame):
@@ -199,8 +313,16 @@ class AslClassifier(mlflow.pyfunc.PythonModel):
         images = frame[IMAGE_COLUMN] if IMAGE_COLUMN in frame else pd.Series([None] * len(frame))
         arrays = frame[PIXELS_COLUMN] if PIXELS_COLUMN in frame else pd.Series([None] * len(frame))
         rows = zip(frame.index, images.tolist(), arrays.tolist())
-        prepared = [self._prepare_row(position, label, image, array) for position, (label, image, array) in enumerate(rows)]
-        return np.stack(prepared) if prepared else np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+        try:
+            prepared = [
+                self._prepare_row(position, label, image, array)
+                for position, (label, image, array) in enumerate(rows)
+            ]
+        except Busy as err:
+            raise ServerBusy(str(err)) from None
+        return (
+            np.stack(prepared) if prepared else np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+        )
 
     def _prepare_row(self, position: int, label: Any, image: Any, array: Any) -> np.ndarray:
         if _is_missing(image) == _is_missing(array):
@@ -210,16 +332,16 @@ class AslClassifier(mlflow.pyfunc.PythonModel):
         except (TypeError, ValueError) as err:
             raise InvalidImage(position, str(err), label) from None
         try:
-            return prepare_pixels(source, self.image_size, self.max_pixels)
+            if isinstance(source, bytes):
+                return self.prepare_image(source)
+            return resize_pixels(source, self.image_size, self.max_pixels)
+        except OverBudget as err:
+            raise InvalidImage(
+                position, f"too large to decode here: {err} ({DECODE_MEMORY_ENV})", label
+            ) from None
         except _DECODE_ERRORS as err:
-            reason = _describe_decode_error(err) if isinstance(source, bytes) else str(err)
+            reason = _describe_decode_error(err, self.max_pixels) if isinstance(source, bytes) else str(err)
             raise InvalidImage(position, reason, label) from None
-
-    def _probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        if len(pixels) == 0:
-            return np.zeros((0, len(self.classes)))
-        images = torch.from_numpy(normalize(pixels, self.mean, self.std))
-        return class_probabilities(self.network, images, _FORWARD_BATCH, self.device)
 
     def _result_frame(self, probabilities: np.ndarray) -> pd.DataFrame:
         best = probabilities.argmax(axis=1)
@@ -304,5 +426,7 @@ def _code_to_ship(folder: Path) -> Path:
     package.mkdir()
     for name in ("__init__.py", "errors.py"):
         shutil.copy(_PACKAGE_DIR / name, package / name)
-    shutil.copytree(_PACKAGE_DIR / "serving", package / "serving", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        _PACKAGE_DIR / "serving", package / "serving", ignore=shutil.ignore_patterns("__pycache__")
+    )
     return package

@@ -1,0 +1,177 @@
+"""Decoding within a known memory: the decode's pixels are exactly those of the plain whole-image
+recipe, its peak memory is what `open_image` says it will be (about the decoded image alone, not
+the five copies the plain recipe makes), and the budget that concurrent decodes share holds its line.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from pipeline.serving.imaging import IMAGE_FORMATS, _square_and_resize, _to_rgb, decode_image, open_image
+from pipeline.serving.limits import MIB, Busy, MemoryBudget, OverBudget
+
+
+def _plain_decode(data: bytes, size: int) -> np.ndarray:
+    """The recipe `decode_image` must match: turn, convert and crop the whole image, then resize."""
+    with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+        image.draft("RGB", (size, size))
+        return _square_and_resize(_to_rgb(ImageOps.exif_transpose(image)), size)
+
+
+def _encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def _noise(width: int, height: int, mode: str, seed: int) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 4), dtype=np.uint8)
+    pixels[: height // 3, :, 3] = 0  # a transparent band: its hidden colours must not show
+    image = Image.fromarray(pixels, "RGBA")
+    if mode == "P":
+        return image.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE)
+    return image if mode == "RGBA" else image.convert(mode)
+
+
+CASES = [  # (width, height, mode, format): square and not, reduced (side >= 4 x size) and not
+    (200, 200, "RGB", "JPEG"), (640, 480, "RGB", "JPEG"), (300, 1301, "L", "JPEG"),
+    (640, 480, "RGBA", "PNG"), (479, 641, "LA", "PNG"), (555, 555, "P", "PNG"), (700, 301, "1", "PNG"),
+    (1001, 777, "RGB", "PNG"), (333, 520, "L", "PNG"), (640, 400, "RGBA", "WEBP"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "mode", "fmt"), CASES, ids=[f"{w}x{h}-{m}-{f}" for w, h, m, f in CASES]
+)
+@pytest.mark.parametrize("size", [32, 64])
+def test_pixels_are_exactly_the_plain_recipes(
+    width: int, height: int, mode: str, fmt: str, size: int
+) -> None:
+    data = _encode(_noise(width, height, mode, seed=width + height), fmt)
+    np.testing.assert_array_equal(decode_image(data, size), _plain_decode(data, size))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize(
+    ("width", "height", "fmt"), [(301, 200, "JPEG"), (1001, 777, "PNG"), (777, 1001, "PNG")]
+)
+def test_exif_orientation_is_exactly_the_plain_recipes(
+    orientation: int, width: int, height: int, fmt: str
+) -> None:
+    """Only the centre square is cut and turned, band by band: the same pixels, odd sizes included."""
+    image = _noise(width, height, "RGB", seed=orientation)
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    data = _encode(image, fmt, exif=exif.tobytes())
+    for size in (32, 64):
+        np.testing.assert_array_equal(decode_image(data, size), _plain_decode(data, size))
+
+
+_PEAK_PROBE = textwrap.dedent(
+    """
+    import sys
+    from pipeline.serving.imaging import decode_image, open_image
+
+    def high_water_mark():  # VmHWM: unlike ru_maxrss, not inherited from the (large) parent across exec
+        status = open("/proc/self/status").read().splitlines()
+        return int(next(line for line in status if line.startswith("VmHWM:")).split()[1]) * 1024
+
+    data = open(sys.argv[1], "rb").read()
+    decode_image(open(sys.argv[2], "rb").read(), 64)  # decoders loaded, buffers warm
+    before = high_water_mark()
+    decode_image(data, 64)
+    peak = high_water_mark() - before
+    image, estimate = open_image(data, 64)
+    print(peak, estimate)
+    """
+)
+
+
+def test_a_large_png_peaks_at_its_estimate_about_the_decoded_image(tmp_path) -> None:
+    """A 3000x3000 RGBA PNG (36 MB decoded): the plain recipe peaks near 200 MB, with the image
+    converted, composited and cropped whole; the decode must stay within its estimate."""
+    big, small = tmp_path / "big.png", tmp_path / "small.png"
+    ramp = np.linspace(0, 255, 3000, dtype=np.uint8)
+    pixels = np.dstack([np.tile(ramp, (3000, 1))] * 3 + [np.tile(ramp[:, None], (1, 3000))])
+    big.write_bytes(_encode(Image.fromarray(pixels, "RGBA"), "PNG", compress_level=1))
+    small.write_bytes(_encode(Image.new("RGBA", (300, 300)), "PNG"))
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_PROBE, str(big), str(small)], capture_output=True, text=True, check=True
+    )
+    peak, estimate = map(int, out.stdout.split())
+    decoded = 3000 * 3000 * 4
+    assert decoded <= estimate <= decoded + 10 * MIB
+    assert decoded * 0.9 <= peak <= estimate, f"peak {peak / MIB:.0f} MB, estimate {estimate / MIB:.0f} MB"
+
+
+def test_a_large_jpeg_is_estimated_at_its_reduced_scale() -> None:
+    data = _encode(Image.new("RGB", (4000, 3000), (10, 200, 30)), "JPEG")
+    image, estimate = open_image(data, 64)
+    with image:
+        assert image.size == (500, 375)  # decoded at 1/8 scale
+    assert estimate <= 500 * 375 * 4 + 10 * MIB  # not the 48 MB of the whole image
+    progressive = _encode(Image.new("RGB", (4000, 3000), (10, 200, 30)), "JPEG", progressive=True)
+    assert open_image(progressive, 64)[1] > 4000 * 3000 * 2  # libjpeg keeps the whole image's coefficients
+
+
+# --- the budget ---------------------------------------------------------------------------------
+
+
+def test_reservations_share_the_budget_and_wait_in_line() -> None:
+    budget = MemoryBudget(100, max_waiting=4, timeout_s=10)
+    order: list[str] = []
+
+    def take(name: str, cost: int) -> None:
+        with budget.reserve(cost):
+            order.append(name)
+
+    with budget.reserve(60), budget.reserve(40):  # both fit at once
+        assert budget.used == 100
+        big = threading.Thread(target=take, args=("big", 90))
+        big.start()
+        while budget.waiting < 1:
+            time.sleep(0.001)
+        small = threading.Thread(target=take, args=("small", 5))
+        small.start()
+        while budget.waiting < 2:
+            time.sleep(0.001)
+        assert order == []  # the small one would fit beside nothing, but waits behind the big one
+    big.join(10)
+    small.join(10)
+    assert order == ["big", "small"] and budget.used == 0 and budget.waiting == 0
+
+
+def test_a_full_line_or_a_long_wait_is_busy_and_too_much_is_over_budget() -> None:
+    budget = MemoryBudget(100, max_waiting=0, timeout_s=0.05)
+    with budget.reserve(100), pytest.raises(Busy, match="retry"), budget.reserve(1):
+        pass
+    patient = MemoryBudget(100, max_waiting=1, timeout_s=0.05)
+    with patient.reserve(100), pytest.raises(Busy, match="within 0.05 s"), patient.reserve(1):
+        pass
+    with pytest.raises(OverBudget, match="more than the whole decode budget"), budget.reserve(101):
+        pass
+    assert budget.used == patient.used == 0 and patient.waiting == 0
+
+
+def test_handing_memory_back_starts_no_process(monkeypatch) -> None:
+    """A forked child (what ctypes.util.find_library does to run ldconfig) would be a copy, in RSS,
+    of a server holding a gigabyte of decodes at that moment."""
+    import subprocess as subprocess_module
+
+    from pipeline.serving import limits
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("return_freed_memory started a process")
+
+    monkeypatch.setattr(subprocess_module.Popen, "__init__", refuse)
+    limits._malloc_trim.cache_clear()
+    assert limits.return_freed_memory() >= 0
