@@ -5,14 +5,16 @@ benchmarks/gpu_check.sh runs on a lent GPU machine (and, tiny, on CPU to test it
         make DIR/shards: synthetic JPEGs + build_shards (falls back to random tensors, recorded in
         DIR/data.json, when PIL/yaml/tqdm are missing on the machine)
     python benchmarks/gpu_train_probe.py --strategy dp --gpus N --data DIR --json OUT.json
+        [--data-on-device false] [--memory-budget-gb G]   (data kept on the host / streamed, forced)
     torchrun --standalone --nproc-per-node=N benchmarks/gpu_train_probe.py --strategy ddp --data DIR --json OUT.json
     python benchmarks/gpu_train_probe.py --table OUT1.json OUT2.json ...
 
 The step is the real one: `pipeline.loop.train_one_epoch` and `evaluate` with `pipeline.strategy`
 (DataParallel over N devices, or DDP over NCCL/gloo under torchrun), and, where pipeline.config can
 be imported (it needs PyYAML), the optimizer, schedule and StepSettings of `pipeline.trainer`
-(`TrainingState`, `step_settings`, `place_data`): on CUDA that is bf16 autocast, channels_last and
-the whole split on the GPU. Without PyYAML the same pieces are built here the same way.
+(`TrainingState`, `step_settings`) and the data path of `pipeline.feed` (`open_training_data`): on
+CUDA that is bf16 autocast, channels_last and the whole split on the GPU unless told otherwise.
+Without PyYAML the same pieces are built here the same way.
 Needs only torch, torchvision (resnet18) and numpy.
 """
 
@@ -38,7 +40,7 @@ CLASSES = 29
 # --- data -------------------------------------------------------------------------------------------
 
 
-def prepare(root: Path, images_per_class: int, size: int, seed: int = 0) -> dict:
+def prepare(root: Path, images_per_class: int, size: int, seed: int = 0, shard_size: int | None = None) -> dict:
     """Synthetic 200x200 JPEGs preprocessed into shards under root; random tensors if that cannot run here."""
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -49,12 +51,12 @@ def prepare(root: Path, images_per_class: int, size: int, seed: int = 0) -> dict
         from pipeline.synthetic import generate_synthetic_dataset
 
         small = images_per_class < 50  # validation blocks of 10 frames (+1 gap) need more frames than that
-        data = {"synthetic": {"images_per_class": images_per_class}, "image_size": size, "block_size": 4 if small else 10, "block_gap": 0 if small else 1}
+        data = {"synthetic": {"images_per_class": images_per_class}, "image_size": size, "block_size": 4 if small else 10, "block_gap": 0 if small else 1, "shard_size": shard_size}
         params = params_from_dict({"seed": seed, "data": data})
         paths = Paths(root)
         generate_synthetic_dataset(paths.raw, images_per_class=images_per_class, frames_per_run=10, seed=seed, size=200)
         manifest = build_shards(params.data, params.seed, paths.raw, paths.raw_train, paths.raw_test, paths.shards)
-        info = {"kind": "shards", "shards": str(paths.shards), "train": manifest["splits"]["train"]["count"], "val": manifest["splits"]["val"]["count"]}
+        info = {"kind": "shards", "shards": str(paths.shards), "train": manifest["splits"]["train"]["count"], "val": manifest["splits"]["val"]["count"], "size": size}
     except ImportError as err:  # PIL, PyYAML or tqdm missing on this machine: throughput does not depend on pixels
         count = images_per_class * CLASSES
         info = {"kind": "random", "why": f"{type(err).__name__}: {err}", "train": int(count * 0.8), "val": count - int(count * 0.8), "size": size, "seed": seed}
@@ -81,15 +83,19 @@ def load_data(root: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tor
 
 
 def build(strategy, args, steps_per_epoch: int):
-    """Model, optimizer, schedule and StepSettings as pipeline.trainer builds them; and how the data is placed."""
+    """Model, optimizer, schedule and StepSettings as pipeline.trainer builds them; and the params that place the data."""
     values = {
         "gpus": max(1, args.gpus),
         "model": {"name": args.model},
-        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "channels_last": True, "bf16": True, "data_on_device": True},
+        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "channels_last": True, "bf16": True, "data_on_device": args.data_on_device == "true"},
     }
+    if args.memory_budget_gb is not None:
+        values["train"]["memory_budget_gb"] = args.memory_budget_gb
+    if args.shuffle_buffer is not None:
+        values["train"]["shuffle_buffer"] = args.shuffle_buffer
     try:
         from pipeline.config import params_from_dict
-        from pipeline.trainer import TrainingState, place_data, step_settings
+        from pipeline.trainer import TrainingState, step_settings
     except ImportError as err:
         print(f"probe: pipeline.trainer not importable ({err}); building the same pieces here", flush=True)
         return _build_here(strategy, args, steps_per_epoch), "replica (no PyYAML)"
@@ -103,7 +109,7 @@ def build(strategy, args, steps_per_epoch: int):
         optimizer=state.optimizer,
         scheduler=state.scheduler,
         settings=step_settings(params, strategy),
-        place=lambda x, y: place_data(x, y, params, strategy.device),
+        params=params,
     ), "pipeline.trainer"
 
 
@@ -120,13 +126,6 @@ def _build_here(strategy, args, steps_per_epoch: int) -> SimpleNamespace:
     optimizer = torch.optim.AdamW(bare.parameters(), lr=0.003, weight_decay=0.05, fused=fused or None)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.003, total_steps=max(1, steps_per_epoch * args.epochs), pct_start=0.15)
     cuda = strategy.device.type == "cuda"
-
-    def place(x, y):
-        if not cuda:
-            return x, y
-        free, _ = torch.cuda.mem_get_info(strategy.device)
-        return (x.to(strategy.device), y.to(strategy.device)) if x.nbytes < 0.5 * free else (x, y)
-
     return SimpleNamespace(
         model=wrapped,
         bare=bare,
@@ -134,8 +133,52 @@ def _build_here(strategy, args, steps_per_epoch: int) -> SimpleNamespace:
         optimizer=optimizer,
         scheduler=scheduler,
         settings=StepSettings(device=strategy.device, channels_last=True, bf16=cuda),
-        place=place,
+        params=None,
     )
+
+
+class TensorData:
+    """The probe's random tensors (no PyYAML or PIL here), fed like pipeline.feed feeds shards: the
+    pipeline's epoch order and rank share, on the GPU when asked and it fits, else prefetched."""
+
+    def __init__(self, args, strategy, settings):
+        from pipeline.feed import tensor_batches
+
+        self.tensor_batches, self.args, self.strategy, self.settings = tensor_batches, args, strategy, settings
+        self.train_x, self.train_y, self.val_x, self.val_y, self.kind = load_data(args.data)
+        cuda = settings.device.type == "cuda"
+        fits = cuda and self.train_x.nbytes + self.val_x.nbytes < 0.5 * torch.cuda.mem_get_info(settings.device)[0]
+        self.mode = "device" if fits and args.data_on_device == "true" else "mapped"
+        if self.mode == "device":
+            self.train_x, self.train_y = self.train_x.to(settings.device), self.train_y.to(settings.device)
+            self.val_x, self.val_y = self.val_x.to(settings.device), self.val_y.to(settings.device)
+
+    def train_batches(self, epoch: int):
+        from pipeline.batches import epoch_order, rank_batches
+
+        order = epoch_order([len(self.train_y)], 4096, 0, epoch).order
+        mine = rank_batches(order, self.args.batch_size, self.strategy.world_size, self.strategy.rank)
+        return self.tensor_batches(self.train_x, self.train_y, list(mine), self.settings)
+
+    def val_batches(self):
+        import numpy as np
+
+        mine = np.asarray(self.strategy.eval_indices(len(self.val_y)), dtype=np.int64)
+        return self.tensor_batches(self.val_x, self.val_y, [mine[i : i + 256] for i in range(0, len(mine), 256)], self.settings)
+
+
+def open_data(args, strategy, parts):
+    """The shards through pipeline.feed (device, memory-mapped or streamed, as the params say), or
+    the random tensors; returns (data, what the data is)."""
+    info = json.loads((args.data / "data.json").read_text())
+    if info["kind"] == "shards" and parts.params is not None:
+        from pipeline.feed import open_training_data
+        from pipeline.shards import read_manifest
+
+        shards = Path(info["shards"])
+        return open_training_data(parts.params, shards, read_manifest(shards), strategy, parts.settings), "synthetic JPEGs -> shards"
+    data = TensorData(args, strategy, parts.settings)
+    return data, data.kind
 
 
 def peak_memory_mb(strategy, dp_devices: int) -> float:
@@ -166,27 +209,24 @@ def run(args) -> None:
         raise SystemExit("probe: --strategy ddp runs under torchrun (torchrun --standalone --nproc-per-node=N ...)")
     strategy = DistributedStrategy() if args.strategy == "ddp" else make_strategy("dp", args.gpus)
     try:
-        train_x, train_y, val_x, val_y, data_kind = load_data(args.data)
-        sampler = strategy.sampler(len(train_y), 0)
-        batch = strategy.per_process_batch(args.batch_size)
-        steps = len(sampler) // batch
+        info = json.loads((args.data / "data.json").read_text())
+        strategy.per_process_batch(args.batch_size)
+        steps = info["train"] // args.batch_size
         if steps < 1:
-            raise SystemExit(f"probe: {len(train_y)} training images are fewer than one batch of {args.batch_size}")
+            raise SystemExit(f"probe: {info['train']} training images are fewer than one batch of {args.batch_size}")
         parts, built_by = build(strategy, args, steps)
         if strategy.device.type == "cuda":  # only the devices this process uses: touching others would create contexts there
             for d in range(args.gpus) if args.strategy == "dp" else [strategy.device.index]:
                 torch.cuda.reset_peak_memory_stats(d)
-        train_x, train_y = parts.place(train_x, train_y)
-        val_x, val_y = parts.place(val_x, val_y)
+        data, data_kind = open_data(args, strategy, parts)
         loss_fn = nn.CrossEntropyLoss()
         epochs = []
         for epoch in range(args.epochs):
-            sampler.set_epoch(epoch)
-            stats = train_one_epoch(parts.model, parts.optimizer, parts.scheduler, loss_fn, train_x, train_y, list(sampler), batch, strategy, parts.settings)
+            stats = train_one_epoch(parts.model, parts.optimizer, parts.scheduler, loss_fn, data.train_batches(epoch), strategy, parts.settings)
             epochs.append(stats)
             if strategy.is_main:
                 print(f"probe {args.strategy}: epoch {epoch + 1}/{args.epochs} {stats.seconds:.2f}s {stats.images / stats.seconds:.0f} img/s loss {stats.loss:.3f}", flush=True)
-        val_loss, val_accuracy = evaluate(parts.eval_model, val_x, val_y, 256, strategy, parts.settings)
+        val_loss, val_accuracy = evaluate(parts.eval_model, data.val_batches(), strategy, parts.settings)
         # Steady state: the epochs after the first (which pays for cuDNN autotuning and allocations).
         steady = epochs[1:] or epochs
         seconds = sum(s.seconds for s in steady)
@@ -210,10 +250,11 @@ def run(args) -> None:
                 # ddp: how gradients were averaged (nccl, or gloo on CPU), as the run's allreduce tag says
                 "backend": (strategy.allreduce if args.strategy == "ddp" else "DataParallel" if getattr(strategy, "gpus", 0) > 1 else "single device"),
                 "model": args.model,
-                "image_size": int(train_x.shape[-1]),
+                "image_size": info["size"],
                 "global_batch": args.batch_size,
                 "data": data_kind,
-                "data_on_device": train_x.device.type == "cuda",
+                "data_on_device": data.mode == "device",
+                "data_placement": data.mode,
                 "built_by": built_by,
                 "bf16": parts.settings.bf16,
                 "channels_last": parts.settings.channels_last,
@@ -255,7 +296,7 @@ def table(paths: list[Path]) -> str:
         lines.append(
             f"{r['strategy']:<8} {r['gpus']:>4} {r['processes']:>5} {r['backend']:<13} {r['images_per_second']:>10,.0f} {r['data_wait_fraction']:>9.1%} "
             f"{r['peak_memory_mb']:>12,.0f} {str(r['ranks_agree']):>11}  {str(r['epochs']):<24} {r['device']}, {r['model']} {r['image_size']}px "
-            f"batch {r['global_batch']}, bf16={r['bf16']} channels_last={r['channels_last']} data_on_device={r['data_on_device']}, {r['data']}"
+            f"batch {r['global_batch']}, bf16={r['bf16']} channels_last={r['channels_last']} data={r.get('data_placement', r['data_on_device'])}, {r['data']}"
         )
     return "\n".join(lines)
 
@@ -271,6 +312,10 @@ def main() -> None:
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64, help="global batch, as train.batch_size")
+    parser.add_argument("--data-on-device", choices=("true", "false"), default="true", help="as train.data_on_device: false keeps the data on the host")
+    parser.add_argument("--memory-budget-gb", type=float, help="as train.memory_budget_gb: below the splits' size they are streamed")
+    parser.add_argument("--shuffle-buffer", type=int, help="as train.shuffle_buffer")
+    parser.add_argument("--shard-size", type=int, help="--prepare: as data.shard_size (default: automatic)")
     parser.add_argument("--json", type=Path, help="write the result here (main process)")
     parser.add_argument("--save-weights", type=Path, help="every rank saves its final weights here as rank<r>.pt")
     parser.add_argument("--table", type=Path, nargs="+", help="print one table of these result files and exit")
@@ -278,7 +323,7 @@ def main() -> None:
     if args.table:
         print(table(args.table))
     elif args.prepare:
-        print("probe data: " + json.dumps(prepare(args.prepare, args.images_per_class, args.size)), flush=True)
+        print("probe data: " + json.dumps(prepare(args.prepare, args.images_per_class, args.size, shard_size=args.shard_size)), flush=True)
     elif args.strategy and args.data:
         run(args)
     else:

@@ -16,7 +16,7 @@ import torch
 from pipeline.config import Params
 from pipeline.errors import UserError
 from pipeline.paths import Paths
-from pipeline.shards import read_manifest
+from pipeline.shards import read_manifest, verify_shards
 from pipeline.strategy import (
     SYNC_BATCHNORM_NEEDS_CUDA,
     check_batch_divides,
@@ -77,7 +77,8 @@ def run_train(params: Params, paths: Paths, strategy_name: str, params_file: Pat
 
 def preflight(params: Params, paths: Paths, strategy_name: str) -> None:
     """Catch a user's mistakes before any process starts: one clear line, not a traceback per rank."""
-    read_manifest(paths.shards)
+    # Hashed here, once per node, before the ranks start: they then find the shards checked.
+    verify_shards(paths.shards, read_manifest(paths.shards), ("train", "val"))
     check_visible_gpus(params.gpus)
     if strategy_name == "ddp":
         check_batch_divides(params.train.batch_size, params.gpus * params.distributed.nnodes)

@@ -22,11 +22,12 @@ from torch import nn
 from pipeline.checkpoint import checkpoint_path, fingerprint, load_checkpoint, save_checkpoint
 from pipeline.config import Params, to_flat_dict
 from pipeline.errors import UserError
+from pipeline.feed import TrainingData, open_training_data
 from pipeline.loop import EpochStats, StepSettings, evaluate, train_one_epoch
 from pipeline.serving.networks import build_model
 from pipeline.paths import Paths
 from pipeline.fileio import atomic_write_bytes, atomic_write_json
-from pipeline.shards import load_split, read_manifest
+from pipeline.shards import read_manifest
 from pipeline.strategy import Strategy
 
 
@@ -39,16 +40,6 @@ def seed_everything(seed: int) -> None:
 def step_settings(params: Params, strategy: Strategy) -> StepSettings:
     cuda = strategy.device.type == "cuda"
     return StepSettings(device=strategy.device, channels_last=params.train.channels_last, bf16=params.train.bf16 and cuda)
-
-
-def place_data(images: torch.Tensor, labels: torch.Tensor, params: Params, device: torch.device):
-    """Move a split onto the GPU when asked and when it fits with room to spare; else keep it on the host."""
-    if device.type != "cuda" or not params.train.data_on_device:
-        return images, labels
-    free, _ = torch.cuda.mem_get_info(device)
-    if images.nbytes > 0.5 * free:
-        return images, labels
-    return images.to(device), labels.to(device)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -170,21 +161,17 @@ def fit(params: Params, paths: Paths, strategy: Strategy) -> dict | None:
     seed_everything(params.seed)
     manifest = read_manifest(paths.shards)
     settings = step_settings(params, strategy)
-    train_x, train_y = place_data(*load_split(paths.shards, "train", manifest), params, strategy.device)
-    val_x, val_y = place_data(*load_split(paths.shards, "val", manifest), params, strategy.device)
-    sampler = strategy.sampler(len(train_y), params.seed)
-    batch = strategy.per_process_batch(params.train.batch_size)
-    if len(sampler) < batch:
-        raise UserError(f"train.batch_size={params.train.batch_size} is larger than the training split ({len(train_y)} images): lower it")
-    state = TrainingState(params, strategy, len(manifest["classes"]), len(sampler) // batch)
+    data = open_training_data(params, paths.shards, manifest, strategy, settings)
+    state = TrainingState(params, strategy, len(manifest["classes"]), data.steps_per_epoch)
     fingerprint_ = fingerprint(params, manifest)
     restore(state, params, paths, fingerprint_)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=params.train.label_smoothing)
     with main_process_run(params, strategy, state):
         for epoch in range(state.next_epoch, params.train.epochs):
-            sampler.set_epoch(epoch)  # a new permutation every epoch, the same on every rank
-            stats = train_one_epoch(state.model, state.optimizer, state.scheduler, loss_fn, train_x, train_y, list(sampler), batch, strategy, settings)
-            val_loss, val_accuracy = evaluate(state.eval_model, val_x, val_y, params.evaluate.batch_size, strategy, settings)
+            # A new order every epoch, a function of the seed and the epoch: a resumed run repeats it.
+            stats = train_one_epoch(state.model, state.optimizer, state.scheduler, loss_fn, data.train_batches(epoch), strategy, settings)
+            report_startup(data, strategy)
+            val_loss, val_accuracy = evaluate(state.eval_model, data.val_batches(), strategy, settings)
             record = epoch_record(epoch, stats, val_loss, val_accuracy)
             state.history.append(record)
             state.next_epoch = epoch + 1
@@ -192,6 +179,21 @@ def fit(params: Params, paths: Paths, strategy: Strategy) -> dict | None:
                 log_epoch(record, params)
                 save_checkpoint(checkpoint_path(paths.root, strategy.name), state.state_dict(fingerprint_))
         return finish(params, paths, strategy, state, manifest) if strategy.is_main else None
+
+
+def report_startup(data: TrainingData, strategy: Strategy) -> None:
+    """Once per process: seconds from its start to its first batch (imports, rendezvous, shard
+    checks, model), printed and logged as `startup_seconds`; where the data is held, as a tag."""
+    if data.first_batch_at is None or data.startup_reported or not strategy.is_main:
+        return
+    import mlflow
+    import psutil
+
+    data.startup_reported = True
+    seconds = data.first_batch_at - psutil.Process().create_time()
+    mlflow.log_metric("startup_seconds", seconds)
+    mlflow.set_tag("data_placement", data.mode)
+    print(f"train: first batch {seconds:.1f}s after the process started ({data.mode} data)", flush=True)
 
 
 def log_epoch(record: dict, params: Params) -> None:

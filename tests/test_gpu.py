@@ -30,9 +30,11 @@ def _params(gpus: int, **train):
 
 
 def test_dp_over_all_visible_gpus_trains_with_bf16_channels_last_and_data_on_device():
+    from pipeline.batches import epoch_order, rank_batches
+    from pipeline.feed import tensor_batches
     from pipeline.loop import train_one_epoch
     from pipeline.strategy import DataParallelStrategy
-    from pipeline.trainer import TrainingState, place_data, step_settings
+    from pipeline.trainer import TrainingState, step_settings
 
     gpus = torch.cuda.device_count()
     params = _params(gpus)
@@ -41,8 +43,7 @@ def test_dp_over_all_visible_gpus_trains_with_bf16_channels_last_and_data_on_dev
     labels = torch.randint(0, 29, (128,), generator=generator)
     patterns = torch.randn(29, 3, 64, 64, generator=generator)  # one per class: learnable in a few steps
     images = (patterns[labels] + 0.5 * torch.randn(128, 3, 64, 64, generator=generator)).half()
-    images, labels = place_data(images, labels, params, strategy.device)
-    assert images.device.type == "cuda" and labels.device.type == "cuda", "data_on_device: the split should sit on the GPU"
+    images, labels = images.to(strategy.device), labels.to(strategy.device)
 
     torch.manual_seed(0)
     state = TrainingState(params, strategy, 29, steps_per_epoch=4)
@@ -54,11 +55,10 @@ def test_dp_over_all_visible_gpus_trains_with_bf16_channels_last_and_data_on_dev
     state.bare.conv1.register_forward_hook(lambda module, inputs, output: seen.update(input=inputs[0], output=output))
     before = {k: v.detach().clone() for k, v in state.bare.state_dict().items()}
 
-    sampler = strategy.sampler(len(labels), 0)
     losses = []
     for epoch in range(params.train.epochs):
-        sampler.set_epoch(epoch)
-        stats = train_one_epoch(state.model, state.optimizer, state.scheduler, nn.CrossEntropyLoss(), images, labels, list(sampler), 32, strategy, settings)
+        steps = list(rank_batches(epoch_order([128], 4096, 0, epoch).order, 32, 1, 0))
+        stats = train_one_epoch(state.model, state.optimizer, state.scheduler, nn.CrossEntropyLoss(), tensor_batches(images, labels, steps, settings), strategy, settings)
         losses.append(stats.loss)
         assert stats.images == 128 and torch.isfinite(torch.tensor(stats.loss))
 
@@ -68,6 +68,40 @@ def test_dp_over_all_visible_gpus_trains_with_bf16_channels_last_and_data_on_dev
     changed = [k for k, v in state.bare.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
     assert changed, "training changed no weight"
     assert losses[-1] < losses[0], f"128 fixed images should be learnt a little in a few epochs: {losses}"
+
+
+@pytest.mark.parametrize("budget", [None, 0.0012], ids=["memory-mapped", "streamed"])
+def test_batches_from_the_host_arrive_on_the_gpu_as_they_left(tmp_path, budget):
+    """Pinned, gathered in a thread and copied on a side stream: every batch equals the split's rows."""
+    from conftest import TINY_PARAMS, deep_merge
+    from pipeline.config import params_from_dict
+    from pipeline.feed import open_training_data
+    from pipeline.fetch import fetch_raw
+    from pipeline.paths import Paths
+    from pipeline.preprocess import build_shards
+    from pipeline.shards import load_split, read_manifest
+    from pipeline.strategy import DataParallelStrategy
+    from pipeline.trainer import step_settings
+
+    train = {"data_on_device": False, "memory_budget_gb": budget, "shuffle_buffer": 50}
+    params = params_from_dict(deep_merge(TINY_PARAMS, {"gpus": 1, "data": {"shard_size": 40}, "train": train}))
+    paths = Paths(tmp_path)
+    fetch_raw(params, paths)
+    build_shards(params.data, params.seed, paths.raw, paths.raw_train, paths.raw_test, paths.shards)
+    strategy = DataParallelStrategy(1)
+    settings = step_settings(params, strategy)
+    data = open_training_data(params, paths.shards, read_manifest(paths.shards), strategy, settings)
+    assert data.mode == ("mapped" if budget is None else "streamed")
+    images, labels = load_split(paths.shards, "train")
+    by_content = {img.numpy().tobytes(): i for i, img in enumerate(images)}
+    seen = []
+    for x, y in data.train_batches(0):
+        torch.cuda.current_stream().synchronize()
+        assert x.is_cuda and x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+        rows = [by_content[row.half().cpu().contiguous().numpy().tobytes()] for row in x]
+        assert torch.equal(y.cpu(), labels[rows])
+        seen += rows
+    assert len(seen) == len(set(seen)) == data.steps_per_epoch * params.train.batch_size
 
 
 def test_ddp_over_nccl_ends_with_identical_weights_on_every_rank(tmp_path):

@@ -15,7 +15,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, write_params
+from conftest import REPO, deep_merge, write_params
 from pipeline.checkpoint import checkpoint_path
 from pipeline.config import load_params
 from pipeline.paths import Paths
@@ -219,3 +219,35 @@ def test_a_fresh_start_ignores_an_old_checkpoint(tiny_workspace):
     _interrupt_dp_training(tiny_workspace, signal.SIGKILL)
     figures = train_here(tiny_workspace, "dp")
     assert figures["resumed_from_epoch"] == -1 and figures["epochs"] == 40
+
+
+# Below the tiny splits' 2.14 MB, above the 2.08 MB that streaming them holds (two shards of 128).
+STREAMED = {"train": {"memory_budget_gb": 0.0021, "shuffle_buffer": 50}}
+
+
+@pytest.mark.slow
+def test_an_interrupted_streamed_training_resumes_to_the_weights_of_an_uninterrupted_one(tiny_workspace):
+    model_file = Paths(tiny_workspace).model_dir("dp") / "model.safetensors"
+    write_params(tiny_workspace, deep_merge(STREAMED, {"train": {"epochs": 20}}))
+    train_here(tiny_workspace, "dp")
+    uninterrupted = model_file.read_bytes()
+    assert run_of(tiny_workspace, "dp").data.tags["data_placement"] == "streamed"
+
+    model_file.unlink()
+    assert _interrupt_dp_training(tiny_workspace, signal.SIGKILL) != 0
+    write_params(tiny_workspace, deep_merge(STREAMED, {"train": {"epochs": 20, "resume": True}}))
+    figures = train_here(tiny_workspace, "dp")
+    assert figures["resumed_from_epoch"] >= 1 and figures["epochs"] == 20
+    assert model_file.read_bytes() == uninterrupted, "each epoch's order depends on the seed and the epoch only"
+
+
+@pytest.mark.slow
+def test_streamed_ddp_matches_streamed_dp_on_a_model_without_batchnorm(tiny_workspace):
+    write_params(tiny_workspace, STREAMED)
+    dp = train_here(tiny_workspace, "dp")
+    output = CliRun(tiny_workspace, "train", "ddp").finish()
+    assert "(streamed data)" in output
+    ddp = json.loads(Paths(tiny_workspace).train_metrics("ddp").read_text())
+    assert ddp["world_size"] == 2 and ddp["images_per_second"] > 0
+    assert ddp["val_loss"] == pytest.approx(dp["val_loss"], rel=1e-3)
+    assert ddp["train_accuracy"] == pytest.approx(dp["train_accuracy"], abs=0.02)
