@@ -60,7 +60,8 @@ from torch import nn  # noqa: E402
 
 from pipeline.config import params_from_dict  # noqa: E402
 from pipeline.serving.imaging import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from pipeline.feed import model_input, tensor_batches  # noqa: E402
+from pipeline.feed import tensor_batches  # noqa: E402
+from pipeline.prefetch import model_input  # noqa: E402
 from pipeline.loop import train_one_epoch  # noqa: E402
 from pipeline.serving.networks import build_model  # noqa: E402
 from pipeline.strategy import make_strategy  # noqa: E402

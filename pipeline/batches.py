@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 
@@ -62,7 +63,7 @@ def eval_chunks(offsets: Sequence[int], mine: np.ndarray, batch_size: int) -> li
     (ascending): shard by shard, so that a streamed evaluation holds one shard at a time."""
     cuts = np.searchsorted(mine, offsets)
     chunks = []
-    for shard, (begin, end) in enumerate(zip(cuts, cuts[1:])):
+    for shard, (begin, end) in enumerate(pairwise(cuts)):
         chunks += [(shard, mine[i : min(i + batch_size, end)]) for i in range(begin, end, batch_size)]
     return chunks
 
@@ -87,13 +88,17 @@ class StreamPlan:
     """Slots needed: the most images this rank ever holds at once."""
 
 
-def stream_plan(offsets: Sequence[int], shard_order: np.ndarray, batches: np.ndarray, lookahead: int) -> StreamPlan:
+def stream_plan(
+    offsets: Sequence[int], shard_order: np.ndarray, batches: np.ndarray, lookahead: int
+) -> StreamPlan:
     """Read shards in `shard_order`, each `lookahead` shards before a batch needs it, and give each
     image a slot from the step its shard is read to the step it is trained on."""
     steps, per_step = batches.shape
     position = np.empty(len(shard_order), dtype=np.int64)
     position[shard_order] = np.arange(len(shard_order))
-    item_position = position[np.searchsorted(np.asarray(offsets), batches, side="right") - 1]  # (steps, per_step)
+    item_position = position[
+        np.searchsorted(np.asarray(offsets), batches, side="right") - 1
+    ]  # (steps, per_step)
     need = np.maximum.accumulate(item_position.max(axis=1)) if steps else np.empty(0, dtype=np.int64)
     load_step = np.searchsorted(need + lookahead, np.arange(len(shard_order)), side="left")
     items, item_position = batches.ravel(), item_position.ravel()
@@ -101,8 +106,8 @@ def stream_plan(offsets: Sequence[int], shard_order: np.ndarray, batches: np.nda
     slots = _assign_slots(enter, leave)
     by_read = np.lexsort((items, item_position))
     cuts = np.searchsorted(item_position[by_read], np.arange(len(shard_order) + 1))
-    rows = [items[by_read[a:b]] for a, b in zip(cuts, cuts[1:])]
-    row_slots = [slots[by_read[a:b]] for a, b in zip(cuts, cuts[1:])]
+    rows = [items[by_read[a:b]] for a, b in pairwise(cuts)]
+    row_slots = [slots[by_read[a:b]] for a, b in pairwise(cuts)]
     capacity = int(slots.max()) + 1 if len(slots) else 0
     return StreamPlan(shard_order, rows, row_slots, load_step, need, slots.reshape(steps, per_step), capacity)
 

@@ -12,13 +12,17 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_path, atomic_write_json, sha256_of
+
+if TYPE_CHECKING:  # imported where used: preprocess and its workers never load torch
+    import torch
 
 SHARD_TARGET_BYTES = 64 * 2**20
 """Float16 image bytes per shard when `data.shard_size` is null."""
@@ -37,19 +41,32 @@ def write_shard(path: Path, images: np.ndarray, labels: np.ndarray) -> str:
     from safetensors.numpy import save_file
 
     with atomic_path(path) as tmp:
-        save_file({"images": np.ascontiguousarray(images, np.float16), "labels": np.ascontiguousarray(labels, np.int64)}, tmp)
+        save_file(
+            {
+                "images": np.ascontiguousarray(images, np.float16),
+                "labels": np.ascontiguousarray(labels, np.int64),
+            },
+            tmp,
+        )
     return sha256_of(path)
 
 
 def read_manifest(shards_dir: Path) -> dict:
     path = shards_dir / "manifest.json"
     if not path.is_file():
-        raise UserError(f"no shards at {shards_dir} (manifest.json is missing): run `dvc repro preprocess` first")
+        raise UserError(
+            f"no shards at {shards_dir} (manifest.json is missing): run `dvc repro preprocess` first"
+        )
     return json.loads(path.read_text())
 
 
 def split_shards(manifest: dict, split: str) -> list[dict]:
     return [shard for shard in manifest["shards"] if shard["split"] == split]
+
+
+def _missing(path: Path) -> UserError:
+    fix = "run `dvc repro preprocess` (or `dvc checkout`)"
+    return UserError(f"shard {path} listed in the manifest is missing: {fix}")
 
 
 def _rebuild(path: Path, problem: str) -> UserError:
@@ -88,7 +105,7 @@ def verify_shards(shards_dir: Path, manifest: dict, splits: tuple[str, ...] | No
         try:
             before = path.stat()
         except FileNotFoundError:
-            raise UserError(f"shard {path} listed in the manifest is missing: run `dvc repro preprocess` (or `dvc checkout`)") from None
+            raise _missing(path) from None
         record = records / f"{shard['file']}.json"
         identity = _identity(before, path, shard["sha256"])
         if _read_record(record) == identity:
@@ -96,7 +113,10 @@ def verify_shards(shards_dir: Path, manifest: dict, splits: tuple[str, ...] | No
         if sha256_of(path) != shard["sha256"]:
             raise _rebuild(path, "is corrupt (sha256 does not match manifest.json)")
         after = path.stat()
-        if _identity(after, path, shard["sha256"]) == identity and time.time_ns() - after.st_mtime_ns > _SETTLED_NS:
+        if (
+            _identity(after, path, shard["sha256"]) == identity
+            and time.time_ns() - after.st_mtime_ns > _SETTLED_NS
+        ):
             _write_record(record, identity)
 
 
@@ -122,19 +142,28 @@ def open_shard(shards_dir: Path, shard: dict, image_size: int) -> tuple[torch.Te
 
     Checks the header against the manifest; the bytes are checked by `verify_shards`. safetensors
     holds no pickled code, so a shard cannot run anything when it is read."""
+    import torch
     from safetensors import SafetensorError, safe_open
 
     path = shards_dir / shard["file"]
     if not path.is_file():
-        raise UserError(f"shard {path} listed in the manifest is missing: run `dvc repro preprocess` (or `dvc checkout`)")
+        raise UserError(
+            f"shard {path} listed in the manifest is missing: run `dvc repro preprocess` (or `dvc checkout`)"
+        )
     try:
         with safe_open(path, framework="pt") as handle:
             images, labels = handle.get_tensor("images"), handle.get_tensor("labels").clone()
     except (SafetensorError, KeyError) as err:  # a manifest edited by hand, or another writer
         raise _rebuild(path, f"does not match manifest.json ({err})") from None
     expected = (shard["count"], 3, image_size, image_size)
-    if tuple(images.shape) != expected or images.dtype != torch.float16 or tuple(labels.shape) != expected[:1]:
-        raise _rebuild(path, f"does not match manifest.json (images {tuple(images.shape)}, expected {expected})")
+    if (
+        tuple(images.shape) != expected
+        or images.dtype != torch.float16
+        or tuple(labels.shape) != expected[:1]
+    ):
+        raise _rebuild(
+            path, f"does not match manifest.json (images {tuple(images.shape)}, expected {expected})"
+        )
     return images, labels
 
 
@@ -165,14 +194,18 @@ class ShardedSplit:
 
     def gather(self, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """images[index] for an ascending int64 `index`: one index_select per shard it touches."""
+        import torch
+
         if out is None:
             out = torch.empty((len(index), 3, self.image_size, self.image_size), dtype=torch.float16)
         if len(self.images) == 1:
             return torch.index_select(self.images[0], 0, index, out=out)
         bounds = torch.searchsorted(index, torch.tensor(self.offsets)).tolist()
-        for shard, (begin, end) in enumerate(zip(bounds, bounds[1:])):
+        for shard, (begin, end) in enumerate(pairwise(bounds)):
             if begin < end:
-                torch.index_select(self.images[shard], 0, index[begin:end] - self.offsets[shard], out=out[begin:end])
+                torch.index_select(
+                    self.images[shard], 0, index[begin:end] - self.offsets[shard], out=out[begin:end]
+                )
         return out
 
     def shard_slices(self) -> Iterator[tuple[int, torch.Tensor]]:
@@ -182,6 +215,8 @@ class ShardedSplit:
 
 def open_split(shards_dir: Path, split: str, manifest: dict | None = None) -> ShardedSplit:
     """One split, checked and memory-mapped."""
+    import torch
+
     manifest = manifest or read_manifest(shards_dir)
     size = manifest["image_size"]
     shards = split_shards(manifest, split)
@@ -192,9 +227,13 @@ def open_split(shards_dir: Path, split: str, manifest: dict | None = None) -> Sh
     return ShardedSplit([images for images, _ in pairs], labels, offsets, size)
 
 
-def load_split(shards_dir: Path, split: str, manifest: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def load_split(
+    shards_dir: Path, split: str, manifest: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole split as (images float16 Nx3xSxS, labels int64 N) tensors: memory-mapped when the
     split is one shard, else a private copy of its shards (for tools; training uses `open_split`)."""
+    import torch
+
     opened = open_split(shards_dir, split, manifest)
     if len(opened.images) == 1:
         return opened.images[0], opened.labels

@@ -13,20 +13,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_PARAMS, deep_merge
 from safetensors.numpy import load_file
 from torch import nn
 
 import pipeline.shards as shards_module
-from conftest import TINY_PARAMS, deep_merge
 from pipeline.batches import epoch_order, eval_chunks, rank_batches, stream_plan
 from pipeline.config import params_from_dict
 from pipeline.errors import UserError
-from pipeline.feed import Prefetched, TrainingData, open_training_data, stream_bound_images
+from pipeline.feed import TrainingData, open_training_data
 from pipeline.loop import StepSettings, evaluate, train_one_epoch
 from pipeline.paths import Paths
+from pipeline.prefetch import Prefetched
 from pipeline.preprocess import build_shards
 from pipeline.shards import checks_dir, image_bytes, load_split, open_split, read_manifest, split_shards
 from pipeline.strategy import Strategy
+from pipeline.streaming import stream_bound_images
 from pipeline.trainer import TrainingState, step_settings
 
 SHARD_SIZE = 40  # several shards per split, one of them short
@@ -34,7 +36,11 @@ CPU = torch.device("cpu")
 
 
 def _params(**train):
-    return params_from_dict(deep_merge(TINY_PARAMS, {"data": {"shard_size": SHARD_SIZE}, "train": {"shuffle_buffer": 50, **train}}))
+    return params_from_dict(
+        deep_merge(
+            TINY_PARAMS, {"data": {"shard_size": SHARD_SIZE}, "train": {"shuffle_buffer": 50, **train}}
+        )
+    )
 
 
 def _age(folder: Path) -> None:
@@ -62,7 +68,9 @@ def _rank(rank: int, world_size: int) -> Strategy:
 def _data(shards: Path, strategy: Strategy | None = None, **train) -> TrainingData:
     params = _params(**train)
     strategy = strategy or Strategy(CPU)
-    return open_training_data(params, shards, read_manifest(shards), strategy, step_settings(params, strategy))
+    return open_training_data(
+        params, shards, read_manifest(shards), strategy, step_settings(params, strategy)
+    )
 
 
 STREAM = {"memory_budget_gb": 0.0012}  # below the tiny splits' 2.1 MB, above what streaming them holds
@@ -84,16 +92,26 @@ def test_open_split_maps_the_shards_and_returns_what_was_written(shards: Path) -
     assert torch.equal(split.gather(picked), images[picked])
     assert torch.equal(load_split(shards, "train", manifest)[0], images), "the concatenating loader agrees"
 
-    mapped = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if ".safetensors" in line}
-    assert {str(path) for path in files} <= mapped, "the shards are memory-mapped, not read into private memory"
+    mapped = {
+        line.split()[-1]
+        for line in Path("/proc/self/maps").read_text().splitlines()
+        if ".safetensors" in line
+    }
+    assert {str(path) for path in files} <= mapped, (
+        "the shards are memory-mapped, not read into private memory"
+    )
 
 
-def test_a_good_shard_is_hashed_once_and_a_corrupt_one_refused_every_time(shards: Path, tmp_path: Path, monkeypatch) -> None:
+def test_a_good_shard_is_hashed_once_and_a_corrupt_one_refused_every_time(
+    shards: Path, tmp_path: Path, monkeypatch
+) -> None:
     out = shutil.copytree(shards, tmp_path / "data" / "shards")
     _age(out)
     hashed: list[str] = []
     real_sha256 = shards_module.sha256_of
-    monkeypatch.setattr(shards_module, "sha256_of", lambda path: hashed.append(Path(path).name) or real_sha256(path))
+    monkeypatch.setattr(
+        shards_module, "sha256_of", lambda path: hashed.append(Path(path).name) or real_sha256(path)
+    )
     manifest = read_manifest(out)
     train_files = [shard["file"] for shard in split_shards(manifest, "train")]
 
@@ -102,7 +120,9 @@ def test_a_good_shard_is_hashed_once_and_a_corrupt_one_refused_every_time(shards
     hashed.clear()
     open_split(out, "train", manifest)
     assert hashed == [], "checked once: later loads only compare size, mtime and inode with the record"
-    assert sorted(os.listdir(out)) == sorted(["manifest.json", *(s["file"] for s in manifest["shards"])]), "nothing written into the DVC output"
+    assert sorted(os.listdir(out)) == sorted(["manifest.json", *(s["file"] for s in manifest["shards"])]), (
+        "nothing written into the DVC output"
+    )
     assert sorted(p.name for p in checks_dir(out).iterdir()) == sorted(f"{name}.json" for name in train_files)
 
     victim = out / train_files[1]
@@ -154,10 +174,14 @@ def test_ranks_share_each_global_batch_disjointly(world_size: int) -> None:
     steps = len(order) // 32
     for step in range(steps):
         parts = [set(share[step].tolist()) for share in shares]
-        assert sum(map(len, parts)) == 32 and set().union(*parts) == set(order[step * 32 : (step + 1) * 32].tolist())
+        assert sum(map(len, parts)) == 32 and set().union(*parts) == set(
+            order[step * 32 : (step + 1) * 32].tolist()
+        )
     trained = np.concatenate([share.ravel() for share in shares])
     assert len(set(trained.tolist())) == len(trained) == steps * 32
-    assert set(order.tolist()) - set(trained.tolist()) == set(order[steps * 32 :].tolist()), "only the tail, under one batch"
+    assert set(order.tolist()) - set(trained.tolist()) == set(order[steps * 32 :].tolist()), (
+        "only the tail, under one batch"
+    )
 
 
 def test_eval_chunks_cover_every_image_once_shard_by_shard() -> None:
@@ -204,19 +228,27 @@ def _train(data: TrainingData, params, epochs: int = 2) -> tuple[list[list[torch
     for epoch in range(epochs):
         batches = list(data.train_batches(epoch))
         seen.append([y for _, y in batches] + [x for x, _ in batches])
-        train_one_epoch(state.model, state.optimizer, state.scheduler, nn.CrossEntropyLoss(), batches, strategy, settings)
+        train_one_epoch(
+            state.model, state.optimizer, state.scheduler, nn.CrossEntropyLoss(), batches, strategy, settings
+        )
     return seen, state.bare.state_dict(), evaluate(state.eval_model, data.val_batches(), strategy, settings)
 
 
-def test_streamed_and_memory_mapped_training_see_the_same_batches_and_end_with_the_same_weights(shards: Path) -> None:
+def test_streamed_and_memory_mapped_training_see_the_same_batches_and_end_with_the_same_weights(
+    shards: Path,
+) -> None:
     manifest = read_manifest(shards)
-    assert (manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"]) * image_bytes(32) > STREAM["memory_budget_gb"] * 1e9
+    assert (manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"]) * image_bytes(
+        32
+    ) > STREAM["memory_budget_gb"] * 1e9
     mapped, streamed = _data(shards), _data(shards, **STREAM)
     assert (mapped.mode, streamed.mode) == ("mapped", "streamed")
     seen_mapped, weights_mapped, val_mapped = _train(mapped, _params())
     seen_streamed, weights_streamed, val_streamed = _train(streamed, _params(**STREAM))
     for epoch, (a, b) in enumerate(zip(seen_mapped, seen_streamed)):
-        assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b)), f"epoch {epoch}: other batches"
+        assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b)), (
+            f"epoch {epoch}: other batches"
+        )
     assert not all(torch.equal(x, y) for x, y in zip(seen_mapped[0], seen_mapped[1])), "each epoch reshuffles"
     for name, tensor in weights_mapped.items():
         assert torch.equal(tensor, weights_streamed[name]), name
@@ -240,7 +272,13 @@ def test_streaming_ranks_see_disjoint_shares_that_together_are_the_epoch(shards:
             data = _data(shards, _rank(rank, 2), **STREAM)
             assert data.mode == "streamed"
             images = [x for x, _ in data.train_batches(epoch)]
-            per_rank.append([ids[hashlib.sha1(image.half().contiguous().numpy().tobytes()).digest()] for batch in images for image in batch])
+            per_rank.append(
+                [
+                    ids[hashlib.sha1(image.half().contiguous().numpy().tobytes()).digest()]
+                    for batch in images
+                    for image in batch
+                ]
+            )
         order = epoch_order(data.train_counts, params.train.shuffle_buffer, params.seed, epoch).order
         steps = len(order) // params.train.batch_size
         assert not set(per_rank[0]) & set(per_rank[1])
@@ -252,7 +290,10 @@ def test_a_budget_too_small_even_to_stream_is_one_line_naming_the_params(shards:
     params = _params(memory_budget_gb=0.0001)
     needed = stream_bound_images(params, read_manifest(shards)) * image_bytes(32)
     assert needed > 0.0001 * 1e9
-    with pytest.raises(UserError, match="train.memory_budget_gb=0.0001 .* raise train.memory_budget_gb, or lower train.shuffle_buffer") as info:
+    with pytest.raises(
+        UserError,
+        match="train.memory_budget_gb=0.0001 .* raise train.memory_budget_gb, or lower train.shuffle_buffer",
+    ) as info:
         _data(shards, memory_budget_gb=0.0001)
     assert "\n" not in str(info.value)
 
