@@ -251,3 +251,26 @@ def test_streamed_ddp_matches_streamed_dp_on_a_model_without_batchnorm(tiny_work
     assert ddp["world_size"] == 2 and ddp["images_per_second"] > 0
     assert ddp["val_loss"] == pytest.approx(dp["val_loss"], rel=1e-3)
     assert ddp["train_accuracy"] == pytest.approx(dp["train_accuracy"], abs=0.02)
+
+
+@pytest.mark.slow
+def test_224_px_images_preprocess_train_evaluate_and_serve(tiny_workspace):
+    """The size pretrained ResNets are trained at, end to end (small_cnn, so that it takes seconds)."""
+    from pipeline.evaluate import run_evaluate
+    from pipeline.preprocess import build_shards
+
+    params = load_params(write_params(tiny_workspace, {"data": {"image_size": 224, "shard_size": None}, "train": {"epochs": 1}}))
+    paths = Paths(tiny_workspace)
+    manifest = build_shards(params.data, params.seed, paths.raw, paths.raw_train, paths.raw_test, paths.shards)
+    assert manifest["image_size"] == 224 and len(manifest["shards"]) == 3
+
+    figures = train_here(tiny_workspace, "dp")
+    metrics = run_evaluate(params, paths, "dp")
+    assert figures["epochs"] == 1 and metrics["val_images"] == manifest["splits"]["val"]["count"]
+    assert json.loads((paths.model_dir("dp") / "model_config.json").read_text())["image_size"] == 224
+    model = mlflow.pyfunc.load_model(json.loads((paths.model_dir("dp") / "run.json").read_text())["model_uri"])
+    image = next(paths.raw_test.iterdir()).read_bytes()
+    import pandas as pd
+
+    [prediction] = model.predict(pd.DataFrame({"image": [image]})).to_dict("records")
+    assert prediction["label"] in manifest["classes"] and len(prediction["probabilities"]) == 29
