@@ -5,25 +5,28 @@ benchmarks/gpu_check.sh runs on a lent GPU machine (and, tiny, on CPU to test it
         make DIR/shards: synthetic JPEGs + build_shards (falls back to random tensors, recorded in
         DIR/data.json, when PIL/yaml/tqdm are missing on the machine)
     python benchmarks/gpu_train_probe.py --strategy dp --gpus N --data DIR --json OUT.json
+        [--data-on-device false] [--memory-budget-gb G]   (data kept on the host / streamed, forced)
     torchrun --standalone --nproc-per-node=N benchmarks/gpu_train_probe.py --strategy ddp --data DIR --json OUT.json
     python benchmarks/gpu_train_probe.py --table OUT1.json OUT2.json ...
-    options: --batch-size B (global), --min-steps N (repeat the training split until an epoch has N
-    steps: large batches on many GPUs), --sync-debug (epochs after the first under
+    options: --batch-size B (global), --min-steps N (an epoch passes over the training split until it
+    has N steps: large batches on many GPUs), --sync-debug (epochs after the first under
     torch.cuda.set_sync_debug_mode("error"): any host-device sync in a step fails the run)
 
 The step is the real one: `pipeline.loop.train_one_epoch` and `evaluate` with `pipeline.strategy`
 (DataParallel over N devices, or DDP over NCCL/gloo under torchrun), and, where pipeline.config can
 be imported (it needs PyYAML), the optimizer, schedule and StepSettings of `pipeline.trainer`
-(`TrainingState`, `step_settings`, `place_data`): on CUDA that is bf16 autocast, channels_last and
-the whole split on the GPU. Without PyYAML the same pieces are built here the same way. It records
-the dtype the first convolution computed in on every device (DataParallel replicas included) and
-checks that the ranks end with identical weights and buffers. Needs only torch, torchvision and numpy.
+(`TrainingState`, `step_settings`) and the data path of `pipeline.feed` (`open_training_data`): on
+CUDA that is bf16 autocast, channels_last and the whole split on the GPU unless told otherwise.
+Without PyYAML the same pieces are built here the same way. It records the dtype the first
+convolution computed in on every device (DataParallel replicas included) and checks that the ranks
+end with identical weights and buffers. Needs only torch, torchvision (resnet18) and numpy.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import sys
 import time
@@ -42,7 +45,7 @@ CLASSES = 29
 # --- data -------------------------------------------------------------------------------------------
 
 
-def prepare(root: Path, images_per_class: int, size: int, seed: int = 0) -> dict:
+def prepare(root: Path, images_per_class: int, size: int, seed: int = 0, shard_size: int | None = None) -> dict:
     """Synthetic 200x200 JPEGs preprocessed into shards under root; random tensors if that cannot run here."""
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -58,6 +61,7 @@ def prepare(root: Path, images_per_class: int, size: int, seed: int = 0) -> dict
             "image_size": size,
             "block_size": 4 if small else 10,
             "block_gap": 0 if small else 1,
+            "shard_size": shard_size,
         }
         params = params_from_dict({"seed": seed, "data": data})
         paths = Paths(root)
@@ -72,10 +76,9 @@ def prepare(root: Path, images_per_class: int, size: int, seed: int = 0) -> dict
             "shards": str(paths.shards),
             "train": manifest["splits"]["train"]["count"],
             "val": manifest["splits"]["val"]["count"],
+            "size": size,
         }
-    except (
-        ImportError
-    ) as err:  # PIL, PyYAML or tqdm missing on this machine: throughput does not depend on pixels
+    except ImportError as err:  # PIL, PyYAML or tqdm missing on this machine: throughput does not depend on pixels
         count = images_per_class * CLASSES
         info = {
             "kind": "random",
@@ -108,7 +111,7 @@ def load_data(root: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tor
 
 
 def build(strategy, args, steps_per_epoch: int):
-    """Model, optimizer, schedule and StepSettings as pipeline.trainer builds them; and how the data is placed."""
+    """Model, optimizer, schedule and StepSettings as pipeline.trainer builds them; and the params that place the data."""
     values = {
         "gpus": max(1, args.gpus),
         "model": {"name": args.model},
@@ -117,12 +120,16 @@ def build(strategy, args, steps_per_epoch: int):
             "batch_size": args.batch_size,
             "channels_last": True,
             "bf16": True,
-            "data_on_device": True,
+            "data_on_device": args.data_on_device == "true",
         },
     }
+    if args.memory_budget_gb is not None:
+        values["train"]["memory_budget_gb"] = args.memory_budget_gb
+    if args.shuffle_buffer is not None:
+        values["train"]["shuffle_buffer"] = args.shuffle_buffer
     try:
         from pipeline.config import params_from_dict
-        from pipeline.trainer import TrainingState, place_data, step_settings
+        from pipeline.trainer import TrainingState, step_settings
     except ImportError as err:
         print(f"probe: pipeline.trainer not importable ({err}); building the same pieces here", flush=True)
         return _build_here(strategy, args, steps_per_epoch), "replica (no PyYAML)"
@@ -136,7 +143,7 @@ def build(strategy, args, steps_per_epoch: int):
         optimizer=state.optimizer,
         scheduler=state.scheduler,
         settings=step_settings(params, strategy),
-        place=lambda x, y: place_data(x, y, params, strategy.device),
+        params=params,
     ), "pipeline.trainer"
 
 
@@ -157,13 +164,6 @@ def _build_here(strategy, args, steps_per_epoch: int) -> SimpleNamespace:
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=0.003, total_steps=max(1, steps_per_epoch * args.epochs), pct_start=0.15
     )
-
-    def place(x, y):
-        if not cuda:
-            return x, y
-        free, _ = torch.cuda.mem_get_info(strategy.device)
-        return (x.to(strategy.device), y.to(strategy.device)) if x.nbytes < 0.5 * free else (x, y)
-
     return SimpleNamespace(
         model=wrapped,
         bare=bare,
@@ -171,8 +171,52 @@ def _build_here(strategy, args, steps_per_epoch: int) -> SimpleNamespace:
         optimizer=optimizer,
         scheduler=scheduler,
         settings=StepSettings(device=strategy.device, channels_last=True, bf16=cuda),
-        place=place,
+        params=None,
     )
+
+
+class TensorData:
+    """The probe's random tensors (no PyYAML or PIL here), fed like pipeline.feed feeds shards: the
+    pipeline's epoch order and rank share, on the GPU when asked and it fits, else prefetched."""
+
+    def __init__(self, args, strategy, settings):
+        from pipeline.feed import tensor_batches
+
+        self.tensor_batches, self.args, self.strategy, self.settings = tensor_batches, args, strategy, settings
+        self.train_x, self.train_y, self.val_x, self.val_y, self.kind = load_data(args.data)
+        cuda = settings.device.type == "cuda"
+        fits = cuda and self.train_x.nbytes + self.val_x.nbytes < 0.5 * torch.cuda.mem_get_info(settings.device)[0]
+        self.mode = "device" if fits and args.data_on_device == "true" else "mapped"
+        if self.mode == "device":
+            self.train_x, self.train_y = self.train_x.to(settings.device), self.train_y.to(settings.device)
+            self.val_x, self.val_y = self.val_x.to(settings.device), self.val_y.to(settings.device)
+
+    def train_batches(self, epoch: int):
+        from pipeline.batches import epoch_order, rank_batches
+
+        order = epoch_order([len(self.train_y)], 4096, 0, epoch).order
+        mine = rank_batches(order, self.args.batch_size, self.strategy.world_size, self.strategy.rank)
+        return self.tensor_batches(self.train_x, self.train_y, list(mine), self.settings)
+
+    def val_batches(self):
+        import numpy as np
+
+        mine = np.asarray(self.strategy.eval_indices(len(self.val_y)), dtype=np.int64)
+        return self.tensor_batches(self.val_x, self.val_y, [mine[i : i + 256] for i in range(0, len(mine), 256)], self.settings)
+
+
+def open_data(args, strategy, parts):
+    """The shards through pipeline.feed (device, memory-mapped or streamed, as the params say), or
+    the random tensors; returns (data, what the data is)."""
+    info = json.loads((args.data / "data.json").read_text())
+    if info["kind"] == "shards" and parts.params is not None:
+        from pipeline.feed import open_training_data
+        from pipeline.shards import read_manifest
+
+        shards = Path(info["shards"])
+        return open_training_data(parts.params, shards, read_manifest(shards), strategy, parts.settings), "synthetic JPEGs -> shards"
+    data = TensorData(args, strategy, parts.settings)
+    return data, data.kind
 
 
 def peak_memory_mb(strategy, dp_devices: int) -> float:
@@ -207,12 +251,9 @@ def record_compute_dtypes(bare: nn.Module) -> set[tuple[str, str]]:
     return seen
 
 
-def repeat_to_steps(
-    x: torch.Tensor, y: torch.Tensor, batch: int, world: int, steps: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The split repeated until one epoch has at least `steps` steps of `batch` per process."""
-    times = -(-steps * batch * world // len(y))  # ceiling
-    return (x.repeat(times, 1, 1, 1), y.repeat(times)) if times > 1 else (x, y)
+def passes_per_epoch(steps_per_pass: int, min_steps: int) -> int:
+    """Passes over the training split that make one probe epoch of at least `min_steps` steps."""
+    return max(1, -(-min_steps // max(steps_per_pass, 1)))  # ceiling
 
 
 def card(strategy) -> str:
@@ -246,14 +287,13 @@ def run(args) -> None:
         )
     strategy = DistributedStrategy() if args.strategy == "ddp" else make_strategy("dp", args.gpus)
     try:
-        train_x, train_y, val_x, val_y, data_kind = load_data(args.data)
-        batch = strategy.per_process_batch(args.batch_size)
-        train_x, train_y = repeat_to_steps(train_x, train_y, batch, strategy.world_size, args.min_steps)
-        sampler = strategy.sampler(len(train_y), 0)
-        steps = len(sampler) // batch
+        info = json.loads((args.data / "data.json").read_text())
+        strategy.per_process_batch(args.batch_size)
+        passes = passes_per_epoch(info["train"] // args.batch_size, args.min_steps)
+        steps = info["train"] // args.batch_size * passes
         if steps < 1:
             raise SystemExit(
-                f"probe: {len(train_y)} training images are fewer than one batch of {args.batch_size}"
+                f"probe: {info['train']} training images are fewer than one batch of {args.batch_size}"
             )
         parts, built_by = build(strategy, args, steps)
         if (
@@ -261,34 +301,26 @@ def run(args) -> None:
         ):  # only the devices this process uses: touching others would create contexts there
             for d in range(args.gpus) if args.strategy == "dp" else [strategy.device.index]:
                 torch.cuda.reset_peak_memory_stats(d)
-        train_x, train_y = parts.place(train_x, train_y)
-        val_x, val_y = parts.place(val_x, val_y)
+        data, data_kind = open_data(args, strategy, parts)
         loss_fn = nn.CrossEntropyLoss()
         compute_dtypes = record_compute_dtypes(parts.bare)
         epochs = []
         for epoch in range(args.epochs):
-            sampler.set_epoch(epoch)
-            order = list(sampler)
+            # --min-steps: one probe epoch may be several passes over the split, each in its own order.
+            batches = itertools.chain.from_iterable(
+                [data.train_batches(epoch * passes + i) for i in range(passes)]
+            )
             # The first epoch warms up (allocations, cuDNN plans); a sync in any later step is a defect.
             with sync_debug(args.sync_debug and epoch > 0):
                 stats = train_one_epoch(
-                    parts.model,
-                    parts.optimizer,
-                    parts.scheduler,
-                    loss_fn,
-                    train_x,
-                    train_y,
-                    order,
-                    batch,
-                    strategy,
-                    parts.settings,
+                    parts.model, parts.optimizer, parts.scheduler, loss_fn, batches, strategy, parts.settings
                 )
             epochs.append(stats)
             if strategy.is_main:
                 rate = f"{stats.seconds:.2f}s {stats.images / stats.seconds:.0f} img/s loss {stats.loss:.3f}"
                 print(f"probe {args.strategy}: epoch {epoch + 1}/{args.epochs} {rate}", flush=True)
         strategy.share_main_buffers(parts.bare)  # as pipeline.trainer does before every evaluation
-        val_loss, val_accuracy = evaluate(parts.eval_model, val_x, val_y, 256, strategy, parts.settings)
+        val_loss, val_accuracy = evaluate(parts.eval_model, data.val_batches(), strategy, parts.settings)
         # Steady state: the epochs after the first (which pays for cuDNN autotuning and allocations).
         steady = epochs[1:] or epochs
         seconds = sum(s.seconds for s in steady)
@@ -327,13 +359,14 @@ def run(args) -> None:
                     else "single device"
                 ),
                 "model": args.model,
-                "image_size": int(train_x.shape[-1]),
+                "image_size": info["size"],
                 "global_batch": args.batch_size,
                 "per_gpu_batch": args.batch_size // max(1, gpus if cuda else strategy.world_size),
-                "steps_per_epoch": len(sampler) // batch,
+                "steps_per_epoch": steps,
                 "sync_debug": bool(args.sync_debug and strategy.device.type == "cuda"),
                 "data": data_kind,
-                "data_on_device": train_x.device.type == "cuda",
+                "data_on_device": data.mode == "device",
+                "data_placement": data.mode,
                 "built_by": built_by,
                 "bf16": parts.settings.bf16,
                 # (device, dtype) of the first convolution's outputs, over every replica or rank
@@ -397,7 +430,7 @@ def table(paths: list[Path]) -> str:
             f"{r['data_wait_fraction']:>9.1%} {r['peak_memory_mb']:>12,.0f} {r['ranks_agree']!s:>11} "
             f"{dtypes:<9}  {r['epochs']!s:<24} "
             f"{r['model']} {r['image_size']}px, channels_last={r['channels_last']} "
-            f"data_on_device={r['data_on_device']} sync_debug={r.get('sync_debug', False)}, {r['data']}"
+            f"data={r.get('data_placement', r['data_on_device'])} sync_debug={r.get('sync_debug', False)}, {r['data']}"
         )
     lines.append(
         "DataParallel rows: replicas compute in the run's precision (compute column) but lose channels_last "
@@ -430,6 +463,17 @@ def main() -> None:
         action="store_true",
         help="epochs after the first under set_sync_debug_mode('error') (CUDA)",
     )
+    parser.add_argument(
+        "--data-on-device",
+        choices=("true", "false"),
+        default="true",
+        help="as train.data_on_device: false keeps the data on the host",
+    )
+    parser.add_argument(
+        "--memory-budget-gb", type=float, help="as train.memory_budget_gb: below the splits' size they are streamed"
+    )
+    parser.add_argument("--shuffle-buffer", type=int, help="as train.shuffle_buffer")
+    parser.add_argument("--shard-size", type=int, help="--prepare: as data.shard_size (default: automatic)")
     parser.add_argument("--json", type=Path, help="write the result here (main process)")
     parser.add_argument(
         "--save-weights", type=Path, help="every rank saves its final weights here as rank<r>.pt"
@@ -441,9 +485,8 @@ def main() -> None:
     if args.table:
         print(table(args.table))
     elif args.prepare:
-        print(
-            "probe data: " + json.dumps(prepare(args.prepare, args.images_per_class, args.size)), flush=True
-        )
+        prepared = prepare(args.prepare, args.images_per_class, args.size, shard_size=args.shard_size)
+        print("probe data: " + json.dumps(prepared), flush=True)
     elif args.strategy and args.data:
         run(args)
     else:

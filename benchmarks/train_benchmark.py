@@ -70,7 +70,9 @@ from torch import nn  # noqa: E402
 
 from pipeline.config import params_from_dict  # noqa: E402
 from pipeline.serving.imaging import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from pipeline.loop import _batch, train_one_epoch  # noqa: E402
+from pipeline.feed import tensor_batches  # noqa: E402
+from pipeline.prefetch import model_input  # noqa: E402
+from pipeline.loop import train_one_epoch  # noqa: E402
 from pipeline.serving.networks import build_model  # noqa: E402
 from pipeline.strategy import make_strategy  # noqa: E402
 from pipeline.trainer import TrainingState, step_settings  # noqa: E402
@@ -116,6 +118,14 @@ def flops_per_image() -> float:
 # --- (b) our loop ----------------------------------------------------------------------------------
 
 
+def batches_of(images: torch.Tensor, labels: torch.Tensor, order: list[int], batch: int, settings):
+    """The loop's input: `order` in batches of `batch` (a last incomplete one dropped), fed as pipeline.feed feeds training."""
+    import numpy as np
+
+    steps = [np.sort(np.asarray(order[i : i + batch], dtype=np.int64)) for i in range(0, len(order) - batch + 1, batch)]
+    return tensor_batches(images, labels, steps, settings)
+
+
 class LoopConfig:
     """One configuration of the training step, built the way pipeline.trainer builds it."""
 
@@ -137,7 +147,7 @@ class LoopConfig:
 
     def epoch(self, images: torch.Tensor, labels: torch.Tensor, steps: int, generator: torch.Generator) -> None:
         order = torch.randperm(len(labels), generator=generator)[: steps * BATCH].tolist()
-        stats = train_one_epoch(self.state.model, self.state.optimizer, self.state.scheduler, nn.CrossEntropyLoss(), images, labels, order, BATCH, self.strategy, self.settings)
+        stats = train_one_epoch(self.state.model, self.state.optimizer, self.state.scheduler, nn.CrossEntropyLoss(), batches_of(images, labels, order, BATCH, self.settings), self.strategy, self.settings)
         self.rates.append(stats.images / stats.seconds)
         self.waits.append(stats.data_wait_seconds / stats.seconds)
 
@@ -160,7 +170,7 @@ def step_phases(config: LoopConfig, images: torch.Tensor, labels: torch.Tensor, 
     for step in range(steps + 1):  # the first is a warm-up
         index = torch.randint(0, len(labels), (BATCH,))
         t0 = time.perf_counter()
-        x, y = _batch(images, labels, index, settings)
+        x, y = model_input(images[index], settings), labels[index]
         t1 = time.perf_counter()
         loss = loss_fn(state.model(x), y)
         t2 = time.perf_counter()
@@ -182,7 +192,7 @@ def profile_ops(config: LoopConfig, images: torch.Tensor, labels: torch.Tensor, 
 
     order = list(range(steps * BATCH))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        train_one_epoch(config.state.model, config.state.optimizer, config.state.scheduler, nn.CrossEntropyLoss(), images, labels, order, BATCH, config.strategy, config.settings)
+        train_one_epoch(config.state.model, config.state.optimizer, config.state.scheduler, nn.CrossEntropyLoss(), batches_of(images, labels, order, BATCH, config.settings), config.strategy, config.settings)
     groups = {"convolution": 0.0, "batch-norm": 0.0, "relu/add/pool": 0.0, "optimizer": 0.0, "other": 0.0}
     ops = []
     for event in prof.key_averages():
@@ -236,7 +246,7 @@ def ddp_worker(out: Path, steps: int, rounds: int) -> None:
                 context = state.model.no_sync() if skip_allreduce else contextlib.nullcontext()
                 strategy.barrier()
                 with context:
-                    stats = train_one_epoch(state.model, state.optimizer, state.scheduler, nn.CrossEntropyLoss(), images, labels, order, batch, strategy, settings)
+                    stats = train_one_epoch(state.model, state.optimizer, state.scheduler, nn.CrossEntropyLoss(), batches_of(images, labels, order, batch, settings), strategy, settings)
                 if round_:
                     best[mode] = max(best[mode], stats.images / stats.seconds)
         gradients = torch.zeros(sum(p.numel() for p in state.bare.parameters()))

@@ -27,7 +27,7 @@ def fingerprint(params: Params, manifest: dict) -> str:
     recipe = {
         "seed": params.seed,
         "model": [params.model.name, params.model.pretrained, params.model.freeze_backbone],
-        "train": [train.epochs, train.batch_size, train.lr, train.weight_decay, train.label_smoothing, train.sync_batchnorm],
+        "train": [train.epochs, train.batch_size, train.lr, train.weight_decay, train.label_smoothing, train.sync_batchnorm, train.shuffle_buffer],
         "shards": sorted(shard["sha256"] for shard in manifest["shards"]),
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]

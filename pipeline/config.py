@@ -95,8 +95,9 @@ class DataConfig(_Section):
     """Consecutive frames per block for the `block` split (the real data has about 3,000 per class)."""
     block_gap: Annotated[int, Field(ge=0)] = 1
     """Training frames dropped on each side of a validation block, so no neighbours straddle the split."""
-    shard_size: Annotated[int, Field(ge=1)] = 2048
-    """Images per tensor shard: bounds the memory preprocessing needs."""
+    shard_size: Annotated[int | None, Field(ge=1)] = None
+    """Images per tensor shard (null: as many as fit in 64 MiB of float16, 2730 at 64 px, 222 at
+    224 px). Bounds the memory preprocessing needs and the unit that streamed training reads."""
     max_skipped_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.05
     """Above this fraction of unreadable files preprocessing fails: the data set is clearly wrong."""
     workers: Annotated[int | None, Field(ge=1)] = None
@@ -176,6 +177,14 @@ class TrainConfig(_Section):
     used."""
     data_on_device: bool = True
     """Keep the whole training split on the GPU when it fits."""
+    memory_budget_gb: Annotated[float | None, Field(gt=0)] = None
+    """Host memory (GB per machine) the training and validation splits may take. Within it the
+    shards are memory-mapped (one copy per machine, whatever `gpus` is); beyond it training streams
+    them shard by shard through a `shuffle_buffer`. null: half of this machine's memory."""
+    shuffle_buffer: Annotated[int, Field(ge=1)] = 4096
+    """Images the epoch's shuffle draws from: shards come in a seeded order and each image is drawn
+    at random from the next `shuffle_buffer` (a full permutation of a smaller split). The order is
+    the same whether the split is memory-mapped or streamed."""
 
 
 @dataclass(frozen=True, kw_only=True, config=_CONFIG)

@@ -27,7 +27,7 @@ from pipeline.serving.precision import autocast, precision
 from pipeline.fileio import atomic_write_bytes, atomic_write_json
 from pipeline.paths import Paths
 from pipeline.registry import existing_run, read_run_info
-from pipeline.shards import load_split, read_manifest
+from pipeline.shards import open_shard, read_manifest, split_shards, verify_shards
 
 TOP_K = 3
 METRIC_NAMES = (
@@ -156,14 +156,21 @@ def _check_compatible(config: dict, manifest: dict, strategy: str) -> None:
 
 
 def _evaluate_split(network, paths: Paths, manifest: dict, split: str, params: Params, device: torch.device):
-    images, labels = load_split(paths.shards, split, manifest)
-    if len(labels) == 0:
+    """Shard by shard, each memory-mapped only while it is scored: any split size fits in memory."""
+    shards = split_shards(manifest, split)
+    if not shards:
         return None
+    verify_shards(paths.shards, manifest, (split,))
+    labels, probabilities = [], []
     # The precision the training validated in: bf16 where asked for and native on the device.
     with autocast(device, precision(device, params.train.bf16)):
-        probabilities = class_probabilities(network, images, params.evaluate.batch_size, device)
-    y_true, y_pred = labels.numpy(), probabilities.argmax(axis=1)
-    return y_true, y_pred, probabilities
+        for shard in shards:
+            images, shard_labels = open_shard(paths.shards, shard, manifest["image_size"])
+            probabilities.append(class_probabilities(network, images, params.evaluate.batch_size, device))
+            labels.append(shard_labels.numpy())
+            del images
+    y_true, probabilities = np.concatenate(labels), np.concatenate(probabilities)
+    return y_true, probabilities.argmax(axis=1), probabilities
 
 
 def _report_text(strategy: str, run_id: str, val_text: str, test_text: str | None, metrics: dict) -> str:

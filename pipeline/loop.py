@@ -1,8 +1,8 @@
 """The training loop: one epoch of optimizer steps, and an exact evaluation pass.
 
-It knows nothing about DataParallel or DDP: the strategy picks this process's indices and batch
-size and sums the counters across processes. No step waits for the device: the loss is checked for
-NaN on the device and read back late, and the epoch ends with its one intended synchronization.
+It knows nothing about DataParallel or DDP, nor where the data lives: it is handed this process's
+batches (pipeline.feed), and the strategy sums the counters across processes. No step waits for the
+device: the loss is checked for NaN there and read back late; an epoch ends with one intended sync.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +18,8 @@ from torch import nn
 
 from pipeline.serving.precision import autocast
 from pipeline.strategy import Strategy
+
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -41,18 +43,6 @@ class EpochStats:
     seconds: float
     data_wait_seconds: float
     """Time the main process spent waiting for its batches (gather and host-to-device copy)."""
-
-
-def _batch(images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, settings: StepSettings):
-    x, y = images[index], labels[index]
-    if x.device != settings.device:
-        # Pinned host memory lets the copy overlap with the GPU's work on the previous step.
-        if settings.device.type == "cuda":
-            x, y = x.pin_memory(), y.pin_memory()
-        x, y = x.to(settings.device, non_blocking=True), y.to(settings.device, non_blocking=True)
-    # One conversion: float16 -> float32 straight into the memory format the model uses.
-    x = x.to(torch.float32, memory_format=torch.channels_last if settings.channels_last else torch.contiguous_format)
-    return x, y
 
 
 def _autocast(settings: StepSettings) -> contextlib.AbstractContextManager:
@@ -129,33 +119,42 @@ class DivergenceCheck:
             raise NonFiniteLoss(self.flag_step)
 
 
+
+class _Timed:
+    """Iterates `batches`, adding up the time spent waiting for each (gather and host-to-device copy)."""
+
+    def __init__(self, batches: Iterable[Batch]):
+        self.batches, self.seconds = batches, 0.0
+
+    def __iter__(self) -> Iterator[Batch]:
+        iterator = iter(self.batches)
+        while True:
+            fetch_started = time.perf_counter()
+            batch = next(iterator, None)
+            self.seconds += time.perf_counter() - fetch_started
+            if batch is None:
+                return
+            yield batch
+
 def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     loss_fn: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    order: list[int],
-    batch_size: int,
+    batches: Iterable[Batch],
     strategy: Strategy,
     settings: StepSettings,
 ) -> EpochStats:
-    """Optimizer steps over `order` (this process's indices) in batches of `batch_size`; a last
-    incomplete batch is dropped so every step averages the same number of images. Raises
+    """One optimizer step per batch of `batches`, this process's share of the epoch, ready on the
+    device (pipeline.feed): every step of every rank has the same number of images. Raises
     NonFiniteLoss when the loss becomes NaN or infinite."""
     model.train()
-    index_device = images.device
     totals = torch.zeros(3, dtype=torch.float64, device=settings.device)  # loss sum, correct, count
     count, steps = 0, 0  # Python numbers: a count made a device tensor every step is a host-to-device copy
     divergence = DivergenceCheck(strategy, settings.device)
-    data_wait = 0.0
+    timed = _Timed(batches)
     started = time.perf_counter()
-    for start in range(0, len(order) - batch_size + 1, batch_size):
-        fetch_started = time.perf_counter()
-        index = torch.tensor(order[start : start + batch_size], device=index_device)
-        x, y = _batch(images, labels, index, settings)
-        data_wait += time.perf_counter() - fetch_started
+    for x, y in timed:
         with _autocast(settings):
             logits = model(x)
             loss = loss_fn(logits, y)
@@ -175,19 +174,15 @@ def train_one_epoch(
         loss_sum, correct, count = strategy.all_reduce_sum(totals).tolist()
     if not math.isfinite(loss_sum):
         raise NonFiniteLoss(steps)
-    return EpochStats(loss_sum / max(count, 1), correct / max(count, 1), int(count), seconds, data_wait)
+    return EpochStats(loss_sum / max(count, 1), correct / max(count, 1), int(count), seconds, timed.seconds)
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int, strategy: Strategy, settings: StepSettings
-) -> tuple[float, float]:
-    """(mean loss, accuracy) over every item exactly once, shared out over the processes."""
+def evaluate(model: nn.Module, batches: Iterable[Batch], strategy: Strategy, settings: StepSettings) -> tuple[float, float]:
+    """(mean loss, accuracy) over every item exactly once: `batches` holds this process's share."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=settings.device)
-    mine = torch.tensor(list(strategy.eval_indices(len(labels))), dtype=torch.long, device=images.device)
-    for start in range(0, len(mine), batch_size):
-        x, y = _batch(images, labels, mine[start : start + batch_size], settings)
+    for x, y in batches:
         with _autocast(settings):
             logits = model(x)
         loss = nn.functional.cross_entropy(logits.float(), y, reduction="sum")

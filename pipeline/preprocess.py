@@ -28,7 +28,7 @@ from pipeline.errors import UserError
 from pipeline.serving.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_image, is_image_name, normalize
 from pipeline.paths import Paths
 from pipeline.fileio import atomic_write_json
-from pipeline.shards import write_shard
+from pipeline.shards import auto_shard_size, write_shard
 from pipeline.workers import process_pool
 from pipeline.split import block_split, frame_order, random_split, stratified_cap
 
@@ -93,6 +93,9 @@ def plan_splits(per_class: list[list[Path]], cfg: DataConfig, seed: int) -> tupl
         plan["train"] += [(chosen[i], label) for i in split.train]
         plan["val"] += [(chosen[i], label) for i in split.val]
         dropped += len(split.dropped)
+    # Training shards hold a random sample of every class, not a class each: streamed training
+    # shuffles whole shards and then within a buffer of a few shards, so each batch mixes classes.
+    plan["train"] = [plan["train"][i] for i in rng.permutation(len(plan["train"]))]
     return plan, dropped
 
 
@@ -223,7 +226,8 @@ def build_shards(cfg: DataConfig, seed: int, raw_dir: Path, train_dir: Path, tes
     out_dir.mkdir(parents=True)
 
     workers = cfg.workers or os.cpu_count() or 1
-    writers = {split: ShardWriter(out_dir, split, cfg.image_size, cfg.shard_size, raw_dir) for split in plan}
+    shard_size = cfg.shard_size or auto_shard_size(cfg.image_size)
+    writers = {split: ShardWriter(out_dir, split, cfg.image_size, min(shard_size, max(1, len(jobs))), raw_dir) for split, jobs in plan.items()}
     # Not multiprocessing.Pool: its worker-handler thread spins while results wait in the pipe (CPU
     # the parent needs), and a dead worker hangs it forever.
     pool = process_pool(workers, preload=[__name__])

@@ -22,7 +22,7 @@ from pipeline.checkpoint import checkpoint_path, fingerprint, load_checkpoint
 from pipeline.config import Params
 from pipeline.errors import UserError
 from pipeline.paths import Paths
-from pipeline.shards import load_shard, read_manifest
+from pipeline.shards import read_manifest, verify_shards
 from pipeline.strategy import (
     SYNC_BATCHNORM_NEEDS_CUDA,
     check_batch_divides,
@@ -142,18 +142,16 @@ def run_train(params: Params, paths: Paths, strategy_name: str, params_file: Pat
 
 
 def preflight(params: Params, paths: Paths, strategy_name: str) -> None:
-    """Catch a user's mistakes before any process starts: one clear line, not a traceback per rank.
-
-    dp finds the rest itself, in its one process, before it opens a run."""
+    """Catch a user's mistakes before any process starts: one clear line, not a traceback per rank."""
     manifest = read_manifest(paths.shards)
+    # Hashed here, once per node, before the ranks start: they then find the shards checked.
+    verify_shards(paths.shards, manifest, ("train", "val"))
     check_visible_gpus(params.gpus)
     if strategy_name != "ddp":
         return
     check_batch_divides(params.train.batch_size, params.gpus * params.distributed.nnodes)
     if params.train.sync_batchnorm and not torch.cuda.is_available():
         raise UserError(SYNC_BATCHNORM_NEEDS_CUDA)
-    for shard in manifest["shards"]:  # missing or corrupt: one shard in memory at a time
-        load_shard(paths.shards, shard, manifest["image_size"])
     if params.train.resume:
         load_checkpoint(checkpoint_path(paths.root, strategy_name), fingerprint(params, manifest))
 

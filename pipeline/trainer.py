@@ -23,12 +23,13 @@ from torch import nn
 from pipeline.checkpoint import checkpoint_path, fingerprint, load_checkpoint, save_checkpoint
 from pipeline.config import Params, to_flat_dict
 from pipeline.errors import UserError
+from pipeline.feed import TrainingData, open_training_data
 from pipeline.loop import EpochStats, NonFiniteLoss, StepSettings, evaluate, train_one_epoch
 from pipeline.serving.networks import build_model
 from pipeline.serving.precision import precision
 from pipeline.paths import Paths
 from pipeline.fileio import atomic_write_bytes, atomic_write_json
-from pipeline.shards import load_split, read_manifest
+from pipeline.shards import read_manifest
 from pipeline.strategy import Strategy
 
 
@@ -42,16 +43,6 @@ def step_settings(params: Params, strategy: Strategy) -> StepSettings:
     """bf16 where asked for and native on the device (CUDA, or a CPU with AMX or AVX512-BF16), else fp32."""
     bf16 = precision(strategy.device, params.train.bf16) == "bf16"
     return StepSettings(device=strategy.device, channels_last=params.train.channels_last, bf16=bf16)
-
-
-def place_data(images: torch.Tensor, labels: torch.Tensor, params: Params, device: torch.device):
-    """Move a split onto the GPU when asked and when it fits with room to spare; else keep it on the host."""
-    if device.type != "cuda" or not params.train.data_on_device:
-        return images, labels
-    free, _ = torch.cuda.mem_get_info(device)
-    if images.nbytes > 0.5 * free:
-        return images, labels
-    return images.to(device), labels.to(device)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -179,28 +170,23 @@ def fit(params: Params, paths: Paths, strategy: Strategy) -> dict | None:
     seed_everything(params.seed)
     manifest = read_manifest(paths.shards)
     settings = step_settings(params, strategy)
-    train_x, train_y = place_data(*load_split(paths.shards, "train", manifest), params, strategy.device)
-    val_x, val_y = place_data(*load_split(paths.shards, "val", manifest), params, strategy.device)
-    sampler = strategy.sampler(len(train_y), params.seed)
-    batch = strategy.per_process_batch(params.train.batch_size)
-    if len(sampler) < batch:
-        raise UserError(f"train.batch_size={params.train.batch_size} is larger than the training split ({len(train_y)} images): lower it")
-    state = TrainingState(params, strategy, len(manifest["classes"]), len(sampler) // batch)
+    data = open_training_data(params, paths.shards, manifest, strategy, settings)
+    state = TrainingState(params, strategy, len(manifest["classes"]), data.steps_per_epoch)
     fingerprint_ = fingerprint(params, manifest)
     restore(state, params, paths, fingerprint_)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=params.train.label_smoothing)
     with main_process_run(params, strategy, state):
         for epoch in range(state.next_epoch, params.train.epochs):
-            sampler.set_epoch(epoch)  # a new permutation every epoch, the same on every rank
             try:
+                # A new order every epoch, a function of the seed and the epoch: a resumed run repeats it.
                 stats = train_one_epoch(
-                    state.model, state.optimizer, state.scheduler, loss_fn, train_x, train_y, list(sampler),
-                    batch, strategy, settings,
-                )  # fmt: skip
+                    state.model, state.optimizer, state.scheduler, loss_fn, data.train_batches(epoch), strategy, settings
+                )
             except NonFiniteLoss as err:
                 raise diverged(params, "training", f"by step {err.step} of epoch {epoch + 1}") from None
+            report_startup(data, strategy)
             strategy.share_main_buffers(state.bare)  # every rank evaluates the model that is exported
-            val_loss, val_accuracy = evaluate(state.eval_model, val_x, val_y, params.evaluate.batch_size, strategy, settings)
+            val_loss, val_accuracy = evaluate(state.eval_model, data.val_batches(), strategy, settings)
             if not math.isfinite(val_loss):
                 raise diverged(params, "validation", f"after epoch {epoch + 1}")
             record = epoch_record(epoch, stats, val_loss, val_accuracy)
@@ -219,6 +205,21 @@ def diverged(params: Params, loss: str, when: str) -> UserError:
         f"training diverged: the {loss} loss became NaN or infinite {when}: lower train.lr "
         f"(now {train.lr:g}) or train.weight_decay (now {train.weight_decay:g}), the usual causes"
     )
+
+
+def report_startup(data: TrainingData, strategy: Strategy) -> None:
+    """Once per process: seconds from its start to its first batch (imports, rendezvous, shard
+    checks, model), printed and logged as `startup_seconds`; where the data is held, as a tag."""
+    if data.first_batch_at is None or data.startup_reported or not strategy.is_main:
+        return
+    import mlflow
+    import psutil
+
+    data.startup_reported = True
+    seconds = data.first_batch_at - psutil.Process().create_time()
+    mlflow.log_metric("startup_seconds", seconds)
+    mlflow.set_tag("data_placement", data.mode)
+    print(f"train: first batch {seconds:.1f}s after the process started ({data.mode} data)", flush=True)
 
 
 def log_epoch(record: dict, params: Params) -> None:

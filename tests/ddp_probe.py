@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.batches import epoch_order, rank_batches
+from pipeline.feed import tensor_batches
 from pipeline.loop import StepSettings, train_one_epoch
 from pipeline.serving.networks import build_model
 from pipeline.strategy import DistributedStrategy, Strategy, inside_torchrun
@@ -35,14 +37,14 @@ def main(out_dir: Path) -> None:
         # into a full-size step and would hide real agreement behind a few outlier weights.
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
-        sampler = strategy.sampler(IMAGES, SEED)
         settings = StepSettings(device=strategy.device, channels_last=False, bf16=False)
         seen = []
         for epoch in range(EPOCHS):
-            sampler.set_epoch(epoch)
-            order = list(sampler)
-            seen.append(order)
-            train_one_epoch(model, optimizer, scheduler, nn.CrossEntropyLoss(), images, labels, order, strategy.per_process_batch(GLOBAL_BATCH), strategy, settings)
+            # The pipeline's own order and share: a shuffle buffer smaller than the split, over three "shards".
+            order = epoch_order([40, 40, 16], shuffle_buffer=24, seed=SEED, epoch=epoch).order
+            mine = rank_batches(order, GLOBAL_BATCH, strategy.world_size, strategy.rank)
+            seen.append(mine.ravel().tolist())
+            train_one_epoch(model, optimizer, scheduler, nn.CrossEntropyLoss(), tensor_batches(images, labels, list(mine), settings), strategy, settings)
         state = {k: v.detach().clone() for k, v in strategy.unwrap(model).state_dict().items()}
         torch.save({"seen": seen, "state": state, "initial": initial, "world_size": strategy.world_size, "allreduce": strategy.allreduce}, out_dir / f"rank{strategy.rank}.pt")
     finally:

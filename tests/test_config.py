@@ -110,6 +110,9 @@ MISTAKES = [
     ("scaling:\n  gpu_counts: [1, 0]", "scaling.gpu_counts", "[1, 0]"),
     ("scaling:\n  strategies: [dp, horovod]", "scaling.strategies", "horovod"),
     ("serve:\n  port: 70000", "serve.port", "70000"),
+    ("train:\n  memory_budget_gb: 0", "train.memory_budget_gb", "0"),
+    ("train:\n  shuffle_buffer: 0", "train.shuffle_buffer", "0"),
+    ("data:\n  shard_size: 0", "data.shard_size", "0"),
     ("- just\n- a list", "<top level>", "['just', 'a list']"),
     ('train:\n  lr: "0.1"', "train.lr", "'0.1'"),  # a quoted number is a string
     ("train:\n  epochs: null", "train.epochs", "None"),  # null only where the type allows it
@@ -161,6 +164,7 @@ def test_types_are_strict_but_an_integer_is_a_number() -> None:
     assert params.train.lr == 1.0 and isinstance(params.train.lr, float)
     assert params.scaling.gpu_counts == (4,), "a YAML list becomes a tuple"
     assert params_from_dict({"data": {"workers": None}}).data.workers is None
+    assert params_from_dict({"train": {"memory_budget_gb": 8}}).train.memory_budget_gb == 8.0
     for section, name, value in [("train", "lr", True), ("scaling", "gpu_counts", [1, True])]:
         with pytest.raises(ConfigError) as info:
             params_from_dict({section: {name: value}})

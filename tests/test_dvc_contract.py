@@ -134,7 +134,7 @@ STAGE_MODULES = {
     f"pipeline/{name}.py"
     for name in (
         "fetch", "sources", "synthetic", "preprocess", "split", "shards", "workers",
-        "train", "trainer", "loop", "strategy", "checkpoint", "evaluate", "promote", "scaling",
+        "train", "trainer", "batches", "feed", "prefetch", "streaming", "loop", "strategy", "checkpoint", "evaluate", "promote", "scaling",
     )
 }  # fmt: skip
 

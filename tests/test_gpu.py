@@ -1,5 +1,6 @@
 """GPU code paths: DataParallel over every visible GPU with bf16 in every replica, channels_last and
-the data on the device; steps that never wait for the GPU; DDP over NCCL started by torchrun, whose
+the data on the device; batches from the host (memory-mapped, streamed) intact on the GPU; steps that
+never wait for the GPU; DDP over NCCL started by torchrun, whose
 ranks end with identical weights and buffers; what dp refuses; asking for more GPUs than there are.
 
 Skipped, with the reason, where no GPU is visible. On a lent GPU machine:
@@ -78,14 +79,23 @@ def _learnable_data(count: int = 128):
 
 def _dp_training(gpus: int, images: int = 128):
     from pipeline.strategy import DataParallelStrategy
-    from pipeline.trainer import TrainingState, place_data, step_settings
+    from pipeline.trainer import TrainingState, step_settings
 
     params = _params(gpus)
     strategy = DataParallelStrategy(gpus)
-    images, labels = place_data(*_learnable_data(images), params, strategy.device)
+    images, labels = (tensor.to(strategy.device) for tensor in _learnable_data(images))
     torch.manual_seed(0)
     state = TrainingState(params, strategy, 29, steps_per_epoch=4)
     return params, strategy, state, step_settings(params, strategy), images, labels
+
+
+def _epoch_batches(images: torch.Tensor, labels: torch.Tensor, batch: int, epoch: int, settings):
+    """One epoch's batches as pipeline.feed makes them for a split held on the GPU."""
+    from pipeline.batches import epoch_order, rank_batches
+    from pipeline.feed import tensor_batches
+
+    steps = rank_batches(epoch_order([len(labels)], 4096, 0, epoch).order, batch, 1, 0)
+    return tensor_batches(images, labels, list(steps), settings)
 
 
 def test_dp_over_all_visible_gpus_trains_with_bf16_in_every_replica_channels_last_and_data_on_device():
@@ -108,21 +118,11 @@ def test_dp_over_all_visible_gpus_trains_with_bf16_in_every_replica_channels_las
     )
     before = {k: v.detach().clone() for k, v in state.bare.state_dict().items()}
 
-    sampler = strategy.sampler(len(labels), 0)
     losses = []
     for epoch in range(params.train.epochs):
-        sampler.set_epoch(epoch)
+        batches = _epoch_batches(images, labels, 32, epoch, settings)
         stats = train_one_epoch(
-            state.model,
-            state.optimizer,
-            state.scheduler,
-            nn.CrossEntropyLoss(),
-            images,
-            labels,
-            list(sampler),
-            32,
-            strategy,
-            settings,
+            state.model, state.optimizer, state.scheduler, nn.CrossEntropyLoss(), batches, strategy, settings
         )
         losses.append(stats.loss)
         assert stats.images == 128 and torch.isfinite(torch.tensor(stats.loss))
@@ -173,27 +173,48 @@ def test_training_steps_never_wait_for_the_gpu():
     batch = 2 * gpus
     steps = 2 * NAN_CHECK_INTERVAL + 5
     _, strategy, state, settings, images, labels = _dp_training(gpus, images=steps * batch)
-    sampler = strategy.sampler(len(labels), 0)
     loss_fn = nn.CrossEntropyLoss()
     for epoch in range(2):
-        sampler.set_epoch(epoch)
-        order = list(sampler)
+        batches = _epoch_batches(images, labels, batch, epoch, settings)
         torch.cuda.set_sync_debug_mode("error" if epoch else 0)
         try:
-            train_one_epoch(
-                state.model,
-                state.optimizer,
-                state.scheduler,
-                loss_fn,
-                images,
-                labels,
-                order,
-                batch,
-                strategy,
-                settings,
-            )
+            train_one_epoch(state.model, state.optimizer, state.scheduler, loss_fn, batches, strategy, settings)
         finally:
             torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("budget", [None, 0.0012], ids=["memory-mapped", "streamed"])
+def test_batches_from_the_host_arrive_on_the_gpu_as_they_left(tmp_path, budget):
+    """Pinned, gathered in a thread and copied on a side stream: every batch equals the split's rows."""
+    from conftest import TINY_PARAMS, deep_merge
+    from pipeline.config import params_from_dict
+    from pipeline.feed import open_training_data
+    from pipeline.fetch import fetch_raw
+    from pipeline.paths import Paths
+    from pipeline.preprocess import build_shards
+    from pipeline.shards import load_split, read_manifest
+    from pipeline.strategy import DataParallelStrategy
+    from pipeline.trainer import step_settings
+
+    train = {"data_on_device": False, "memory_budget_gb": budget, "shuffle_buffer": 50}
+    params = params_from_dict(deep_merge(TINY_PARAMS, {"gpus": 1, "data": {"shard_size": 40}, "train": train}))
+    paths = Paths(tmp_path)
+    fetch_raw(params, paths)
+    build_shards(params.data, params.seed, paths.raw, paths.raw_train, paths.raw_test, paths.shards)
+    strategy = DataParallelStrategy(1)
+    settings = step_settings(params, strategy)
+    data = open_training_data(params, paths.shards, read_manifest(paths.shards), strategy, settings)
+    assert data.mode == ("mapped" if budget is None else "streamed")
+    images, labels = load_split(paths.shards, "train")
+    by_content = {img.numpy().tobytes(): i for i, img in enumerate(images)}
+    seen = []
+    for x, y in data.train_batches(0):
+        torch.cuda.current_stream().synchronize()
+        assert x.is_cuda and x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+        rows = [by_content[row.half().cpu().contiguous().numpy().tobytes()] for row in x]
+        assert torch.equal(y.cpu(), labels[rows])
+        seen += rows
+    assert len(seen) == len(set(seen)) == data.steps_per_epoch * params.train.batch_size
 
 
 @pytest.fixture(scope="module")

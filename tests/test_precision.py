@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
 
 from pipeline.config import load_params, params_from_dict
+from pipeline.feed import tensor_batches
 from pipeline.loop import train_one_epoch
 from pipeline.paths import Paths
 from pipeline.serving.precision import native_bf16, precision
@@ -56,20 +58,9 @@ def _conv_dtype_of_a_training_step(bf16_wanted: bool) -> torch.dtype:
     seen = []
     state.bare.features[0].register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
     images, labels = torch.randn(16, 3, 32, 32).half(), torch.randint(0, 29, (16,))
-    order = list(range(16))
-    loss_fn = nn.CrossEntropyLoss()
-    train_one_epoch(
-        state.model,
-        state.optimizer,
-        state.scheduler,
-        loss_fn,
-        images,
-        labels,
-        order,
-        8,
-        strategy,
-        step_settings(params, strategy),
-    )
+    settings = step_settings(params, strategy)
+    batches = tensor_batches(images, labels, [np.arange(0, 8), np.arange(8, 16)], settings)
+    train_one_epoch(state.model, state.optimizer, state.scheduler, nn.CrossEntropyLoss(), batches, strategy, settings)
     assert len(seen) == 2
     return seen[0]
 

@@ -32,7 +32,7 @@ from conftest import REPO, split_files
 from pipeline.paths import Paths
 from pipeline.preprocess import build_shards, run_preprocess
 from pipeline.fileio import atomic_write_bytes, sha256_of
-from pipeline.shards import load_split, read_manifest, write_shard
+from pipeline.shards import auto_shard_size, image_bytes, load_split, read_manifest, write_shard
 from pipeline.split import block_split, frame_number, random_split
 from pipeline.dataset import kaggle_test_dir, kaggle_train_dir
 from pipeline.synthetic import generate_synthetic_dataset
@@ -141,6 +141,25 @@ def test_load_split_returns_what_was_written(built: tuple[Path, dict], raw: Path
     for row in (0, len(files) - 1):
         expected = normalize(decode_image(raw / files[row], 32)).astype(np.float16)
         assert np.array_equal(images[row].numpy(), expected)
+
+
+def test_every_training_shard_mixes_the_classes(built: tuple[Path, dict]) -> None:
+    """Streamed training shuffles within a few shards: a shard of one class would make one-class batches."""
+    train = [s for s in built[1]["shards"] if s["split"] == "train"]
+    assert len(train) >= 3
+    for shard in train:
+        assert len(shard["per_class"]) >= min(20, shard["count"] // 2), shard["file"]
+
+
+@pytest.mark.parametrize("size,expected", [(32, 10922), (64, 2730), (128, 682), (224, 222)])
+def test_automatic_shard_size_keeps_a_shard_near_64_mib(size: int, expected: int) -> None:
+    assert auto_shard_size(size) == expected
+    assert 60 * 2**20 < auto_shard_size(size) * image_bytes(size) <= 64 * 2**20
+
+
+def test_a_null_shard_size_writes_shards_of_the_automatic_size(raw: Path, tmp_path: Path) -> None:
+    manifest = build(raw, tmp_path / "shards", replace(CFG, shard_size=None))
+    assert [s["split"] for s in manifest["shards"]] == ["train", "val", "test"], "the tiny set fits in one shard per split"
 
 
 def test_level_table_is_exactly_normalize() -> None:

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from pipeline.errors import UserError
+from pipeline.feed import tensor_batches
 from pipeline.loop import NAN_CHECK_INTERVAL, NonFiniteLoss, StepSettings, train_one_epoch
 from pipeline.serving.networks import build_model
 from pipeline.strategy import AutocastForward, Strategy, check_data_parallel_options, make_strategy
@@ -103,20 +105,9 @@ def _nan_epoch(steps: int, poisoned_step: int) -> tuple[NonFiniteLoss, int]:
     images[(poisoned_step - 1) * batch, 0, 0, 0] = float("nan")
     labels = torch.randint(0, 29, (steps * batch,))
     settings = StepSettings(device=CPU, channels_last=False, bf16=False)
-    order = list(range(steps * batch))
+    batches = tensor_batches(images, labels, list(np.arange(steps * batch).reshape(steps, batch)), settings)
     with pytest.raises(NonFiniteLoss) as raised:
-        train_one_epoch(
-            model,
-            optimizer,
-            scheduler,
-            nn.CrossEntropyLoss(),
-            images,
-            labels,
-            order,
-            batch,
-            Strategy(CPU),
-            settings,
-        )
+        train_one_epoch(model, optimizer, scheduler, nn.CrossEntropyLoss(), batches, Strategy(CPU), settings)
     return raised.value, scheduler.last_epoch
 
 

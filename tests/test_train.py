@@ -11,12 +11,13 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import psutil
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, write_params
+from conftest import REPO, deep_merge, write_params
 from pipeline.checkpoint import checkpoint_path
 from pipeline.config import load_params
 from pipeline.paths import Paths
@@ -297,6 +298,7 @@ def test_a_user_error_inside_ddp_ranks_is_one_line_and_exit_code_2(tiny_workspac
 def test_ddp_validation_figures_are_those_of_the_exported_model(tiny_workspace):
     """Each rank's BatchNorm statistics come from its own batches; every rank must evaluate rank 0's,
     the exported model's, or the per-epoch validation blends several models."""
+    from pipeline.feed import tensor_batches
     from pipeline.loop import StepSettings, evaluate
     from pipeline.serving.pyfunc import WEIGHTS_FILE, load_network, read_model_config
     from pipeline.shards import load_split
@@ -311,6 +313,62 @@ def test_ddp_validation_figures_are_those_of_the_exported_model(tiny_workspace):
     network = load_network(model_dir / WEIGHTS_FILE, read_model_config(model_dir / "model_config.json"))
     val_x, val_y = load_split(paths.shards, "val")
     settings = StepSettings(device=torch.device("cpu"), channels_last=True, bf16=False)
-    val_loss, val_accuracy = evaluate(network, val_x, val_y, 64, Strategy(torch.device("cpu")), settings)
+    batches = tensor_batches(val_x, val_y, list(np.array_split(np.arange(len(val_y)), 4)), settings)
+    val_loss, val_accuracy = evaluate(network, batches, Strategy(torch.device("cpu")), settings)
     assert figures["val_accuracy"] == pytest.approx(val_accuracy, abs=1e-9)
     assert figures["val_loss"] == pytest.approx(val_loss, rel=1e-5)
+
+
+# Below the tiny splits' 2.14 MB, above the 2.08 MB that streaming them holds (two shards of 128).
+STREAMED = {"train": {"memory_budget_gb": 0.0021, "shuffle_buffer": 50}}
+
+
+@pytest.mark.slow
+def test_an_interrupted_streamed_training_resumes_to_the_weights_of_an_uninterrupted_one(tiny_workspace):
+    model_file = Paths(tiny_workspace).model_dir("dp") / "model.safetensors"
+    write_params(tiny_workspace, deep_merge(STREAMED, {"train": {"epochs": 20}}))
+    train_here(tiny_workspace, "dp")
+    uninterrupted = model_file.read_bytes()
+    assert run_of(tiny_workspace, "dp").data.tags["data_placement"] == "streamed"
+
+    model_file.unlink()
+    assert _interrupt_dp_training(tiny_workspace, signal.SIGKILL) != 0
+    write_params(tiny_workspace, deep_merge(STREAMED, {"train": {"epochs": 20, "resume": True}}))
+    figures = train_here(tiny_workspace, "dp")
+    assert figures["resumed_from_epoch"] >= 1 and figures["epochs"] == 20
+    assert model_file.read_bytes() == uninterrupted, "each epoch's order depends on the seed and the epoch only"
+
+
+@pytest.mark.slow
+def test_streamed_ddp_matches_streamed_dp_on_a_model_without_batchnorm(tiny_workspace):
+    write_params(tiny_workspace, STREAMED)
+    dp = train_here(tiny_workspace, "dp")
+    output = CliRun(tiny_workspace, "train", "ddp").finish()
+    assert "(streamed data)" in output
+    ddp = json.loads(Paths(tiny_workspace).train_metrics("ddp").read_text())
+    assert ddp["world_size"] == 2 and ddp["images_per_second"] > 0
+    assert ddp["val_loss"] == pytest.approx(dp["val_loss"], rel=1e-3)
+    assert ddp["train_accuracy"] == pytest.approx(dp["train_accuracy"], abs=0.02)
+
+
+@pytest.mark.slow
+def test_224_px_images_preprocess_train_evaluate_and_serve(tiny_workspace):
+    """The size pretrained ResNets are trained at, end to end (small_cnn, so that it takes seconds)."""
+    from pipeline.evaluate import run_evaluate
+    from pipeline.preprocess import build_shards
+
+    params = load_params(write_params(tiny_workspace, {"data": {"image_size": 224, "shard_size": None}, "train": {"epochs": 1}}))
+    paths = Paths(tiny_workspace)
+    manifest = build_shards(params.data, params.seed, paths.raw, paths.raw_train, paths.raw_test, paths.shards)
+    assert manifest["image_size"] == 224 and len(manifest["shards"]) == 3
+
+    figures = train_here(tiny_workspace, "dp")
+    metrics = run_evaluate(params, paths, "dp")
+    assert figures["epochs"] == 1 and metrics["val_images"] == manifest["splits"]["val"]["count"]
+    assert json.loads((paths.model_dir("dp") / "model_config.json").read_text())["image_size"] == 224
+    model = mlflow.pyfunc.load_model(json.loads((paths.model_dir("dp") / "run.json").read_text())["model_uri"])
+    image = next(paths.raw_test.iterdir()).read_bytes()
+    import pandas as pd
+
+    [prediction] = model.predict(pd.DataFrame({"image": [image]})).to_dict("records")
+    assert prediction["label"] in manifest["classes"] and len(prediction["probabilities"]) == 29
