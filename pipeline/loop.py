@@ -9,11 +9,15 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from pipeline.strategy import Strategy
+
+if TYPE_CHECKING:
+    from pipeline.augment import Augment
 
 
 @dataclass(frozen=True)
@@ -67,9 +71,11 @@ def train_one_epoch(
     batch_size: int,
     strategy: Strategy,
     settings: StepSettings,
+    augment: Augment | None = None,
 ) -> EpochStats:
     """Optimizer steps over `order` (this process's indices) in batches of `batch_size`; a last
-    incomplete batch is dropped so every step averages the same number of images."""
+    incomplete batch is dropped so every step averages the same number of images. `augment`
+    changes each batch on its device, given the images' indices."""
     model.train()
     index_device = images.device
     totals = torch.zeros(3, dtype=torch.float64, device=settings.device)  # loss sum, correct, count
@@ -80,6 +86,8 @@ def train_one_epoch(
         index = torch.tensor(order[start : start + batch_size], device=index_device)
         x, y = _batch(images, labels, index, settings)
         data_wait += time.perf_counter() - fetch_started
+        if augment is not None:
+            x = augment(x, index)
         with _autocast(settings):
             logits = model(x)
             loss = loss_fn(logits, y)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.augment import BatchAugment
 from pipeline.checkpoint import checkpoint_path, fingerprint, load_checkpoint, save_checkpoint
 from pipeline.config import Params, to_flat_dict
 from pipeline.errors import UserError
@@ -26,6 +27,7 @@ from pipeline.loop import EpochStats, StepSettings, evaluate, train_one_epoch
 from pipeline.serving.networks import build_model
 from pipeline.paths import Paths
 from pipeline.fileio import atomic_write_bytes, atomic_write_json
+from pipeline.lineage import log_training_data
 from pipeline.shards import load_split, read_manifest
 from pipeline.strategy import Strategy
 
@@ -180,10 +182,13 @@ def fit(params: Params, paths: Paths, strategy: Strategy) -> dict | None:
     fingerprint_ = fingerprint(params, manifest)
     restore(state, params, paths, fingerprint_)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=params.train.label_smoothing)
+    augment = BatchAugment(params.train.augment, params.seed, len(train_y), manifest["mean"], manifest["std"])
     with main_process_run(params, strategy, state):
+        if strategy.is_main:
+            log_training_data(manifest, paths.manifest)
         for epoch in range(state.next_epoch, params.train.epochs):
             sampler.set_epoch(epoch)  # a new permutation every epoch, the same on every rank
-            stats = train_one_epoch(state.model, state.optimizer, state.scheduler, loss_fn, train_x, train_y, list(sampler), batch, strategy, settings)
+            stats = train_one_epoch(state.model, state.optimizer, state.scheduler, loss_fn, train_x, train_y, list(sampler), batch, strategy, settings, augment=augment.for_epoch(epoch))
             val_loss, val_accuracy = evaluate(state.eval_model, val_x, val_y, params.evaluate.batch_size, strategy, settings)
             record = epoch_record(epoch, stats, val_loss, val_accuracy)
             state.history.append(record)

@@ -41,7 +41,7 @@ from pipeline.paths import workspace_paths
 from pipeline.promote import pick_candidate, run_promote
 from pipeline.shards import load_split, read_manifest
 
-EVAL_KEYS = [f"{prefix}{name}" for prefix in ("val_", "test_") for name in METRIC_NAMES] + ["eval_seconds"]
+EVAL_KEYS = [f"{prefix}{name}" for prefix in ("val_", "test_", "external_") for name in METRIC_NAMES] + ["eval_seconds"]
 
 
 # --- fixtures ----------------------------------------------------------------------------------
