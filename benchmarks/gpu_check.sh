@@ -10,7 +10,8 @@
 # torch, and runs what that python can: the GPU-marked tests if pytest and PyYAML are there; the
 # training probe (benchmarks/gpu_train_probe.py: the pipeline's own loop and strategies, no MLflow)
 # for dp and ddp over every visible GPU (NCCL, bf16 autocast, channels_last, data on the GPU) on
-# synthetic data made under /tmp, resnet18 at 64 px. Prints one table: strategy, GPUs, images per
+# synthetic data made under /tmp, resnet18 at 64 px; and the augmentation's cost per step
+# (benchmarks/augment_benchmark.py). Prints one table: strategy, GPUs, images per
 # second, data-wait fraction, peak memory. Without CUDA (or with --cpu-smoke) the same steps run on
 # tiny sizes with gloo. Everything printed also goes to $OUT/gpu_check.txt when $OUT is set, with
 # the raw results under $OUT/gpu_check_results/. Each part runs under `timeout`, within the budget.
@@ -162,6 +163,13 @@ if part "prepare data" 120 "$PY" benchmarks/gpu_train_probe.py --prepare "$WORK/
     if [ "$DP_GPUS" -gt 1 ]; then
         part "dp on 1 GPU (baseline)" 90 "$PY" "${PROBE[@]}" --strategy dp --gpus 1 --json "$RESULTS/0_dp_one.json"
     fi
+fi
+
+# --- augmentation cost ------------------------------------------------------------------------------
+if [ $SMOKE -eq 1 ]; then
+    part "augmentation cost per step (CPU smoke)" 120 "$PY" benchmarks/augment_benchmark.py --device cpu --image-size "$SIZE" --batch "$BATCH" --steps 2 --rounds 2
+else
+    part "augmentation cost per step (cuda:0)" 120 "$PY" benchmarks/augment_benchmark.py --device cuda --steps 20 --rounds 6
 fi
 
 # --- the real stage (opt-in) -----------------------------------------------------------------------

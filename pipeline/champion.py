@@ -128,7 +128,8 @@ def _score(
     )
     if same_inputs:
         images, labels = load_split(paths.shards, split, manifest)
-        probabilities = class_probabilities(served.network, images, batch_size, torch.device("cpu"))
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        probabilities = class_probabilities(served.network, images, batch_size, device)
         y_true, how = labels.numpy(), f"scored from the {split} shards"
     else:
         y_true, probabilities = _score_raw(model, manifest, paths, split, batch_size)

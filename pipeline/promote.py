@@ -228,7 +228,9 @@ def run_promote(params: Params, paths: Paths) -> dict[str, Any]:
         "candidate_external_value": external,
         "evaluated": {s: values[s] for s in STRATEGIES if s in values},
         "data_fingerprints": {
-            s: split_fingerprint(manifest, s) for s in ("val", "external") if manifest["splits"][s]["count"]
+            split: split_fingerprint(manifest, split)
+            for split in ("val", "external")
+            if manifest["splits"].get(split, {}).get("count")
         },
     }
     tags = _version_tags(client.get_run(inputs["candidate_run_id"]), strategy, chosen["eval"], manifest)
