@@ -227,13 +227,14 @@ class EvaluateConfig(_Section):
 
 @dataclass(frozen=True, kw_only=True, config=_CONFIG)
 class PromoteConfig(_Section):
-    metric: PromotionMetric = "val_macro_f1"
-    """Metric (higher is better) that decides which model is the candidate and the champion."""
+    metric: PromotionMetric | ExternalMetric = "val_macro_f1"
+    """Metric (higher is better) that decides which model is the candidate and the champion; an
+    `external_*` one decides on the external test set (which must then exist)."""
     min_improvement: Annotated[float, Field(ge=0, le=1)] = 0.0
     """How much the candidate must beat the champion by to take its place."""
     external_metric: ExternalMetric | None = "external_macro_f1"
     """With an external test set, the candidate must also be no worse than the champion on this
-    metric, both scored on that set (null: the external set does not gate)."""
+    metric, both scored on that set (null, or the same as `metric`: no such guard)."""
 
 
 # What MLflow's registry takes, and what its search filters (`name = '...'`) quote safely.

@@ -80,60 +80,70 @@ def outputs(decision: str, number: int, champion: int | None, reason: str, **fig
     return {**base, **figures}
 
 
+def split_of(metric: str) -> str:
+    """The evaluation split a metric is measured on: `external_*` on the external set, else validation."""
+    return "external" if metric.startswith("external_") else "val"
+
+
+def _not_compared(inputs: dict[str, Any], previous: int, scores: dict, figures: dict) -> dict[str, Any]:
+    number, model = inputs["version"], inputs["registered_model"]
+    refused = "; ".join(f"{s.split}: {s.how}" for s in scores.values() if s.metrics is None)
+    by_hand = f"MlflowClient().set_registered_model_alias({model!r}, 'champion', '{number}')"
+    reason = (
+        f"version {previous} (the champion) cannot be measured on the candidate's data ({refused}): it"
+        f" stays the champion, as no comparison was made; if you trust version {number}, move the alias"
+        f" by hand: {by_hand}"
+    )
+    return outputs("not_compared", number, previous, reason, **figures)
+
+
 def compare(
     inputs: dict[str, Any], champion, manifest: dict, paths: Paths, batch_size: int
 ) -> dict[str, Any]:
-    """Outputs of comparing the candidate with `champion`, both measured on the candidate's data."""
-    metric, guard, number = inputs["metric"], inputs["external_metric"], inputs["version"]
-    previous = int(champion.version)
-    scores = {"val": score_champion(champion, manifest, paths, "val", [metric], batch_size)}
+    """Outputs of comparing the candidate with `champion`, both measured on the candidate's data.
+
+    `inputs["metric"]` decides; `inputs["external_metric"]` (None: no guard) must not get worse."""
+    metric, guard, previous = inputs["metric"], inputs["external_metric"], int(champion.version)
+    wanted: dict[str, list[str]] = {split_of(metric): [metric]}
     if guard is not None:
-        scores["external"] = score_champion(champion, manifest, paths, "external", [guard], batch_size)
-    val, external = scores["val"], scores.get("external")
-    compared_on = {split: score.record() for split, score in scores.items()}
-    figures: dict[str, Any] = {"compared_on": compared_on}
-    if val.metrics is not None:
-        figures.update(
-            champion_value=val.metrics[metric], improvement=inputs["candidate_value"] - val.metrics[metric]
-        )
-    if external is not None and external.metrics is not None:
-        figures["champion_external_value"] = external.metrics[guard]
-    external_ok = external is None or external.metrics is not None
-    if val.metrics is not None and external_ok:
-        deciding, guarded, prefix = metric, guard, ""
-    elif val.leaked and external is not None and external.metrics is not None:
-        # The external images are nobody's training data: the one fair comparison left.
-        deciding, guarded, prefix = (
-            guard,
-            None,
-            f"the validation figures cannot be compared ({val.how}); decided on the external test set: ",
-        )
-    else:
-        refused = "; ".join(f"{s.split}: {s.how}" for s in scores.values() if s.metrics is None)
-        model = inputs["registered_model"]
-        by_hand = f"MlflowClient().set_registered_model_alias({model!r}, 'champion', '{number}')"
-        reason = (
-            f"version {previous} (the champion) cannot be measured on the candidate's data ({refused}): it"
-            f" stays the champion, as no comparison was made; if you trust version {number}, move the alias"
-            f" by hand: {by_hand}"
-        )
-        return outputs("not_compared", number, previous, reason, **figures)
+        wanted.setdefault(split_of(guard), []).append(guard)
+    scores = {
+        split: score_champion(champion, manifest, paths, split, names, batch_size)
+        for split, names in wanted.items()
+    }
+    champion_figures = {k: v for score in scores.values() for k, v in (score.metrics or {}).items()}
     candidate = {
         metric: inputs["candidate_value"],
         **({guard: inputs["candidate_external_value"]} if guard else {}),
     }
-    champion_figures = {**(val.metrics or {}), **((external.metrics or {}) if external else {})}
+    figures: dict[str, Any] = {"compared_on": {split: score.record() for split, score in scores.items()}}
+    if metric in champion_figures:
+        figures.update(
+            champion_value=champion_figures[metric], improvement=candidate[metric] - champion_figures[metric]
+        )
+    if guard is not None and guard in champion_figures:
+        figures["champion_external_value"] = champion_figures[guard]
+    primary = scores[split_of(metric)]
+    if all(score.metrics is not None for score in scores.values()):
+        deciding, guarded, prefix = metric, guard, ""
+    elif primary.leaked and guard is not None and guard in champion_figures:
+        # The external images are nobody's training data: the one fair comparison left.
+        deciding, guarded = guard, None
+        prefix = (
+            f"the validation figures cannot be compared ({primary.how}); decided on the external test set: "
+        )
+    else:
+        return _not_compared(inputs, previous, scores, figures)
     failure = validate(candidate, champion_figures, deciding, guarded, inputs["min_improvement"])
     reason = prefix + verdict(
         candidate[deciding], champion_figures[deciding], inputs["min_improvement"], deciding
     )
     if guarded is not None:
-        relation = (
-            "is no worse than" if candidate[guarded] >= champion_figures[guarded] - EPSILON else "is below"
-        )
+        worse = candidate[guarded] < champion_figures[guarded] - EPSILON
+        relation = "is below" if worse else "is no worse than"
         reason += (
             f"; {guarded}={candidate[guarded]:.4f} {relation} the champion's {champion_figures[guarded]:.4f}"
         )
     reason += " (" + "; ".join(f"{s.split}: {s.how}" for s in scores.values()) + ")"
     figures.update(decided_on=deciding, validation=failure or "passed")
-    return outputs("kept_champion" if failure else "promoted", number, previous, reason, **figures)
+    return outputs("kept_champion" if failure else "promoted", inputs["version"], previous, reason, **figures)

@@ -57,6 +57,11 @@ def read_evaluations(
                 f"{eval_file} is not valid JSON: run `dvc repro -f evaluate@{strategy}`"
             ) from None
         value = _number(figures, metric)
+        if value is None and metric.startswith("external_") and not _number(figures, "external_images"):
+            raise UserError(
+                f"promote.metric={metric!r} needs an external test set, and {eval_file} has none: set"
+                " data.external_test (and run `dvc repro`), or choose a val_* metric"
+            )
         if value is None:
             raise UserError(
                 f"{eval_file} has no number {metric!r} (promote.metric):"
@@ -220,7 +225,9 @@ def run_promote(params: Params, paths: Paths) -> dict[str, Any]:
     inputs = {
         "registered_model": name,
         "metric": cfg.metric,
-        "external_metric": cfg.external_metric if external is not None else None,
+        "external_metric": cfg.external_metric
+        if external is not None and cfg.external_metric != cfg.metric
+        else None,
         "min_improvement": cfg.min_improvement,
         "candidate_strategy": strategy,
         "candidate_run_id": chosen["run"]["run_id"],

@@ -378,3 +378,22 @@ def test_champion_alias_serves_the_evaluated_predictions_from_raw_pixels(ws):
         if label != expected:
             gap = reference[row, classes.index(expected)] - reference[row, classes.index(label)]
             assert abs(gap) < 2e-3, f"row {row}: served {label}, evaluated {expected} (gap {gap})"
+
+
+def test_promote_metric_may_be_an_external_figure(ws):
+    """Deciding on other signers' images: the champion is measured on the candidate's external set."""
+    set_eval(ws, "ddp", None)
+    set_eval(ws, "dp", 0.5, metric="external_macro_f1")
+    assert promote(ws, "by-external", metric="external_macro_f1")["decision"] == "first_champion"
+    set_eval(ws, "dp", None)
+    set_eval(ws, "ddp", 0.7, metric="external_macro_f1")
+    record = promote(ws, "by-external", metric="external_macro_f1")
+    assert record["decision"] == "promoted" and record["decided_on"] == "external_macro_f1"
+    assert record["champion_value"] == 0.5 and record["external_metric"] is None, "deciding already: no guard"
+    assert set(record["compared_on"]) == {"external"}
+
+    figures = json.loads((ws / "metrics" / "eval_ddp.json").read_text())
+    figures = {k: v for k, v in figures.items() if not k.startswith("external_")} | {"external_images": 0}
+    (ws / "metrics" / "eval_ddp.json").write_text(json.dumps(figures))
+    with pytest.raises(UserError, match="needs an external test set.*data.external_test"):
+        promote(ws, "by-external", metric="external_macro_f1")
