@@ -12,12 +12,13 @@
 # (benchmarks/gpu_train_probe.py: the pipeline's own loop and strategies, no MLflow) for dp and ddp
 # over every visible GPU (NCCL, bf16 autocast, channels_last, data on the GPU) on synthetic data made
 # under /tmp, resnet18 at 64 px, at the params' global batch (64) and at a fixed batch per GPU
-# (--per-gpu-batch, 128), so that 8 GPUs are not measured on 8 images each. Prints one table naming
-# the card and its count: strategy, GPUs, batch, images per second, data-wait fraction, peak memory,
-# whether the ranks agree, the dtype every replica computed in. Without CUDA (or with --cpu-smoke)
-# the same steps run on tiny sizes with gloo. Everything printed also goes to $OUT/gpu_check.txt when
-# $OUT is set, with the raw results under $OUT/gpu_check_results/. Each part runs under `timeout`
-# (SIGINT first, so Python prints where it hung), within the budget.
+# (--per-gpu-batch, 128), so that 8 GPUs are not measured on 8 images each; the data kept on the
+# host and streamed; and the augmentation's cost per step (benchmarks/augment_benchmark.py). Prints
+# one table naming the card and its count: strategy, GPUs, batch, images per second, data-wait
+# fraction, peak memory, whether the ranks agree, the dtype every replica computed in. Without CUDA
+# (or with --cpu-smoke) the same steps run on tiny sizes with gloo. Everything printed also goes to
+# $OUT/gpu_check.txt when $OUT is set, with the raw results under $OUT/gpu_check_results/. Each part
+# runs under `timeout` (SIGINT first, so Python prints where it hung), within the budget.
 # Exit code: 0 when every part that ran passed, 1 otherwise.
 
 set -u
@@ -190,6 +191,13 @@ if part "prepare data" 120 "$PY" benchmarks/gpu_train_probe.py --prepare "$WORK/
     # Target: data wait under 2% of the step time.
     part "$DP_LABEL, data on the host (forced)" 120 "$PY" "${PROBE[@]}" --strategy dp --gpus "$DP_GPUS" --data-on-device false --json "$RESULTS/6_dp_host.json"
     part "$DP_LABEL, data streamed (forced)" 120 "$PY" "${PROBE[@]}" --strategy dp --gpus "$DP_GPUS" --data-on-device false --memory-budget-gb "$STREAM_BUDGET_GB" --shuffle-buffer "$STREAM_BUFFER" --json "$RESULTS/7_dp_streamed.json"
+fi
+
+# --- augmentation cost ------------------------------------------------------------------------------
+if [ $SMOKE -eq 1 ]; then
+    part "augmentation cost per step (CPU smoke)" 120 "$PY" benchmarks/augment_benchmark.py --device cpu --image-size "$SIZE" --batch "$BATCH" --steps 2 --rounds 2
+else
+    part "augmentation cost per step (cuda:0)" 120 "$PY" benchmarks/augment_benchmark.py --device cuda --steps 20 --rounds 6
 fi
 
 # --- the real stage (opt-in) -----------------------------------------------------------------------

@@ -4,6 +4,7 @@ deletes before a rerun; written atomically; refused on resume when made with oth
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import io
@@ -29,6 +30,7 @@ def fingerprint(params: Params, manifest: dict) -> str:
         "model": [params.model.name, params.model.pretrained, params.model.freeze_backbone],
         "train": [train.epochs, train.batch_size, train.lr, train.weight_decay, train.label_smoothing, train.sync_batchnorm, train.shuffle_buffer],
         "shards": sorted(shard["sha256"] for shard in manifest["shards"]),
+        "augment": dataclasses.asdict(train.augment),
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 

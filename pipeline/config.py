@@ -32,8 +32,12 @@ from pipeline.serving import DEFAULT_DECODE_MEMORY_MB, DEFAULT_MAX_IMAGE_PIXELS,
 
 StrategyName = Literal["dp", "ddp"]
 PromotionMetric = Literal["val_accuracy", "val_macro_f1", "val_balanced_accuracy", "val_top3_accuracy"]
+ExternalMetric = Literal[
+    "external_accuracy", "external_macro_f1", "external_balanced_accuracy", "external_top3_accuracy"
+]
 STRATEGIES: tuple[str, ...] = typing.get_args(StrategyName)
 PROMOTION_METRICS: tuple[str, ...] = typing.get_args(PromotionMetric)
+EXTERNAL_METRICS: tuple[str, ...] = typing.get_args(ExternalMetric)
 
 # Strict: bool is a subclass of int, so `epochs: true` must not pass as 1, nor `lr: "0.1"` as a number.
 # Constraints go inside Annotated so that dataclasses.fields() still shows the plain defaults.
@@ -75,6 +79,9 @@ class SyntheticConfig(_Section):
     """Training frames drawn per class by the built-in generator (plus one test image per class)."""
     frames_per_run: Annotated[int, Field(ge=1)] = 10
     """Length of a run of near-duplicate frames, like the video frames of the real data."""
+    external_images_per_class: Annotated[int, Field(ge=1)] = 30
+    """Images per class of the generated external test set (`data.external_test: synthetic`), each
+    from its own scene: skin tones, backgrounds and lighting that the training frames never use."""
 
 
 @dataclass(frozen=True, kw_only=True, config=_CONFIG)
@@ -105,10 +112,23 @@ class DataConfig(_Section):
     max_image_pixels: Annotated[int, Field(ge=1024)] = DEFAULT_MAX_IMAGE_PIXELS
     """Largest image (width x height) decoded; larger files are skipped and reported like unreadable
     ones (a 657 KB PNG can declare 13000x13000 pixels: 4 GB to decode)."""
+    external_test: str | None = "synthetic"
+    """Labelled images of other signers, scored apart from the validation split (`external_*`
+    figures): `synthetic` (generated scenes the training set never uses; only with `data.source:
+    synthetic`), `kaggle` (danrasband/asl-alphabet-test, 30 per class), a path to a `.zip` or folder
+    of class folders, or null (none)."""
 
     def __post_init__(self) -> None:
         allowed = "'synthetic', 'kaggle', or a path to a .zip or folder"
         _require(bool(self.source.strip()), "data.source", self.source, allowed)
+        external = self.external_test
+        key = "data.external_test"
+        _require(external is None or bool(external.strip()), key, external, "null or " + allowed)
+        # Drawn hands say nothing about a model of real photos, nor the reverse.
+        generated = external is not None and external.strip() == "synthetic"
+        mixed = generated and self.source.strip() != "synthetic"
+        allowed = "'kaggle', a .zip or folder of class folders, or null (data.source is not synthetic)"
+        _require(not mixed, key, external, allowed)
 
 
 @dataclass(frozen=True, kw_only=True, config=_CONFIG)
@@ -151,6 +171,29 @@ class DistributedConfig(_Section):
 
 
 @dataclass(frozen=True, kw_only=True, config=_CONFIG)
+class AugmentConfig(_Section):
+    """Random changes to each training image, drawn per image and applied to the batch on its device
+    (pipeline/augment.py). Validation, test and external images are never augmented."""
+
+    enabled: bool = True
+    """Augment the training batches."""
+    crop_scale: Annotated[float, Field(gt=0, le=1)] = 0.7
+    """Random resized crop: the smallest fraction of the image's area a crop keeps (1: no crop)."""
+    rotation_degrees: Annotated[float, Field(ge=0, le=45)] = 10.0
+    """Largest rotation either way."""
+    brightness: Annotated[float, Field(ge=0, lt=1)] = 0.3
+    """Brightness factor drawn from [1 - b, 1 + b]."""
+    contrast: Annotated[float, Field(ge=0, lt=1)] = 0.3
+    """Contrast factor drawn from [1 - c, 1 + c]."""
+    saturation: Annotated[float, Field(ge=0, lt=1)] = 0.3
+    """Saturation factor drawn from [1 - s, 1 + s]."""
+    hue: Annotated[float, Field(ge=0, le=0.5)] = 0.05
+    """Hue shift drawn from [-h, h] turns of the colour wheel."""
+    horizontal_flip: bool = False
+    """Mirror half of the images. Off by default: handedness carries meaning in ASL."""
+
+
+@dataclass(frozen=True, kw_only=True, config=_CONFIG)
 class TrainConfig(_Section):
     epochs: Annotated[int, Field(ge=1)] = 5
     """Passes over the training split."""
@@ -185,6 +228,7 @@ class TrainConfig(_Section):
     """Images the epoch's shuffle draws from: shards come in a seeded order and each image is drawn
     at random from the next `shuffle_buffer` (a full permutation of a smaller split). The order is
     the same whether the split is memory-mapped or streamed."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass(frozen=True, kw_only=True, config=_CONFIG)
@@ -195,10 +239,14 @@ class EvaluateConfig(_Section):
 
 @dataclass(frozen=True, kw_only=True, config=_CONFIG)
 class PromoteConfig(_Section):
-    metric: PromotionMetric = "val_macro_f1"
-    """Metric (higher is better) that decides which model is the candidate and the champion."""
+    metric: PromotionMetric | ExternalMetric = "val_macro_f1"
+    """Metric (higher is better) that decides which model is the candidate and the champion; an
+    `external_*` one decides on the external test set (which must then exist)."""
     min_improvement: Annotated[float, Field(ge=0, le=1)] = 0.0
     """How much the candidate must beat the champion by to take its place."""
+    external_metric: ExternalMetric | None = "external_macro_f1"
+    """With an external test set, the candidate must also be no worse than the champion on this
+    metric, both scored on that set (null, or the same as `metric`: no such guard)."""
 
 
 # What MLflow's registry takes, and what its search filters (`name = '...'`) quote safely.

@@ -12,6 +12,8 @@ from pathlib import Path
 CLASSES: tuple[str, ...] = (*string.ascii_uppercase, "del", "nothing", "space")
 
 KAGGLE_DATASET = "grassknoted/asl-alphabet"
+EXTERNAL_KAGGLE_DATASET = "danrasband/asl-alphabet-test"
+"""Other signers, other rooms, 30 images per class in class folders: the real data's external test set."""
 TRAIN_DIR = "asl_alphabet_train"
 TEST_DIR = "asl_alphabet_test"
 NO_TEST_IMAGE = frozenset({"del"})

@@ -2,8 +2,9 @@
 
     python -m pipeline evaluate dp
 
-One process scores every validation image exactly once, then the test folder, and writes
-`metrics/eval_<strategy>.json`, the predictions for DVC's confusion plot and a confusion PNG.
+One process scores every validation image exactly once, then the test folder and the external test
+set (other signers, `external_*` figures), and writes `metrics/eval_<strategy>.json`, the
+predictions for DVC's confusion plots and confusion PNGs.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pipeline.errors import UserError
 from pipeline.serving.networks import class_probabilities
 from pipeline.serving.precision import autocast, precision
 from pipeline.fileio import atomic_write_bytes, atomic_write_json
+from pipeline.lineage import fingerprint_tags, log_splits
 from pipeline.paths import Paths
 from pipeline.registry import existing_run, read_run_info
 from pipeline.shards import open_shard, read_manifest, split_shards, verify_shards
@@ -42,7 +44,7 @@ METRIC_NAMES = (
     "top3_accuracy",
     "images",
 )
-"""Keys of `classification_metrics`, after its prefix (`val_`, `test_`)."""
+"""Keys of `classification_metrics`, after its prefix (`val_`, `test_`, `external_`)."""
 
 TEST_NOTE = (
     "NOTE: the test folder holds one image per class (28 images, no `del`): far too few to judge a "
@@ -173,6 +175,30 @@ def _evaluate_split(network, paths: Paths, manifest: dict, split: str, params: P
     return y_true, probabilities.argmax(axis=1), probabilities
 
 
+def _evaluate_external(
+    network, paths: Paths, manifest: dict, params: Params, device: torch.device, strategy: str
+) -> tuple[dict, str | None, dict | None]:
+    """`external_*` figures, per-class report (text, dict) and confusion plots of the external test set.
+
+    The plot files are written even without an external set, so that DVC finds every declared output."""
+    classes = list(manifest["classes"])
+    scored = _evaluate_split(network, paths, manifest, "external", params, device)
+    if scored is None:
+        y_true = y_pred = np.zeros(0, dtype=np.int64)
+        metrics: dict[str, float] = {"external_images": 0}
+        text, report = None, None
+        title = f"{strategy}: no external test set (data.external_test is null)"
+    else:
+        y_true, y_pred, _ = scored
+        metrics = classification_metrics(*scored, prefix="external_")
+        text, report = class_report(y_true, y_pred, classes)
+        title = (f"{strategy}: external test set, {metrics['external_images']} images, accuracy "
+                 f"{metrics['external_accuracy']:.3f}, macro F1 {metrics['external_macro_f1']:.3f}")
+    atomic_write_bytes(paths.external_predictions(strategy), predictions_csv(y_true, y_pred, classes))
+    atomic_write_bytes(paths.external_confusion_png(strategy), confusion_png(y_true, y_pred, classes, title))
+    return metrics, text, report
+
+
 def _report_text(strategy: str, run_id: str, val_text: str, test_text: str | None, metrics: dict) -> str:
     parts = [
         f"Evaluation of models/{strategy} (MLflow run {run_id})",
@@ -185,6 +211,12 @@ def _report_text(strategy: str, run_id: str, val_text: str, test_text: str | Non
     else:
         parts += [f"== test folder: {metrics['test_images']} images ==", TEST_NOTE, "", test_text]
     return "\n".join(parts)
+
+
+def _external_report_text(text: str | None, metrics: dict) -> str:
+    if text is None:
+        return "== external test set: none (data.external_test is null) ==\n"
+    return f"== external test set (other signers): {metrics['external_images']} images ==\n{text}"
 
 
 def _metric_step(client, run_id: str) -> int:
@@ -224,6 +256,9 @@ def run_evaluate(params: Params, paths: Paths, strategy: str) -> dict[str, float
     else:
         metrics.update(classification_metrics(*test, prefix="test_"))
         test_text, test_dict = class_report(test[0], test[1], classes)
+    external = _evaluate_external(network, paths, manifest, params, device, strategy)
+    metrics.update(external[0])
+    external_text, external_dict = external[1], external[2]
     metrics["eval_seconds"] = time.perf_counter() - started
 
     paths.metrics.mkdir(parents=True, exist_ok=True)
@@ -232,6 +267,7 @@ def run_evaluate(params: Params, paths: Paths, strategy: str) -> dict[str, float
     title = f"{strategy}: validation, {metrics['val_images']} images, accuracy {metrics['val_accuracy']:.3f}, macro F1 {metrics['val_macro_f1']:.3f}"
     atomic_write_bytes(paths.eval_confusion_png(strategy), confusion_png(val[0], val[1], classes, title))
     report = _report_text(strategy, run_info["run_id"], val_text, test_text, metrics)
+    report += "\n" + _external_report_text(external_text, metrics)
 
     with tracked_run(
         params.mlflow.experiment,
@@ -243,11 +279,16 @@ def run_evaluate(params: Params, paths: Paths, strategy: str) -> dict[str, float
     ):
         client = MlflowClient()
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=_metric_step(client, run_info["run_id"]))
+        log_splits(manifest, ("val", "test", "external"))
+        mlflow.set_tags(fingerprint_tags(manifest, ("val", "external")))
         for path in (paths.eval_metrics(strategy), paths.eval_confusion_png(strategy), paths.eval_predictions(strategy)):
+            mlflow.log_artifact(str(path))
+        for path in (paths.external_confusion_png(strategy), paths.external_predictions(strategy)):
             mlflow.log_artifact(str(path))
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "classification_report.txt").write_text(report)
-            (Path(tmp) / "classification_report.json").write_text(json.dumps({"val": val_dict, "test": test_dict}, indent=2))
+            reports = {"val": val_dict, "test": test_dict, "external": external_dict}
+            (Path(tmp) / "classification_report.json").write_text(json.dumps(reports, indent=2))
             mlflow.log_artifact(str(Path(tmp) / "classification_report.txt"))
             mlflow.log_artifact(str(Path(tmp) / "classification_report.json"))
 
@@ -256,4 +297,10 @@ def run_evaluate(params: Params, paths: Paths, strategy: str) -> dict[str, float
         f"evaluate {strategy}: val accuracy {metrics['val_accuracy']:.4f}, macro F1 {metrics['val_macro_f1']:.4f}, "
         f"top-3 {metrics['val_top3_accuracy']:.4f} over {metrics['val_images']} images (run {run_info['run_id']})"
     )
+    if metrics["external_images"]:
+        print(
+            f"evaluate {strategy}: external test set (other signers): accuracy"
+            f" {metrics['external_accuracy']:.4f}, macro F1 {metrics['external_macro_f1']:.4f}"
+            f" over {metrics['external_images']} images"
+        )
     return metrics

@@ -145,6 +145,8 @@ class TrainingData:
         val_offsets = offsets_of(split_shards(manifest, "val"))
         mine = np.asarray(strategy.eval_indices(val_offsets[-1]), dtype=np.int64)
         self.val_chunks = eval_chunks(val_offsets, mine, params.evaluate.batch_size)
+        self.step_indices = np.empty((0, 0), dtype=np.int64)
+        """The split indices of each step's images (rows as in the batch) of the last train_batches."""
         self.first_batch_at: float | None = None
         """time.time() when the first training batch was ready."""
         self.startup_reported = False
@@ -156,6 +158,7 @@ class TrainingData:
     def train_batches(self, epoch: int) -> Iterable[Batch]:
         order = epoch_order(self.train_counts, self.shuffle_buffer, self.seed, epoch)
         mine = rank_batches(order.order, self.batch_size, self.world_size, self.rank)
+        self.step_indices = mine
         batches = self.holder.train_batches(mine, order, self.settings)
         return batches if self.first_batch_at is not None else self._noting_first(batches)
 

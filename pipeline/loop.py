@@ -12,12 +12,16 @@ import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from pipeline.serving.precision import autocast
 from pipeline.strategy import Strategy
+
+if TYPE_CHECKING:
+    from pipeline.augment import Augment
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -144,10 +148,12 @@ def train_one_epoch(
     batches: Iterable[Batch],
     strategy: Strategy,
     settings: StepSettings,
+    augment: Augment | None = None,
 ) -> EpochStats:
     """One optimizer step per batch of `batches`, this process's share of the epoch, ready on the
-    device (pipeline.feed): every step of every rank has the same number of images. Raises
-    NonFiniteLoss when the loss becomes NaN or infinite."""
+    device (pipeline.feed): every step of every rank has the same number of images. `augment`
+    changes each batch on its device, given the step's number. Raises NonFiniteLoss when the loss
+    becomes NaN or infinite."""
     model.train()
     totals = torch.zeros(3, dtype=torch.float64, device=settings.device)  # loss sum, correct, count
     count, steps = 0, 0  # Python numbers: a count made a device tensor every step is a host-to-device copy
@@ -155,6 +161,8 @@ def train_one_epoch(
     timed = _Timed(batches)
     started = time.perf_counter()
     for x, y in timed:
+        if augment is not None:
+            x = augment(x, steps)
         with _autocast(settings):
             logits = model(x)
             loss = loss_fn(logits, y)

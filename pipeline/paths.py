@@ -48,6 +48,11 @@ class Paths:
         return kaggle_test_dir(self.raw)
 
     @property
+    def raw_external(self) -> Path:
+        """The external test set (`data.external_test`): `<class>/<image>`, other signers than data/raw's."""
+        return self.root / "data" / "external"
+
+    @property
     def shards(self) -> Path:
         return self.root / "data" / "shards"
 
@@ -76,6 +81,12 @@ class Paths:
 
     def eval_confusion_png(self, strategy: str) -> Path:
         return self.metrics / f"confusion_{strategy}.png"
+
+    def external_predictions(self, strategy: str) -> Path:
+        return self.metrics / f"predictions_external_{strategy}.csv"
+
+    def external_confusion_png(self, strategy: str) -> Path:
+        return self.metrics / f"confusion_external_{strategy}.png"
 
     @property
     def promotion(self) -> Path:

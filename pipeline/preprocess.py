@@ -68,6 +68,20 @@ def scan_test(test_dir: Path) -> list[Job]:
     return jobs
 
 
+def scan_external(external_dir: Path | None) -> list[Job]:
+    """`<class>/<image>` files of the external test set, class by class; none without the folder."""
+    if external_dir is None or not external_dir.is_dir():
+        return []
+    jobs = []
+    for label, name in enumerate(CLASSES):
+        folder = external_dir / name
+        if folder.is_dir():
+            names = (p for p in folder.iterdir() if is_image_name(p.name) and not p.name.startswith("."))
+            files = sorted(names)
+            jobs += [(path, label) for path in files]
+    return jobs
+
+
 def plan_splits(per_class: list[list[Path]], cfg: DataConfig, seed: int) -> tuple[dict[str, list[Job]], int]:
     """Cap, then split each class; returns the jobs per split and the frames dropped as gap."""
     rng = np.random.default_rng(seed)
@@ -215,11 +229,23 @@ def decode_into_shards(
     return skipped
 
 
-def build_shards(cfg: DataConfig, seed: int, raw_dir: Path, train_dir: Path, test_dir: Path, out_dir: Path) -> dict:
-    """Decode, split and shard the raw images; returns the manifest (also written to out_dir)."""
+def build_shards(
+    cfg: DataConfig,
+    seed: int,
+    raw_dir: Path,
+    train_dir: Path,
+    test_dir: Path,
+    out_dir: Path,
+    *,
+    external_dir: Path | None = None,
+) -> dict:
+    """Decode, split and shard the raw images; returns the manifest (also written to out_dir).
+
+    `external_dir`'s class folders become the `external` split, their file names relative to it."""
     per_class = scan_train(train_dir)
     plan, dropped = plan_splits(per_class, cfg, seed)
     plan["test"] = scan_test(test_dir)
+    plan["external"] = scan_external(external_dir)
     total = sum(map(len, plan.values()))
     if out_dir.exists():
         shutil.rmtree(out_dir)  # stale shards of an earlier run must not survive beside new ones
@@ -227,7 +253,11 @@ def build_shards(cfg: DataConfig, seed: int, raw_dir: Path, train_dir: Path, tes
 
     workers = cfg.workers or os.cpu_count() or 1
     shard_size = cfg.shard_size or auto_shard_size(cfg.image_size)
-    writers = {split: ShardWriter(out_dir, split, cfg.image_size, min(shard_size, max(1, len(jobs))), raw_dir) for split, jobs in plan.items()}
+    roots = {split: external_dir if split == "external" and external_dir else raw_dir for split in plan}
+    writers = {
+        split: ShardWriter(out_dir, split, cfg.image_size, min(shard_size, max(1, len(jobs))), roots[split])
+        for split, jobs in plan.items()
+    }
     # Not multiprocessing.Pool: its worker-handler thread spins while results wait in the pipe (CPU
     # the parent needs), and a dead worker hangs it forever.
     pool = process_pool(workers, preload=[__name__])
@@ -251,7 +281,7 @@ def build_shards(cfg: DataConfig, seed: int, raw_dir: Path, train_dir: Path, tes
 
 def make_manifest(cfg: DataConfig, shards: list[dict], skipped: list[dict], dropped: int) -> dict:
     splits = {}
-    for split in ("train", "val", "test"):
+    for split in ("train", "val", "test", "external"):
         counts: Counter = Counter()
         for shard in (s for s in shards if s["split"] == split):
             counts.update(shard["per_class"])
@@ -280,7 +310,10 @@ def run_preprocess(params: Params, paths: Paths) -> dict:
     cfg = params.data
     with tracked_run(params.mlflow.experiment, "preprocess", params={"seed": params.seed, **to_flat_dict(cfg, "data.")}):
         started = time.perf_counter()
-        manifest = build_shards(cfg, params.seed, paths.raw, paths.raw_train, paths.raw_test, paths.shards)
+        manifest = build_shards(
+            cfg, params.seed, paths.raw, paths.raw_train, paths.raw_test, paths.shards,
+            external_dir=paths.raw_external,
+        )
         seconds = time.perf_counter() - started
         decoded = sum(split["count"] for split in manifest["splits"].values())
         mlflow.log_metrics(

@@ -1,4 +1,5 @@
-"""Bring the ASL alphabet data set into `data/raw/`, in the Kaggle layout, from Kaggle, a `.zip` or a folder.
+"""Bring the ASL alphabet data set into `data/raw/`, in the Kaggle layout, from Kaggle, a `.zip` or a folder;
+and an external test set of class folders (`data.external_test`) into `data/external/` the same way.
 
 Run by the `fetch` stage (`python -m pipeline fetch`). Every source is untrusted: each member's path, type and
 size is checked while the whole source is planned, before one byte is written to a staging folder that is then
@@ -19,9 +20,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
-from pipeline.dataset import CLASSES, KAGGLE_DATASET, TEST_DIR, TRAIN_DIR
+from pipeline.dataset import CLASSES, EXTERNAL_KAGGLE_DATASET, KAGGLE_DATASET, TEST_DIR, TRAIN_DIR
 from pipeline.errors import UserError
 from pipeline.fileio import remove_leftovers, swap_in
 from pipeline.serving.imaging import IMAGE_SUFFIXES
@@ -48,6 +49,11 @@ _LAYOUT = (
 )
 _POINT_SOURCE = (
     f"set data.source in params.yaml to the Kaggle archive (.zip from {KAGGLE_URL}) or its extracted folder"
+)
+_EXTERNAL_LAYOUT = "expected <class>/<image>, at the top or inside up to two wrapping folders"
+_POINT_EXTERNAL = (
+    "set data.external_test in params.yaml to a .zip or folder of class folders (like"
+    f" https://www.kaggle.com/datasets/{EXTERNAL_KAGGLE_DATASET}), or to null"
 )
 _REBUILD_ZIP = (
     "rebuild the archive from the original images, or extract it with a tool you trust"
@@ -82,42 +88,61 @@ def ingest_source(source: str, target: Path, *, base_dir: Path) -> IngestReport:
     return _ingest(path, Path(target), label=str(path))
 
 
+def ingest_external(source: str, target: Path, *, base_dir: Path) -> IngestReport:
+    """Write the external test set named by `source` to `target` as `<class>/<image>`.
+
+    `source` is `kaggle` (danrasband/asl-alphabet-test: other signers, 30 images per class) or a path
+    to a `.zip` or folder of class folders. Its images count as `test_files` in the report.
+    """
+    if source.strip() == "kaggle":
+        path, label = _fetch_kaggle(EXTERNAL_KAGGLE_DATASET), f"kaggle:{EXTERNAL_KAGGLE_DATASET}"
+    else:
+        path = _resolve_source(source, Path(base_dir), key="data.external_test")
+        label = str(path)
+    return _ingest(path, Path(target), label=label, layout=EXTERNAL)
+
+
 # ---------------------------------------------------------------- where the data comes from
 
 
-def _download_kaggle() -> Path:
+def _download_kaggle(dataset: str = KAGGLE_DATASET) -> Path:
     """Download the data set (or reuse kagglehub's cache); returns the local folder.
 
     Separate from `_fetch_kaggle` so tests can replace the network call.
     """
     import kagglehub  # lazy: only this source needs it, and importing it is slow
 
-    return Path(kagglehub.dataset_download(KAGGLE_DATASET))
+    return Path(kagglehub.dataset_download(dataset))
 
 
-def _fetch_kaggle() -> Path:
+def _fetch_kaggle(dataset: str = KAGGLE_DATASET) -> Path:
+    key = "data.source" if dataset == KAGGLE_DATASET else "data.external_test"
     manual = (
-        f"download the archive by hand from {KAGGLE_URL} and set data.source in params.yaml"
-        " to the path of the .zip or extracted folder"
+        f"download the archive by hand from https://www.kaggle.com/datasets/{dataset} and set {key} in"
+        " params.yaml to the path of the .zip or extracted folder"
     )
     try:
-        return _download_kaggle()
+        return _download_kaggle() if dataset == KAGGLE_DATASET else _download_kaggle(dataset)
     except ImportError as exc:
         raise UserError(
-            f"data.source 'kaggle' needs the kagglehub package ({_one_line(exc)});"
+            f"{key} 'kaggle' needs the kagglehub package ({_one_line(exc)});"
             f" fix: pip install kagglehub, or {manual}"
         ) from exc
     except Exception as exc:  # requests, HTTP, auth or kagglehub's own errors: all mean "no download"
         raise UserError(
-            f"could not download {KAGGLE_DATASET} from Kaggle ({_one_line(exc)}); fix: set Kaggle credentials"
+            f"could not download {dataset} from Kaggle ({_one_line(exc)}); fix: set Kaggle credentials"
             f" (KAGGLE_USERNAME and KAGGLE_KEY, or ~/.kaggle/kaggle.json), or {manual}"
         ) from exc
 
 
-def _resolve_source(source: str, base_dir: Path) -> Path:
+def _resolve_source(source: str, base_dir: Path, key: str = "data.source") -> Path:
     path = Path(source.strip()).expanduser()
     if not path.is_absolute():
         path = base_dir / path
+    if not path.exists() and key != "data.source":
+        raise UserError(
+            f"{key} path {source!r} does not exist (looked at {str(path)!r}); fix: {_POINT_EXTERNAL}"
+        )
     if not path.exists():
         raise UserError(
             f"data.source path {source!r} does not exist (looked at {str(path)!r}); fix: download the archive"
@@ -127,29 +152,30 @@ def _resolve_source(source: str, base_dir: Path) -> Path:
     return path
 
 
-def _ingest(path: Path, target: Path, *, label: str) -> IngestReport:
-    _refuse_overlap(path, target)
+def _ingest(path: Path, target: Path, *, label: str, layout: _Layout | None = None) -> IngestReport:
+    layout = layout or KAGGLE
+    _refuse_overlap(path, target, layout.key)
     if path.is_dir():
-        plan = _scan_folder(path)
+        plan = _scan_folder(path, layout)
         _commit(plan, target, label, lambda file: file.open("rb"))  # closed by _write_files
     elif path.suffix.lower() == ".zip":
         with _zip_errors(path), zipfile.ZipFile(path) as archive:
-            plan = _scan_zip(archive)
+            plan = _scan_zip(archive, layout)
             _commit(plan, target, label, lambda info: archive.open(_read_up_to_limit(info)))
     else:
         raise UserError(
-            f"data.source {str(path)!r} is neither a .zip archive nor a folder; fix: {_POINT_SOURCE}"
+            f"{layout.key} {str(path)!r} is neither a .zip archive nor a folder; fix: {layout.point}"
         )
     return IngestReport(plan.train_files, plan.test_files, plan.reported_ignored(), len(plan.ignored), label)
 
 
-def _refuse_overlap(source: Path, target: Path) -> None:
+def _refuse_overlap(source: Path, target: Path, key: str = "data.source") -> None:
     # The target is deleted and replaced: a source inside it would be destroyed, and a target
     # inside a folder source would be read back (with its temporary sibling) as more data.
     src, dst = source.resolve(), target.resolve()
     if src == dst or src.is_relative_to(dst) or dst.is_relative_to(src):
         raise UserError(
-            f"data.source {str(source)!r} overlaps the output folder {str(target)!r}, which is replaced"
+            f"{key} {str(source)!r} overlaps the output folder {str(target)!r}, which is replaced"
             f" on every ingest; fix: keep the archive or extracted folder outside {str(target)!r}"
             " and outside any folder containing it"
         )
@@ -182,11 +208,26 @@ class _File:
     """Compressed bytes of a zip member; None for a folder's file."""
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """How a source's images map onto the target, and how to talk about it."""
+
+    key: str
+    """The param that names the source."""
+    place: Callable[[tuple[str, ...], str], tuple[str, ...] | None]
+    """(parts, member) -> destination parts; None: not part of the data set (ignored)."""
+    expected: str
+    point: str
+    """The fix for a source that is not in this layout."""
+
+
 @dataclass
 class _Plan:
     """Every file to write (destination parts -> _File), built before copying."""
 
     zipped: bool
+    layout: _Layout | None = None
+    """None: the Kaggle layout of the main data set."""
     files: dict[tuple[str, ...], _File] = field(default_factory=dict)
     ignored: dict[str, None] = field(default_factory=dict)  # a dict keeps order and drops repeats
     train_files: int = 0
@@ -195,7 +236,9 @@ class _Plan:
     def add(self, member: str, parts: tuple[str, ...], handle: Any, size: int, packed: int | None) -> None:
         """Place the file at `parts` (normalised, relative to the source root), or record it as ignored."""
         skipped = _ignored_name(parts)
-        dest = None if skipped else _canonical_parts(parts, member)
+        # Looked up when called, so that a test replacing _canonical_parts reaches the main layout.
+        place = self.layout.place if self.layout is not None else _canonical_parts
+        dest = None if skipped else place(parts, member)
         if dest is None:
             self.ignored[skipped or member] = None
             return
@@ -208,7 +251,7 @@ class _Plan:
         self.files[dest] = _File(member, handle, size, packed)
         if dest[0] == TRAIN_DIR:
             self.train_files += 1
-        else:
+        else:  # the Kaggle test folder, or an external set's class folder
             self.test_files += 1
 
     def reported_ignored(self) -> tuple[str, ...]:
@@ -277,8 +320,35 @@ def _test_file_name(name: str, member: str) -> str:
     return canonical + name[len(stem) - len("_test") :]
 
 
-def _scan_zip(archive: zipfile.ZipFile) -> _Plan:
-    plan = _Plan(zipped=True)
+def _external_parts(parts: tuple[str, ...], member: str) -> tuple[str, ...] | None:
+    """`<class>/<image>` under up to two wrapping folders (kagglehub's folder, the archive's own)."""
+    if len(parts) < 2:
+        return None
+    if len(parts) > 4:
+        _misplaced(member)
+    canonical = _CLASS_BY_FOLDED.get(parts[-2].casefold())
+    if canonical is None:
+        if len(parts) == 2:  # a file inside a top folder that is no class: not data
+            return None
+        raise UserError(
+            f"unknown class folder {parts[-2]!r} (at {member!r}) in the external test set; expected one of"
+            f" {', '.join(CLASSES)}; fix: rename or remove that folder, or {_POINT_EXTERNAL}"
+        )
+    return (canonical, parts[-1])
+
+
+def _misplaced(member: str) -> NoReturn:
+    raise UserError(
+        f"image {member!r} is not where the layout puts images: {_EXTERNAL_LAYOUT}; fix: {_POINT_EXTERNAL}"
+    )
+
+
+KAGGLE = _Layout("data.source", _canonical_parts, _LAYOUT, _POINT_SOURCE)
+EXTERNAL = _Layout("data.external_test", _external_parts, _EXTERNAL_LAYOUT, _POINT_EXTERNAL)
+
+
+def _scan_zip(archive: zipfile.ZipFile, layout: _Layout | None = None) -> _Plan:
+    plan = _Plan(zipped=True, layout=None if layout is KAGGLE else layout)
     for info in archive.infolist():
         parts = _safe_member_parts(info)
         if info.is_dir() or not parts:
@@ -329,8 +399,8 @@ def _refused(member: str, why: str, fix: str) -> UserError:
     return UserError(f"zip member {member!r} {why}, which is refused; fix: {fix}")
 
 
-def _scan_folder(root: Path) -> _Plan:
-    plan = _Plan(zipped=False)
+def _scan_folder(root: Path, layout: _Layout | None = None) -> _Plan:
+    plan = _Plan(zipped=False, layout=None if layout is KAGGLE else layout)
     pending: list[tuple[Path, tuple[str, ...]]] = [(root, ())]
     while pending:
         folder, prefix = pending.pop()
@@ -359,7 +429,9 @@ def _scan_folder(root: Path) -> _Plan:
 
 def _commit(plan: _Plan, target: Path, label: str, open_member: Callable[[Any], IO[bytes]]) -> None:
     """Write the plan to a temporary sibling of `target`, then swap it in; no half-written target."""
-    if plan.train_files == 0:
+    if plan.layout is not None and not plan.files:
+        raise UserError(f"no images found in {label!r}: {plan.layout.expected}; fix: {plan.layout.point}")
+    if plan.layout is None and plan.train_files == 0:
         raise UserError(f"no training images found in {label!r}: {_LAYOUT}; fix: {_POINT_SOURCE}")
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(target)

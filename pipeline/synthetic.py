@@ -2,7 +2,9 @@
 
 Each class has its own finger pattern; skin, background, light and noise are drawn independently of
 the class, and frames come in runs of near-duplicates like the real video frames, so a random split
-leaks here as it does there. Output is a pure function of the arguments, whatever the workers.
+leaks here as it does there. The external test set (`generate_external_set`) draws its scenes from
+skin tones, backgrounds and lights the training frames never use. Output is a pure function of the
+arguments, whatever the workers.
 """
 
 from __future__ import annotations
@@ -57,6 +59,27 @@ _DARK_SKIN = np.array([85.0, 52.0, 35.0])
 
 
 @dataclass(frozen=True)
+class SceneStyle:
+    """The scene settings a set of images is drawn from: who signs, in front of what, under which light."""
+
+    skin_tones: tuple[tuple[float, float], ...]
+    """Bands of the skin-tone line, 0 the lightest tone, 1 the darkest."""
+    backgrounds: tuple[str, ...]
+    """`wall` (a plain wall with a few objects), `stripes` or `checks` (patterned)."""
+    lights: tuple[str, ...]
+    """`white` (uneven white light), `warm` or `cool` (a colour cast), `spot` (a bright patch, dark edges)."""
+
+
+# Disjoint in every setting (tests/test_synthetic.py checks): the external set asks whether a model
+# recognizes the hand shape for people, rooms and lamps it has never seen.
+TRAINING_SCENES = SceneStyle(skin_tones=((0.0, 0.3), (0.45, 0.8)), backgrounds=("wall",), lights=("white",))
+EXTERNAL_SCENES = SceneStyle(
+    skin_tones=((0.33, 0.42), (0.85, 1.0)), backgrounds=("stripes", "checks"), lights=("warm", "cool", "spot")
+)
+_CASTS = {"white": (1.0, 1.0, 1.0), "warm": (1.12, 1.0, 0.8), "cool": (0.82, 0.96, 1.15)}
+
+
+@dataclass(frozen=True)
 class _Pose:
     """Where the hand is in one frame; drifts a little from frame to frame within a run."""
 
@@ -77,9 +100,13 @@ class _Scene:
     background: Image.Image
     skin: tuple[int, int, int]
     gain: np.ndarray
-    """Per-pixel brightness multiplier (size x size x 1): uneven lighting."""
+    """Per-pixel, per-channel light multiplier (size x size x 1 or 3): uneven or coloured lighting."""
     contrast: float
     noise: float
+    tone: float
+    """Where the skin lies on the light-to-dark line (SceneStyle.skin_tones)."""
+    background_kind: str
+    light_kind: str
 
 
 def generate_synthetic_dataset(
@@ -110,7 +137,7 @@ def _write_class(root: Path, class_index: int, images_per_class: int, frames_per
     for run in range(math.ceil(images_per_class / frames_per_run)):
         rng = np.random.default_rng([seed, class_index, 0, run])
         length = min(frames_per_run, images_per_class - frame + 1)
-        for image in _render_run(rng, name, length, size):
+        for image in _render_run(rng, name, length, size, TRAINING_SCENES):
             _save_jpeg(image, train_dir / f"{name}{frame}.jpg")
             frame += 1
     if name in NO_TEST_IMAGE:
@@ -118,15 +145,45 @@ def _write_class(root: Path, class_index: int, images_per_class: int, frames_per
     test_dir = kaggle_test_dir(root)
     test_dir.mkdir(parents=True, exist_ok=True)
     # The real test images come from a separate recording: a run of its own.
-    (image,) = _render_run(np.random.default_rng([seed, class_index, 1, 0]), name, 1, size)
+    (image,) = _render_run(np.random.default_rng([seed, class_index, 1, 0]), name, 1, size, TRAINING_SCENES)
     _save_jpeg(image, test_dir / f"{name}_test.jpg")
     return images_per_class + 1
 
 
-def _render_run(rng: np.random.Generator, name: str, length: int, size: int) -> list[Image.Image]:
+def generate_external_set(
+    root: Path, *, images_per_class: int, seed: int = 0, size: int = 200, workers: int | None = None
+) -> int:
+    """Writes `<root>/<class>/<class>_external<n>.jpg` for every class, each image a scene of its own
+    drawn from EXTERNAL_SCENES (the layout of Kaggle's asl-alphabet-test). Returns the files written."""
+    if images_per_class < 1 or seed < 0 or size < 64 or (workers is not None and workers < 1):
+        raise ValueError(f"need images_per_class >= 1, seed >= 0, size >= 64, workers None or >= 1; got "
+                         f"{images_per_class=}, {seed=}, {size=}, {workers=}")
+    jobs = [(Path(root), index, images_per_class, seed, size) for index in range(len(CLASSES))]
+    workers = min(workers or os.cpu_count() or 1, len(jobs))
+    if workers == 1:
+        return sum(_write_external_class(*job) for job in jobs)
+    with process_pool(workers, preload=[__name__]) as pool:
+        return sum(pool.map(_write_external_class, *zip(*jobs)))
+
+
+def _write_external_class(root: Path, class_index: int, images_per_class: int, seed: int, size: int) -> int:
+    name = CLASSES[class_index]
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for number in range(1, images_per_class + 1):
+        # Stream 2: never the training frames' (0) or the test folder's (1) random numbers.
+        rng = np.random.default_rng([seed, class_index, 2, number])
+        (image,) = _render_run(rng, name, 1, size, EXTERNAL_SCENES)
+        _save_jpeg(image, folder / f"{name}_external{number}.jpg")
+    return images_per_class
+
+
+def _render_run(
+    rng: np.random.Generator, name: str, length: int, size: int, style: SceneStyle
+) -> list[Image.Image]:
     """`length` consecutive video-like frames: one scene, a pose that drifts slightly."""
     canvas = size * _SUPERSAMPLE
-    scene = _random_scene(rng, size)
+    scene = random_scene(rng, size, style)
     pose = _random_pose(rng, name, canvas)
     signature = _POSES.get(name)
     frames = []
@@ -139,25 +196,55 @@ def _render_run(rng: np.random.Generator, name: str, length: int, size: int) -> 
     return frames
 
 
-def _random_scene(rng: np.random.Generator, size: int) -> _Scene:
-    # Skin tone, light and background are drawn without looking at the class on purpose.
-    skin = _LIGHT_SKIN + rng.uniform(0.0, 1.0) * (_DARK_SKIN - _LIGHT_SKIN)
+def random_scene(rng: np.random.Generator, size: int, style: SceneStyle) -> _Scene:
+    """A scene drawn from `style`. Skin tone, light and background never look at the class, on purpose."""
+    tone = _in_bands(rng, style.skin_tones)
+    skin = _LIGHT_SKIN + tone * (_DARK_SKIN - _LIGHT_SKIN)
     skin = np.clip(skin * rng.normal(1.0, 0.05, 3), 0, 255)
-    ys, xs = np.mgrid[0:size, 0:size] / size - 0.5
-    direction = rng.uniform(0.0, 2.0 * math.pi)
-    ramp = xs * math.cos(direction) + ys * math.sin(direction)
-    gain = rng.uniform(0.75, 1.25) * (1.0 + rng.uniform(0.0, 0.6) * ramp)
+    background_kind = style.backgrounds[rng.integers(len(style.backgrounds))]
+    light_kind = style.lights[rng.integers(len(style.lights))]
     return _Scene(
-        background=_random_background(rng, size * _SUPERSAMPLE, skin.mean()),
-        skin=tuple(int(c) for c in skin),
-        gain=gain[..., None].astype(np.float32),
+        background=_random_background(rng, size * _SUPERSAMPLE, skin.mean(), background_kind),
+        skin=(int(skin[0]), int(skin[1]), int(skin[2])),
+        gain=_light(rng, size, light_kind),
         contrast=float(rng.uniform(0.75, 1.2)),
         noise=float(rng.uniform(2.0, 7.0)),
+        tone=tone,
+        background_kind=background_kind,
+        light_kind=light_kind,
     )
 
 
-def _random_background(rng: np.random.Generator, canvas: int, skin_level: float) -> Image.Image:
-    """A wall in a muted room colour, darker towards one side, with a few objects in front."""
+def _in_bands(rng: np.random.Generator, bands: tuple[tuple[float, float], ...]) -> float:
+    """A uniform draw from the union of the bands."""
+    pick = rng.uniform(0.0, sum(high - low for low, high in bands))
+    for low, high in bands:
+        if pick <= high - low:
+            return low + pick
+        pick -= high - low
+    return bands[-1][1]
+
+
+def _light(rng: np.random.Generator, size: int, kind: str) -> np.ndarray:
+    """The light multiplier: a brightness ramp across the frame (a spot for `spot`), times a colour cast."""
+    ys, xs = np.mgrid[0:size, 0:size] / size - 0.5
+    if kind == "spot":
+        centre = rng.uniform(-0.25, 0.25, 2)
+        distance = np.hypot(xs - centre[0], ys - centre[1])
+        gain = rng.uniform(1.1, 1.35) * np.exp(-((distance / rng.uniform(0.35, 0.5)) ** 2))[..., None]
+        return np.maximum(gain, 0.25).astype(np.float32)
+    direction = rng.uniform(0.0, 2.0 * math.pi)
+    ramp = xs * math.cos(direction) + ys * math.sin(direction)
+    gain = rng.uniform(0.75, 1.25) * (1.0 + rng.uniform(0.0, 0.6) * ramp)
+    cast = np.asarray(_CASTS[kind], np.float32)
+    return (gain[..., None] * (cast if kind != "white" else cast[:1])).astype(np.float32)
+
+
+def _random_background(rng: np.random.Generator, canvas: int, skin_level: float, kind: str) -> Image.Image:
+    """A wall in a muted room colour, darker towards one side, with a few objects in front; or, for
+    `stripes` and `checks`, a patterned cloth of two such colours."""
+    if kind != "wall":
+        return _patterned_background(rng, canvas, skin_level, kind)
     wall = _room_colour(rng, skin_level)
     shade = np.linspace(1.0, rng.uniform(0.6, 1.0), canvas)[:, None, None]
     pixels = np.broadcast_to(wall * shade, (canvas, canvas, 3))
@@ -178,6 +265,21 @@ def _random_background(rng: np.random.Generator, canvas: int, skin_level: float)
         else:
             draw.line((x0, y1, x1, y0), fill=colour, width=int(rng.integers(2, canvas // 40)))
     return image
+
+
+def _patterned_background(rng: np.random.Generator, canvas: int, skin_level: float, kind: str) -> Image.Image:
+    first, second = _room_colour(rng, skin_level), _room_colour(rng, skin_level)
+    ys, xs = np.mgrid[0:canvas, 0:canvas] / canvas
+    angle = rng.uniform(0.0, math.pi)
+    period = rng.uniform(0.08, 0.2)
+    along = (xs * math.cos(angle) + ys * math.sin(angle)) / period
+    if kind == "stripes":
+        pattern = np.floor(along) % 2
+    else:
+        across = (-xs * math.sin(angle) + ys * math.cos(angle)) / period
+        pattern = (np.floor(along) + np.floor(across)) % 2
+    pixels = np.where(pattern[..., None] > 0, first, second)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
 def _room_colour(rng: np.random.Generator, skin_level: float) -> np.ndarray:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.augment import BatchAugment
 from pipeline.checkpoint import checkpoint_path, fingerprint, load_checkpoint, save_checkpoint
 from pipeline.config import Params, to_flat_dict
 from pipeline.errors import UserError
@@ -29,6 +30,7 @@ from pipeline.serving.networks import build_model
 from pipeline.serving.precision import precision
 from pipeline.paths import Paths
 from pipeline.fileio import atomic_write_bytes, atomic_write_json
+from pipeline.lineage import log_training_data
 from pipeline.shards import read_manifest
 from pipeline.strategy import Strategy
 
@@ -175,13 +177,20 @@ def fit(params: Params, paths: Paths, strategy: Strategy) -> dict | None:
     fingerprint_ = fingerprint(params, manifest)
     restore(state, params, paths, fingerprint_)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=params.train.label_smoothing)
+    augment = BatchAugment(
+        params.train.augment, params.seed, manifest["splits"]["train"]["count"], manifest["mean"], manifest["std"]
+    )
     with main_process_run(params, strategy, state):
+        if strategy.is_main:
+            log_training_data(manifest, paths.manifest)
         for epoch in range(state.next_epoch, params.train.epochs):
             try:
                 # A new order every epoch, a function of the seed and the epoch: a resumed run repeats it.
+                batches = data.train_batches(epoch)
                 stats = train_one_epoch(
-                    state.model, state.optimizer, state.scheduler, loss_fn, data.train_batches(epoch), strategy, settings
-                )
+                    state.model, state.optimizer, state.scheduler, loss_fn, batches, strategy, settings,
+                    augment=augment.for_epoch(epoch, data.step_indices),
+                )  # fmt: skip
             except NonFiniteLoss as err:
                 raise diverged(params, "training", f"by step {err.step} of epoch {epoch + 1}") from None
             report_startup(data, strategy)

@@ -23,7 +23,7 @@ TINY_PARAMS = {
     "gpus": 2,
     "data": {
         "source": "synthetic",
-        "synthetic": {"images_per_class": 12, "frames_per_run": 4},
+        "synthetic": {"images_per_class": 12, "frames_per_run": 4, "external_images_per_class": 2},
         "image_size": 32,
         "val_fraction": 0.25,
         "block_size": 4,
@@ -64,7 +64,7 @@ def mlflow_store(tmp_path, monkeypatch):
 def tiny_data(tmp_path_factory) -> Path:
     """data/raw and data/shards of the tiny profile, built once per session; copy, don't modify."""
     from pipeline.config import params_from_dict
-    from pipeline.fetch import fetch_raw
+    from pipeline.fetch import fetch_external, fetch_raw
     from pipeline.paths import Paths
     from pipeline.preprocess import build_shards
 
@@ -72,7 +72,9 @@ def tiny_data(tmp_path_factory) -> Path:
     params = params_from_dict(TINY_PARAMS)
     paths = Paths(root)
     fetch_raw(params, paths)
-    build_shards(params.data, params.seed, paths.raw, paths.raw_train, paths.raw_test, paths.shards)
+    fetch_external(params, paths)
+    raw, external = paths.raw, paths.raw_external
+    build_shards(params.data, params.seed, raw, paths.raw_train, paths.raw_test, paths.shards, external_dir=external)
     return root
 
 

@@ -36,14 +36,17 @@ def declared_files(stage: dict, key: str) -> set[Path]:
 
 def test_stage_outputs_are_the_paths_the_code_writes():
     s = stages()
-    assert declared_files(s["fetch"], "outs") == {PATHS.raw}
+    assert declared_files(s["fetch"], "outs") == {PATHS.raw, PATHS.raw_external}
     assert declared_files(s["preprocess"], "outs") == {PATHS.shards}
     for strategy in ("dp", "ddp"):
         assert declared_files(s[f"train@{strategy}"], "outs") == {PATHS.model_dir(strategy)}
         assert declared_files(s[f"train@{strategy}"], "metrics") == {PATHS.train_metrics(strategy)}
         assert declared_files(s[f"train@{strategy}"], "plots") == {PATHS.train_curve(strategy)}
         assert declared_files(s[f"evaluate@{strategy}"], "metrics") == {PATHS.eval_metrics(strategy)}
-        assert declared_files(s[f"evaluate@{strategy}"], "plots") == {PATHS.eval_predictions(strategy), PATHS.eval_confusion_png(strategy)}
+        assert declared_files(s[f"evaluate@{strategy}"], "plots") == {
+            PATHS.eval_predictions(strategy), PATHS.eval_confusion_png(strategy),
+            PATHS.external_predictions(strategy), PATHS.external_confusion_png(strategy),
+        }
     assert declared_files(s["promote"], "outs") == {PATHS.promotion}
     assert declared_files(s["promote"], "metrics") == {PATHS.promote_metrics}
 
@@ -134,7 +137,8 @@ STAGE_MODULES = {
     f"pipeline/{name}.py"
     for name in (
         "fetch", "sources", "synthetic", "preprocess", "split", "shards", "workers",
-        "train", "trainer", "batches", "feed", "prefetch", "streaming", "loop", "strategy", "checkpoint", "evaluate", "promote", "scaling",
+        "train", "trainer", "batches", "feed", "prefetch", "streaming", "loop", "strategy", "checkpoint",
+        "evaluate", "promote", "scaling", "augment", "lineage", "champion", "gate", "aliases",
     )
 }  # fmt: skip
 

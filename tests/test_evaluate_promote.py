@@ -42,7 +42,7 @@ from pipeline.paths import workspace_paths
 from pipeline.promote import pick_candidate, run_promote
 from pipeline.shards import load_split, read_manifest
 
-EVAL_KEYS = [f"{prefix}{name}" for prefix in ("val_", "test_") for name in METRIC_NAMES] + ["eval_seconds"]
+EVAL_KEYS = [f"{prefix}{name}" for prefix in ("val_", "test_", "external_") for name in METRIC_NAMES] + ["eval_seconds"]
 
 
 # --- fixtures ----------------------------------------------------------------------------------
@@ -201,13 +201,32 @@ def test_evaluate_writes_metrics_and_logs_into_the_training_run(ws):
     assert run.data.tags["evaluated"] == "true"
     assert run.data.tags["eval_precision"] == ("bf16" if native_bf16(torch.device("cpu")) else "fp32")
     assert run.data.tags["stage"] == "train"  # the training's run, reopened: its stage tag stays
-    for key in ("val_macro_f1", "val_accuracy", "val_top3_accuracy", "test_accuracy", "eval_seconds"):
+    for key in ("val_macro_f1", "val_accuracy", "val_top3_accuracy", "test_accuracy", "external_accuracy", "external_macro_f1", "eval_seconds"):
         assert run.data.metrics[key] == pytest.approx(figures[key]), key
     assert "train_seconds" in run.data.metrics  # one row: training timings and quality together
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"confusion_dp.png", "classification_report.txt", "eval_dp.json"} <= artifacts
+    assert {"confusion_dp.png", "classification_report.txt", "eval_dp.json", "confusion_external_dp.png", "predictions_external_dp.csv"} <= artifacts
     report = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="classification_report.txt")).read_text()
     assert "macro avg" in report and "space" in report and "too few" in report
+    assert f"external test set (other signers): {figures['external_images']} images" in report
+    assert figures["external_images"] == manifest["splits"]["external"]["count"] == 29 * 2
+    assert (ws / "metrics" / "confusion_external_dp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_and_evaluation_record_their_data_as_mlflow_datasets(ws):
+    from pipeline.lineage import split_fingerprint
+
+    manifest = read_manifest(ws / "data" / "shards")
+    run = MlflowClient().get_run(run_id(ws, "dp"))
+    contexts = {}
+    for given in run.inputs.dataset_inputs:
+        tags = {t.key: t.value for t in given.tags}
+        contexts[tags["mlflow.data.context"]] = given.dataset.digest
+        assert json.loads(given.dataset.source) == {"uri": "data/shards"}
+    assert contexts == {
+        context: split_fingerprint(manifest, split)
+        for split, context in (("train", "training"), ("val", "validation"), ("test", "test"), ("external", "external_test"))
+    }
 
 
 def test_missing_run_json_is_one_line(tiny_workspace):
@@ -235,6 +254,25 @@ def test_pick_candidate_tie_goes_to_dp():
     assert pick_candidate({"ddp": 0.1}) == "ddp"
 
 
+@pytest.mark.parametrize(
+    ("candidate", "min_improvement", "passes"),
+    [
+        ({"val_macro_f1": 0.70, "external_macro_f1": 0.5}, 0.0, False),  # a tie is no improvement
+        ({"val_macro_f1": 0.75, "external_macro_f1": 0.5}, 0.05, True),  # exactly min_improvement (0.7 + 0.05 in floats)
+        ({"val_macro_f1": 0.74, "external_macro_f1": 0.5}, 0.05, False),
+        ({"val_macro_f1": 0.90, "external_macro_f1": 0.49}, 0.0, False),  # better here, worse on other signers
+    ],
+)
+def test_mlflow_validation_is_the_gate(candidate, min_improvement, passes):
+    from pipeline.gate import validate
+
+    champion = {"val_macro_f1": 0.70, "external_macro_f1": 0.5}
+    failure = validate(candidate, champion, "val_macro_f1", "external_macro_f1", min_improvement)
+    assert (failure is None) == passes, failure
+    if not passes:
+        assert "failed" in failure  # MLflow's own words for what failed
+
+
 def test_first_model_becomes_champion_and_a_rerun_changes_nothing(ws):
     set_eval(ws, "ddp", None)
     set_eval(ws, "dp", 0.5)
@@ -248,6 +286,13 @@ def test_first_model_becomes_champion_and_a_rerun_changes_nothing(ws):
     assert tags["strategy"] == "dp" and tags["world_size"] == "1" and tags["source_run_id"] == run_id(ws, "dp")
     assert float(tags["val_macro_f1"]) == 0.5 and "git_commit" in tags
     assert tags["promotion_decision"] == "first_champion" and tags["promotion_reason"]
+    manifest = read_manifest(ws / "data" / "shards")
+    from pipeline.lineage import split_fingerprint
+
+    # What the figures were measured on, so that a later candidate knows whether they compare.
+    assert tags["data_fingerprint.val"] == split_fingerprint(manifest, "val")
+    assert tags["data_fingerprint.external"] == split_fingerprint(manifest, "external")
+    assert float(tags["external_macro_f1"]) == json.loads((ws / "metrics" / "eval_dp.json").read_text())["external_macro_f1"]
 
     # The numbers alone are the stage's metrics file: no text columns in `dvc metrics show`.
     figures = json.loads((ws / "metrics" / "promote.json").read_text())
@@ -342,3 +387,22 @@ def test_champion_alias_serves_the_evaluated_predictions_from_raw_pixels(ws):
         if label != expected:
             gap = reference[row, classes.index(expected)] - reference[row, classes.index(label)]
             assert abs(gap) < 2e-3, f"row {row}: served {label}, evaluated {expected} (gap {gap})"
+
+
+def test_promote_metric_may_be_an_external_figure(ws):
+    """Deciding on other signers' images: the champion is measured on the candidate's external set."""
+    set_eval(ws, "ddp", None)
+    set_eval(ws, "dp", 0.5, metric="external_macro_f1")
+    assert promote(ws, "by-external", metric="external_macro_f1")["decision"] == "first_champion"
+    set_eval(ws, "dp", None)
+    set_eval(ws, "ddp", 0.7, metric="external_macro_f1")
+    record = promote(ws, "by-external", metric="external_macro_f1")
+    assert record["decision"] == "promoted" and record["decided_on"] == "external_macro_f1"
+    assert record["champion_value"] == 0.5 and record["external_metric"] is None, "deciding already: no guard"
+    assert set(record["compared_on"]) == {"external"}
+
+    figures = json.loads((ws / "metrics" / "eval_ddp.json").read_text())
+    figures = {k: v for k, v in figures.items() if not k.startswith("external_")} | {"external_images": 0}
+    (ws / "metrics" / "eval_ddp.json").write_text(json.dumps(figures))
+    with pytest.raises(UserError, match="needs an external test set.*data.external_test"):
+        promote(ws, "by-external", metric="external_macro_f1")

@@ -279,6 +279,8 @@ def test_streaming_ranks_see_disjoint_shares_that_together_are_the_epoch(shards:
                     for image in batch
                 ]
             )
+            # Augmentation draws each image's changes by these indices: they must name the rows.
+            assert per_rank[-1] == data.step_indices.reshape(-1).tolist()
         order = epoch_order(data.train_counts, params.train.shuffle_buffer, params.seed, epoch).order
         steps = len(order) // params.train.batch_size
         assert not set(per_rank[0]) & set(per_rank[1])

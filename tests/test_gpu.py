@@ -300,3 +300,20 @@ def test_asking_for_more_gpus_than_visible_names_how_many_there_are():
         check_visible_gpus(visible + 1)
     with pytest.raises(UserError, match=rf"only {visible} CUDA device"):
         make_strategy("dp", visible + 1)
+
+
+def test_augmentation_on_the_gpu_matches_the_cpu():
+    """Drawn on the CPU, applied where the batch lives: the same images whatever the device."""
+    from pipeline.augment import BatchAugment
+    from pipeline.config import AugmentConfig
+    from pipeline.serving.imaging import IMAGENET_MEAN, IMAGENET_STD
+
+    steps = torch.randperm(64, generator=torch.Generator().manual_seed(1)).numpy().reshape(2, 32)
+    augment = BatchAugment(AugmentConfig(), 0, 64, IMAGENET_MEAN, IMAGENET_STD).for_epoch(3, steps)
+    images = torch.randn(32, 3, 64, 64, generator=torch.Generator().manual_seed(0)).contiguous(
+        memory_format=torch.channels_last
+    )
+    on_cpu = augment(images, 1)
+    on_gpu = augment(images.cuda(), 1)
+    assert on_gpu.device.type == "cuda" and on_gpu.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=0, atol=1e-3)

@@ -89,9 +89,12 @@ def test_manifest_adds_up_and_matches_the_shards(built: tuple[Path, dict]) -> No
     assert manifest["mean"] == list(IMAGENET_MEAN) and manifest["std"] == list(IMAGENET_STD)
     assert manifest["params"] == asdict(CFG)
     assert manifest["skipped"] == []
-    assert set(manifest["splits"]) == {"train", "val", "test"}
+    assert set(manifest["splits"]) == {"train", "val", "test", "external"}
+    assert manifest["splits"]["external"]["count"] == 0, "no external folder given"
 
     for split, info in manifest["splits"].items():
+        if split == "external":
+            continue
         split_shards = [s for s in manifest["shards"] if s["split"] == split]
         assert list(info["per_class"]) == list(CLASSES)
         assert info["count"] == sum(info["per_class"].values()) == sum(s["count"] for s in split_shards)
@@ -629,3 +632,26 @@ def test_workers_end_when_the_stage_is_killed(tmp_path: Path) -> None:
         assert not alive, f"orphaned workers: {[p.pid for p in alive]}"
     finally:
         stage.kill()
+
+
+# --- the external test set ----------------------------------------------------------------------
+
+
+def test_external_images_become_their_own_split(raw: Path, tmp_path: Path) -> None:
+    from pipeline.synthetic import generate_external_set
+
+    external = tmp_path / "external"
+    generate_external_set(external, images_per_class=2, seed=0, size=64, workers=2)
+    (external / "source.json").write_text("{}")  # fetch's note: not an image, never read as one
+    manifest = build_shards(CFG, 0, raw, raw / TRAIN_DIR, raw / TEST_DIR, tmp_path / "shards", external_dir=external)
+    info = manifest["splits"]["external"]
+    assert info["count"] == 58 and set(info["per_class"].values()) == {2}
+    names = split_files(manifest, "external")
+    assert names[:2] == ["A/A_external1.jpg", "A/A_external2.jpg"], "named relative to the external folder"
+    images, labels = load_split(tmp_path / "shards", "external", manifest)
+    assert labels.tolist() == [CLASSES.index(Path(name).parent.name) for name in names]
+    pixels = decode_image(external / names[5], 32).astype(np.float32)
+    assert np.abs(_denormalize(images[5]) - pixels).max() < 1.0, "the same decoding as every other split"
+    train = build(raw, tmp_path / "without")
+    assert manifest["splits"]["train"] == train["splits"]["train"], "the external set changes no other split"
+    assert train["splits"]["external"]["count"] == 0

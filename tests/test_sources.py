@@ -20,7 +20,7 @@ from pipeline.config import params_from_dict
 from pipeline.errors import UserError
 from pipeline.fetch import IGNORED_ARTIFACT, run_fetch
 from pipeline.paths import Paths
-from pipeline.sources import ingest_source
+from pipeline.sources import ingest_external, ingest_source
 
 TRAIN = Path("asl_alphabet_train/asl_alphabet_train")
 TEST = Path("asl_alphabet_test/asl_alphabet_test")
@@ -527,7 +527,7 @@ def test_fetch_names_ignored_files_in_its_run_and_output(
 
     junk = {"asl_alphabet_train/README.txt": b"read me", f"{TRAIN.as_posix()}/A/.DS_Store": b"mac"}
     make_zip(tmp_path / "asl.zip", {**DOUBLED, **junk})
-    params = params_from_dict(deep_merge(TINY_PARAMS, {"data": {"source": "asl.zip"}}))
+    params = params_from_dict(deep_merge(TINY_PARAMS, {"data": {"source": "asl.zip", "external_test": None}}))
     counts = run_fetch(params, Paths(tmp_path))
     assert counts["ignored_files"] == 2
     [run] = mlflow.search_runs(experiment_names=[params.mlflow.experiment], output_format="list")
@@ -536,3 +536,77 @@ def test_fetch_names_ignored_files_in_its_run_and_output(
     assert run.data.metrics["ignored_files"] == 2
     printed = capsys.readouterr().out
     assert "ignored 2 files" in printed and all(name in printed for name in junk)
+
+
+# ---------------------------------------------------------------- the external test set
+
+# Kaggle's danrasband/asl-alphabet-test: one wrapping folder, class folders (letters in capitals).
+EXTERNAL = {
+    "asl-alphabet-test/A/A0001_test.jpg": JPEG,
+    "asl-alphabet-test/A/A0002_test.jpg": JPEG,
+    "asl-alphabet-test/DEL/del0001_test.jpg": PNG,
+    "asl-alphabet-test/space/space0001_test.jpg": JPEG,
+    "asl-alphabet-test/README.txt": b"other signers",
+}
+EXTERNAL_EXPECTED = {"A/A0001_test.jpg", "A/A0002_test.jpg", "del/del0001_test.jpg", "space/space0001_test.jpg"}
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_external_set_from_a_folder_or_zip_lands_in_class_folders(tmp_path: Path, packed: bool) -> None:
+    source = make_zip(tmp_path / "ext.zip", EXTERNAL) if packed else make_tree(tmp_path / "ext", EXTERNAL)
+    report = ingest_external(source.name, tmp_path / "data" / "external", base_dir=tmp_path)
+    assert files_under(tmp_path / "data" / "external") == EXTERNAL_EXPECTED
+    assert (report.train_files, report.test_files, report.ignored) == (0, 4, ("asl-alphabet-test/README.txt",))
+    assert_nothing_staged(tmp_path / "data")
+
+
+def test_external_set_goes_through_the_same_archive_checks(tmp_path: Path) -> None:
+    make_zip(tmp_path / "evil.zip", {"../A/x.jpg": JPEG})
+    with pytest.raises(UserError, match="outside the archive"):
+        ingest_external("evil.zip", tmp_path / "external", base_dir=tmp_path)
+    make_zip(tmp_path / "odd.zip", {"asl-alphabet-test/Hello/x.jpg": JPEG})
+    with pytest.raises(UserError) as error:
+        ingest_external("odd.zip", tmp_path / "external", base_dir=tmp_path)
+    assert "unknown class folder 'Hello'" in assert_one_line(error) and "data.external_test" in str(error.value)
+    make_zip(tmp_path / "empty.zip", {"notes/readme.txt": b"no images"})
+    with pytest.raises(UserError, match="no images found") as error:
+        ingest_external("empty.zip", tmp_path / "external", base_dir=tmp_path)
+    with pytest.raises(UserError, match="data.external_test path 'missing.zip' does not exist"):
+        ingest_external("missing.zip", tmp_path / "external", base_dir=tmp_path)
+    assert not (tmp_path / "external").exists()
+
+
+def test_external_kaggle_download_is_the_other_signers_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked = []
+
+    def download(dataset: str = sources.KAGGLE_DATASET) -> Path:
+        asked.append(dataset)
+        return make_tree(tmp_path / "cache" / dataset, EXTERNAL)
+
+    monkeypatch.setattr(sources, "_download_kaggle", download)
+    report = ingest_external("kaggle", tmp_path / "external", base_dir=tmp_path)
+    assert asked == ["danrasband/asl-alphabet-test"] and report.source == "kaggle:danrasband/asl-alphabet-test"
+    assert files_under(tmp_path / "external") == EXTERNAL_EXPECTED
+
+    def offline(dataset: str = sources.KAGGLE_DATASET) -> Path:
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(sources, "_download_kaggle", offline)
+    with pytest.raises(UserError) as error:
+        ingest_external("kaggle", tmp_path / "external2", base_dir=tmp_path)
+    message = assert_one_line(error)
+    assert "danrasband/asl-alphabet-test" in message and "data.external_test" in message and "KAGGLE_KEY" in message
+
+
+def test_fetch_writes_the_external_set_or_says_there_is_none(tmp_path: Path, mlflow_store: str) -> None:
+    from pipeline.fetch import EXTERNAL_SOURCE_FILE
+
+    make_zip(tmp_path / "asl.zip", DOUBLED)
+    make_tree(tmp_path / "ext", EXTERNAL)
+    paths = Paths(tmp_path)
+    params = params_from_dict(deep_merge(TINY_PARAMS, {"data": {"source": "asl.zip", "external_test": "ext"}}))
+    assert run_fetch(params, paths)["external_files"] == 4
+    assert files_under(paths.raw_external) == EXTERNAL_EXPECTED | {EXTERNAL_SOURCE_FILE}
+    params = params_from_dict(deep_merge(TINY_PARAMS, {"data": {"source": "asl.zip", "external_test": None}}))
+    assert run_fetch(params, paths)["external_files"] == 0
+    assert files_under(paths.raw_external) == {EXTERNAL_SOURCE_FILE}, "DVC's output exists, and holds no image"

@@ -14,7 +14,7 @@ from torch import nn
 
 from pipeline.dataset import CLASSES
 from pipeline.dataset import kaggle_test_dir, kaggle_train_dir
-from pipeline.synthetic import generate_synthetic_dataset
+from pipeline.synthetic import EXTERNAL_SCENES, TRAINING_SCENES, generate_external_set, generate_synthetic_dataset, random_scene
 
 TRAIN_DIR, TEST_DIR = kaggle_train_dir(Path()), kaggle_test_dir(Path())  # relative to a data/raw folder
 
@@ -122,3 +122,34 @@ def test_shapes_are_learnable_on_held_out_runs(dataset: Path) -> None:
         accuracy = (model(x_val).argmax(dim=1) == y_val).float().mean().item()
 
     assert accuracy > 0.5, f"validation accuracy {accuracy:.2f} on held-out runs"
+
+
+# --- the external test set -------------------------------------------------------------------------
+
+
+def _overlaps(first: tuple[float, float], second: tuple[float, float]) -> bool:
+    return first[0] <= second[1] and second[0] <= first[1]
+
+
+def test_external_scenes_share_no_setting_with_training() -> None:
+    assert not set(EXTERNAL_SCENES.backgrounds) & set(TRAINING_SCENES.backgrounds)
+    assert not set(EXTERNAL_SCENES.lights) & set(TRAINING_SCENES.lights)
+    assert not any(_overlaps(a, b) for a in EXTERNAL_SCENES.skin_tones for b in TRAINING_SCENES.skin_tones)
+    # And the generator draws within them: many scenes of each, as the writers draw them.
+    for style, other in ((TRAINING_SCENES, EXTERNAL_SCENES), (EXTERNAL_SCENES, TRAINING_SCENES)):
+        seen = [random_scene(np.random.default_rng([0, n]), 64, style) for n in range(200)]
+        assert {s.background_kind for s in seen} == set(style.backgrounds)
+        assert {s.light_kind for s in seen} == set(style.lights)
+        assert all(any(low <= s.tone <= high for low, high in style.skin_tones) for s in seen)
+        assert not any(low <= s.tone <= high for s in seen for low, high in other.skin_tones)
+
+
+def test_external_set_is_class_folders_and_reproducible(tmp_path: Path) -> None:
+    written = generate_external_set(tmp_path / "a", images_per_class=3, seed=0, workers=2)
+    generate_external_set(tmp_path / "b", images_per_class=3, seed=0, workers=1)
+    assert written == 29 * 3
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(CLASSES)
+    assert _all_files(tmp_path / "a") == _all_files(tmp_path / "b")
+    assert all(len(list((tmp_path / "a" / name).glob("*.jpg"))) == 3 for name in CLASSES)
+    generate_external_set(tmp_path / "c", images_per_class=3, seed=1, workers=2)
+    assert _all_files(tmp_path / "c").keys() == _all_files(tmp_path / "a").keys() != _all_files(tmp_path / "c")
