@@ -63,7 +63,9 @@ def main() -> None:
     augment = BatchAugment(params.train.augment, params.seed, images_count, IMAGENET_MEAN, IMAGENET_STD)
 
     def round_(augmented: bool, epoch: int) -> float:
-        steps = np.sort(np.random.default_rng(epoch).permutation(images_count).reshape(args.steps, args.batch), axis=1)
+        steps = np.sort(
+            np.random.default_rng(epoch).permutation(images_count).reshape(args.steps, args.batch), axis=1
+        )
         batches = tensor_batches(images, labels, list(steps), settings)
         step_augment = augment.for_epoch(epoch, steps) if augmented else None
         stats = train_one_epoch(
@@ -75,7 +77,7 @@ def main() -> None:
     round_(False, 0), round_(True, 0)  # warm-up: allocator, kernels, the per-device table
     times: dict[bool, list[float]] = {False: [], True: []}
     for number in range(args.rounds):
-        for augmented in ((False, True) if number % 2 == 0 else (True, False)):
+        for augmented in (False, True) if number % 2 == 0 else (True, False):
             times[augmented].append(round_(augmented, number + 1))
 
     alone = augment.for_epoch(0, np.arange(args.batch)[None, :])
@@ -92,17 +94,29 @@ def main() -> None:
         alone_times.append(time.perf_counter() - started)
 
     processor = platform.processor() or platform.machine()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{processor}, {torch.get_num_threads()} threads"
-    print(f"device: {device} ({name}); {args.model} at {size} px, batch {args.batch}, {args.steps} steps x {args.rounds} rounds")
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{processor}, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"device: {device} ({name}); {args.model} at {size} px, batch {args.batch}, {args.steps} steps x {args.rounds} rounds"
+    )
     print(f"load average before the summary: {os.getloadavg()[0]:.2f}")
     print(f"{'step':<22}{'best ms':>10}{'median ms':>12}")
     for augmented, label in ((False, "without augmentation"), (True, "with augmentation")):
-        print(f"{label:<22}{1000 * min(times[augmented]):>10.1f}{1000 * statistics.median(times[augmented]):>12.1f}")
+        print(
+            f"{label:<22}{1000 * min(times[augmented]):>10.1f}{1000 * statistics.median(times[augmented]):>12.1f}"
+        )
     best = min(times[True]) / min(times[False]) - 1
     median = statistics.median(times[True]) / statistics.median(times[False]) - 1
     verdict = "PASS" if best < TARGET else "FAIL"
-    print(f"augmentation alone, one batch: best {1000 * min(alone_times):.2f} ms, median {1000 * statistics.median(alone_times):.2f} ms")
-    print(f"cost per step: {100 * best:+.1f}% (best), {100 * median:+.1f}% (median); target < {100 * TARGET:.0f}%: {verdict}")
+    print(
+        f"augmentation alone, one batch: best {1000 * min(alone_times):.2f} ms, median {1000 * statistics.median(alone_times):.2f} ms"
+    )
+    print(
+        f"cost per step: {100 * best:+.1f}% (best), {100 * median:+.1f}% (median); target < {100 * TARGET:.0f}%: {verdict}"
+    )
     share = min(alone_times) / min(times[False])
     print(f"augmentation alone / plain step (best): {100 * share:.1f}%")
 

@@ -45,7 +45,9 @@ CLASSES = 29
 # --- data -------------------------------------------------------------------------------------------
 
 
-def prepare(root: Path, images_per_class: int, size: int, seed: int = 0, shard_size: int | None = None) -> dict:
+def prepare(
+    root: Path, images_per_class: int, size: int, seed: int = 0, shard_size: int | None = None
+) -> dict:
     """Synthetic 200x200 JPEGs preprocessed into shards under root; random tensors if that cannot run here."""
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -78,7 +80,9 @@ def prepare(root: Path, images_per_class: int, size: int, seed: int = 0, shard_s
             "val": manifest["splits"]["val"]["count"],
             "size": size,
         }
-    except ImportError as err:  # PIL, PyYAML or tqdm missing on this machine: throughput does not depend on pixels
+    except (
+        ImportError
+    ) as err:  # PIL, PyYAML or tqdm missing on this machine: throughput does not depend on pixels
         count = images_per_class * CLASSES
         info = {
             "kind": "random",
@@ -182,10 +186,18 @@ class TensorData:
     def __init__(self, args, strategy, settings):
         from pipeline.feed import tensor_batches
 
-        self.tensor_batches, self.args, self.strategy, self.settings = tensor_batches, args, strategy, settings
+        self.tensor_batches, self.args, self.strategy, self.settings = (
+            tensor_batches,
+            args,
+            strategy,
+            settings,
+        )
         self.train_x, self.train_y, self.val_x, self.val_y, self.kind = load_data(args.data)
         cuda = settings.device.type == "cuda"
-        fits = cuda and self.train_x.nbytes + self.val_x.nbytes < 0.5 * torch.cuda.mem_get_info(settings.device)[0]
+        fits = (
+            cuda
+            and self.train_x.nbytes + self.val_x.nbytes < 0.5 * torch.cuda.mem_get_info(settings.device)[0]
+        )
         self.mode = "device" if fits and args.data_on_device == "true" else "mapped"
         if self.mode == "device":
             self.train_x, self.train_y = self.train_x.to(settings.device), self.train_y.to(settings.device)
@@ -202,7 +214,9 @@ class TensorData:
         import numpy as np
 
         mine = np.asarray(self.strategy.eval_indices(len(self.val_y)), dtype=np.int64)
-        return self.tensor_batches(self.val_x, self.val_y, [mine[i : i + 256] for i in range(0, len(mine), 256)], self.settings)
+        return self.tensor_batches(
+            self.val_x, self.val_y, [mine[i : i + 256] for i in range(0, len(mine), 256)], self.settings
+        )
 
 
 def open_data(args, strategy, parts):
@@ -214,7 +228,9 @@ def open_data(args, strategy, parts):
         from pipeline.shards import read_manifest
 
         shards = Path(info["shards"])
-        return open_training_data(parts.params, shards, read_manifest(shards), strategy, parts.settings), "synthetic JPEGs -> shards"
+        return open_training_data(
+            parts.params, shards, read_manifest(shards), strategy, parts.settings
+        ), "synthetic JPEGs -> shards"
     data = TensorData(args, strategy, parts.settings)
     return data, data.kind
 
@@ -470,7 +486,9 @@ def main() -> None:
         help="as train.data_on_device: false keeps the data on the host",
     )
     parser.add_argument(
-        "--memory-budget-gb", type=float, help="as train.memory_budget_gb: below the splits' size they are streamed"
+        "--memory-budget-gb",
+        type=float,
+        help="as train.memory_budget_gb: below the splits' size they are streamed",
     )
     parser.add_argument("--shuffle-buffer", type=int, help="as train.shuffle_buffer")
     parser.add_argument("--shard-size", type=int, help="--prepare: as data.shard_size (default: automatic)")

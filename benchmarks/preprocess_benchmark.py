@@ -45,8 +45,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pipeline.config import DataConfig  # noqa: E402
-from pipeline.serving.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_image, is_image_name  # noqa: E402
 from pipeline.preprocess import build_shards  # noqa: E402
+from pipeline.serving.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_image, is_image_name  # noqa: E402
 from pipeline.shards import load_split  # noqa: E402
 
 TRAIN = Path("asl_alphabet_train", "asl_alphabet_train")
@@ -62,7 +62,9 @@ CPU_SECONDS: dict[str, float] = {}
 
 def plain_pil(path: Path) -> np.ndarray:
     with Image.open(path) as image:
-        return np.asarray(image.convert("RGB").resize((SIZE, SIZE), Image.Resampling.BILINEAR), dtype=np.uint8)
+        return np.asarray(
+            image.convert("RGB").resize((SIZE, SIZE), Image.Resampling.BILINEAR), dtype=np.uint8
+        )
 
 
 def pipeline_decode(path: Path) -> np.ndarray:
@@ -99,7 +101,9 @@ def single_core_seconds(files: list[Path], decode: Callable[[Path], np.ndarray],
 
 def preprocess_seconds(raw: Path, out: Path, cfg: DataConfig, repeat: int) -> tuple[float, dict]:
     manifest = build_shards(cfg, 0, raw, raw / TRAIN, raw / TEST, out)  # warm-up
-    return best_seconds("build_shards", lambda: build_shards(cfg, 0, raw, raw / TRAIN, raw / TEST, out), repeat), manifest
+    return best_seconds(
+        "build_shards", lambda: build_shards(cfg, 0, raw, raw / TRAIN, raw / TEST, out), repeat
+    ), manifest
 
 
 def shard_epoch_seconds(out: Path, manifest: dict, repeat: int) -> tuple[int, float, float]:
@@ -115,7 +119,11 @@ def shard_epoch_seconds(out: Path, manifest: dict, repeat: int) -> tuple[int, fl
     images, labels = load_split(out, "train", manifest)  # warm-up
     epoch(images, labels)
     with_load = best_seconds("shard_epoch", lambda: epoch(*load_split(out, "train", manifest)), repeat)
-    return len(labels), with_load, best_seconds("shard_epoch_in_memory", lambda: epoch(images, labels), repeat)
+    return (
+        len(labels),
+        with_load,
+        best_seconds("shard_epoch_in_memory", lambda: epoch(images, labels), repeat),
+    )
 
 
 def imagefolder_epoch_seconds(train_dir: Path, repeat: int) -> tuple[int, float]:
@@ -123,12 +131,20 @@ def imagefolder_epoch_seconds(train_dir: Path, repeat: int) -> tuple[int, float]
     from torchvision import datasets, transforms
 
     transform = transforms.Compose(
-        [transforms.Resize((SIZE, SIZE)), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        [
+            transforms.Resize((SIZE, SIZE)),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
     )
     dataset = datasets.ImageFolder(str(train_dir), transform=transform)
-    for _ in DataLoader(Subset(dataset, range(min(128, len(dataset)))), batch_size=BATCH, num_workers=0):  # warm-up
+    for _ in DataLoader(
+        Subset(dataset, range(min(128, len(dataset)))), batch_size=BATCH, num_workers=0
+    ):  # warm-up
         pass
-    loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=0, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        dataset, batch_size=BATCH, shuffle=True, num_workers=0, generator=torch.Generator().manual_seed(0)
+    )
 
     def run() -> None:
         for x, _ in loader:
@@ -143,21 +159,33 @@ def _synthetic(raw: Path, images: int) -> None:
     per_class = math.ceil(images / 29)
     started = time.perf_counter()
     written = generate_synthetic_dataset(raw, images_per_class=per_class, frames_per_run=10, seed=0, size=200)
-    print(f"generated {written} synthetic 200x200 JPEGs ({per_class} per class) in {time.perf_counter() - started:.1f}s")
+    print(
+        f"generated {written} synthetic 200x200 JPEGs ({per_class} per class) in {time.perf_counter() - started:.1f}s"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--raw", type=Path, help="a folder in the Kaggle layout (default: generate synthetic JPEGs)")
-    parser.add_argument("--images", type=int, default=3000, help="synthetic training images to generate (default 3000)")
-    parser.add_argument("--workdir", type=Path, help="keep generated data and shards here (default: a temp dir)")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per measurement after the warm-up (default 3)")
+    parser.add_argument(
+        "--raw", type=Path, help="a folder in the Kaggle layout (default: generate synthetic JPEGs)"
+    )
+    parser.add_argument(
+        "--images", type=int, default=3000, help="synthetic training images to generate (default 3000)"
+    )
+    parser.add_argument(
+        "--workdir", type=Path, help="keep generated data and shards here (default: a temp dir)"
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="timed runs per measurement after the warm-up (default 3)"
+    )
     args = parser.parse_args()
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(1)  # the ImageFolder baseline (num_workers=0) and the shard epoch both on one core
     print(f"machine: {platform.machine()}, {cores} usable CPU cores (os.cpu_count()={os.cpu_count()})")
-    print(f"python {platform.python_version()}, torch {torch.__version__}, pillow {Image.__version__}; best of {args.repeat} runs")
+    print(
+        f"python {platform.python_version()}, torch {torch.__version__}, pillow {Image.__version__}; best of {args.repeat} runs"
+    )
     load_before = os.getloadavg()[0]
 
     with tempfile.TemporaryDirectory(prefix="preprocess-bench-") as tmp:
@@ -168,14 +196,20 @@ def main() -> None:
             _synthetic(raw, args.images)
         files = sorted(p for p in (raw / TRAIN).rglob("*") if p.is_file() and is_image_name(p.name))
         with Image.open(files[0]) as first:
-            print(f"data: {raw} ({len(files)} training images, e.g. {first.size[0]}x{first.size[1]} {first.format})")
+            print(
+                f"data: {raw} ({len(files)} training images, e.g. {first.size[0]}x{first.size[1]} {first.format})"
+            )
         for path in files:  # page cache: every measurement reads warm files
             path.read_bytes()
 
         plain = len(files) / single_core_seconds(files, plain_pil, args.repeat)
         draft = len(files) / single_core_seconds(files, pipeline_decode, args.repeat)
-        seconds, manifest = preprocess_seconds(raw, work / "shards", DataConfig(image_size=SIZE, workers=None), args.repeat)
-        shard_images, shard_seconds, in_memory_seconds = shard_epoch_seconds(work / "shards", manifest, args.repeat)
+        seconds, manifest = preprocess_seconds(
+            raw, work / "shards", DataConfig(image_size=SIZE, workers=None), args.repeat
+        )
+        shard_images, shard_seconds, in_memory_seconds = shard_epoch_seconds(
+            work / "shards", manifest, args.repeat
+        )
         folder_images, folder_seconds = imagefolder_epoch_seconds(raw / TRAIN, args.repeat)
     load_after = os.getloadavg()[0]
 
@@ -194,14 +228,34 @@ def main() -> None:
     rows = [
         ("(a) plain PIL decode+resize, 1 core", plain, ""),
         ("(a) decode_image (JPEG draft), 1 core", draft, f"{draft / plain:.2f}x plain PIL"),
-        (f"(b) build_shards, all {cores} cores, end to end", stage, f"{stage / plain:.2f}x plain PIL  {verdict(stage / plain, TARGET_PREPROCESS)}"),
+        (
+            f"(b) build_shards, all {cores} cores, end to end",
+            stage,
+            f"{stage / plain:.2f}x plain PIL  {verdict(stage / plain, TARGET_PREPROCESS)}",
+        ),
         ("(c) ImageFolder + DataLoader epoch", folder_rate, ""),
-        ("(c) shards: load_split + epoch", shard_rate, f"{shard_rate / folder_rate:.1f}x ImageFolder  {verdict(shard_rate / folder_rate, TARGET_EPOCH)}"),
-        ("(c) shards: later epoch, in memory", shard_images / in_memory_seconds, f"{shard_images / in_memory_seconds / folder_rate:.0f}x ImageFolder"),
+        (
+            "(c) shards: load_split + epoch",
+            shard_rate,
+            f"{shard_rate / folder_rate:.1f}x ImageFolder  {verdict(shard_rate / folder_rate, TARGET_EPOCH)}",
+        ),
+        (
+            "(c) shards: later epoch, in memory",
+            shard_images / in_memory_seconds,
+            f"{shard_images / in_memory_seconds / folder_rate:.0f}x ImageFolder",
+        ),
         ("idle estimate (a) plain PIL, per CPU-s", plain_cpu, ""),
-        (f"idle estimate (b) {cores} cores / CPU-s per image", stage_cpu, f"{stage_cpu / plain_cpu:.2f}x plain PIL  {verdict(stage_cpu / plain_cpu, TARGET_PREPROCESS)}"),
+        (
+            f"idle estimate (b) {cores} cores / CPU-s per image",
+            stage_cpu,
+            f"{stage_cpu / plain_cpu:.2f}x plain PIL  {verdict(stage_cpu / plain_cpu, TARGET_PREPROCESS)}",
+        ),
         ("CPU time (c) ImageFolder, per CPU-s", folder_cpu, ""),
-        ("CPU time (c) shards, per CPU-s", shard_cpu, f"{shard_cpu / folder_cpu:.1f}x ImageFolder  (not a time: the checksum runs on a 2nd thread)"),
+        (
+            "CPU time (c) shards, per CPU-s",
+            shard_cpu,
+            f"{shard_cpu / folder_cpu:.1f}x ImageFolder  (not a time: the checksum runs on a 2nd thread)",
+        ),
     ]
     width = max(len(name) for name, _, _ in rows)
     print(f"\n{'measurement':<{width}}  {'images/s':>10}  ratio")
@@ -216,7 +270,11 @@ def main() -> None:
         f"CPU per image: plain PIL {1e6 / plain_cpu:.0f} us, decode_image {1e6 * CPU_SECONDS['pipeline_decode'] / len(files):.0f} us, "
         f"build_shards {1e6 * CPU_SECONDS['build_shards'] / decoded:.0f} us (workers and parent together)"
     )
-    busy = " (above the core count: other processes competed; wall-clock figures are low)" if max(load_before, load_after) > cores else ""
+    busy = (
+        " (above the core count: other processes competed; wall-clock figures are low)"
+        if max(load_before, load_after) > cores
+        else ""
+    )
     print(f"load average: {load_before:.2f} before, {load_after:.2f} after, on {cores} cores{busy}")
 
 

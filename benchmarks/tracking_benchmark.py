@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 # Loaded at start-up by every Python process of a stage (PYTHONPATH puts it first).
-HOOK = r'''
+HOOK = r"""
 import atexit, importlib.abc, importlib.machinery, inspect, json, os, sys, threading, time
 
 _started = time.perf_counter()
@@ -94,7 +94,7 @@ def _report():
     line = {"argv": sys.argv, "pid": os.getpid(), "wall": time.perf_counter() - _started, "mlflow": _spent[0], "calls": _calls[0]}
     with open(os.environ["TRACKING_TIMINGS"], "a") as out:
         out.write(json.dumps(line) + "\n")
-'''
+"""
 
 
 def stage_of(argv: list[str]) -> str | None:
@@ -106,10 +106,11 @@ def stage_of(argv: list[str]) -> str | None:
 
 
 def project_copy(target: Path, profile: str) -> Path:
-    from conftest import TINY_PARAMS
     from test_dvc_pipeline import make_project_copy
 
     from pipeline.config import load_params, to_yaml_dict
+
+    from conftest import TINY_PARAMS
 
     params = TINY_PARAMS if profile == "tiny" else to_yaml_dict(load_params(REPO / "params.yaml"))
     return make_project_copy(target, params)
@@ -117,7 +118,11 @@ def project_copy(target: Path, profile: str) -> Path:
 
 def measure(project: Path, hook_dir: Path, tracking_uri: str | None) -> dict:
     timings = project / "tracking-timings.jsonl"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "MLFLOW_REGISTRY", "DVC_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MLFLOW_TRACKING", "MLFLOW_REGISTRY", "DVC_"))
+    }
     env.update(
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
         PYTHONPATH=f"{hook_dir}{os.pathsep}{REPO}",
@@ -131,7 +136,16 @@ def measure(project: Path, hook_dir: Path, tracking_uri: str | None) -> dict:
     schema = 0.0
     if tracking_uri is None:
         create = "import time; t = time.perf_counter(); from pipeline.tracking import configure; configure('asl-alphabet'); print(time.perf_counter() - t)"
-        schema = float(subprocess.run([sys.executable, "-c", create], cwd=project, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, check=True).stdout.split()[-1])
+        schema = float(
+            subprocess.run(
+                [sys.executable, "-c", create],
+                cwd=project,
+                env={**env, "PYTHONPATH": str(REPO)},
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.split()[-1]
+        )
     begin = time.perf_counter()
     result = subprocess.run(["dvc", "repro"], cwd=project, env=env, capture_output=True, text=True)
     total = time.perf_counter() - begin
@@ -151,28 +165,51 @@ def measure(project: Path, hook_dir: Path, tracking_uri: str | None) -> dict:
 
 
 def report(label: str, figures: dict) -> None:
-    created = f" (the fresh store's schema took {figures['schema']:.1f} s before it)" if figures["schema"] else ""
+    created = (
+        f" (the fresh store's schema took {figures['schema']:.1f} s before it)" if figures["schema"] else ""
+    )
     print(f"\n{label}: dvc repro {figures['total']:.1f} s{created}")
     print(f"  {'stage':<14} {'stage s':>8} {'logging s':>10} {'calls':>6}")
     for stage, entry in sorted(figures["stages"].items()):
         print(f"  {stage:<14} {entry['wall']:>8.1f} {entry['mlflow']:>10.2f} {entry['calls']:>6}")
     logging = sum(e["mlflow"] for e in figures["stages"].values())
     runs = len(figures["stages"])
-    print(f"  logging in all {runs} stage runs: {logging:.2f} s ({logging / runs:.2f} s per run, {100 * logging / figures['total']:.1f}% of the repro)")
+    print(
+        f"  logging in all {runs} stage runs: {logging:.2f} s ({logging / runs:.2f} s per run, {100 * logging / figures['total']:.1f}% of the repro)"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", choices=("default", "tiny"), default="default", help="params.yaml as shipped, or the tests' tiny profile")
-    parser.add_argument("--repeat", type=int, default=1, help="pairs of measurements; the order alternates (sqlite, server, server, sqlite, ...)")
+    parser.add_argument(
+        "--profile",
+        choices=("default", "tiny"),
+        default="default",
+        help="params.yaml as shipped, or the tests' tiny profile",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="pairs of measurements; the order alternates (sqlite, server, server, sqlite, ...)",
+    )
     args = parser.parse_args()
-
-    from serving_support import free_port
 
     from pipeline.team_server import team_server
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
-    print(f"{cpu}, {os.cpu_count()} cores; profile {args.profile}; load average before: {os.getloadavg()[0]:.2f}")
+    from serving_support import free_port
+
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    print(
+        f"{cpu}, {os.cpu_count()} cores; profile {args.profile}; load average before: {os.getloadavg()[0]:.2f}"
+    )
     work = Path(tempfile.mkdtemp(prefix="asl-tracking-benchmark-"))
     work.chmod(0o711)  # PostgreSQL may run as another user
     hook_dir = work / "hook"
@@ -192,7 +229,10 @@ def main() -> None:
                 project = project_copy(work / f"project-{n}", args.profile)
                 figures = measure(project, hook_dir, server.url if backend == "server" else None)
                 results[backend].append(figures)
-                report(f"{backend} ({'sqlite:///.../mlruns/mlflow.db' if backend == 'sqlite' else server.url + ', PostgreSQL'})", figures)
+                report(
+                    f"{backend} ({'sqlite:///.../mlruns/mlflow.db' if backend == 'sqlite' else server.url + ', PostgreSQL'})",
+                    figures,
+                )
                 shutil.rmtree(project, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -69,10 +69,10 @@ import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 
 from pipeline.config import params_from_dict  # noqa: E402
-from pipeline.serving.imaging import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from pipeline.feed import tensor_batches  # noqa: E402
-from pipeline.prefetch import model_input  # noqa: E402
 from pipeline.loop import train_one_epoch  # noqa: E402
+from pipeline.prefetch import model_input  # noqa: E402
+from pipeline.serving.imaging import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from pipeline.serving.networks import build_model  # noqa: E402
 from pipeline.strategy import make_strategy  # noqa: E402
 from pipeline.trainer import TrainingState, step_settings  # noqa: E402
@@ -122,7 +122,10 @@ def batches_of(images: torch.Tensor, labels: torch.Tensor, order: list[int], bat
     """The loop's input: `order` in batches of `batch` (a last incomplete one dropped), fed as pipeline.feed feeds training."""
     import numpy as np
 
-    steps = [np.sort(np.asarray(order[i : i + batch], dtype=np.int64)) for i in range(0, len(order) - batch + 1, batch)]
+    steps = [
+        np.sort(np.asarray(order[i : i + batch], dtype=np.int64))
+        for i in range(0, len(order) - batch + 1, batch)
+    ]
     return tensor_batches(images, labels, steps, settings)
 
 
@@ -137,17 +140,34 @@ class LoopConfig:
         torch.manual_seed(0)
         self.state = TrainingState(params, self.strategy, CLASSES, steps_per_epoch=1000)
         if loop_adamw:  # what torch.optim.AdamW does on CPU unless asked for the fused kernel
-            self.state.optimizer = torch.optim.AdamW(self.state.bare.parameters(), lr=params.train.lr, weight_decay=params.train.weight_decay, foreach=False)
-            self.state.scheduler = torch.optim.lr_scheduler.OneCycleLR(self.state.optimizer, max_lr=params.train.lr, total_steps=1000, pct_start=0.15)
+            self.state.optimizer = torch.optim.AdamW(
+                self.state.bare.parameters(),
+                lr=params.train.lr,
+                weight_decay=params.train.weight_decay,
+                foreach=False,
+            )
+            self.state.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                self.state.optimizer, max_lr=params.train.lr, total_steps=1000, pct_start=0.15
+            )
         self.settings = step_settings(params, self.strategy)
         self.optimizer_name = describe_optimizer(self.state.optimizer)
         self.steps = steps
         self.rates: list[float] = []
         self.waits: list[float] = []
 
-    def epoch(self, images: torch.Tensor, labels: torch.Tensor, steps: int, generator: torch.Generator) -> None:
+    def epoch(
+        self, images: torch.Tensor, labels: torch.Tensor, steps: int, generator: torch.Generator
+    ) -> None:
         order = torch.randperm(len(labels), generator=generator)[: steps * BATCH].tolist()
-        stats = train_one_epoch(self.state.model, self.state.optimizer, self.state.scheduler, nn.CrossEntropyLoss(), batches_of(images, labels, order, BATCH, self.settings), self.strategy, self.settings)
+        stats = train_one_epoch(
+            self.state.model,
+            self.state.optimizer,
+            self.state.scheduler,
+            nn.CrossEntropyLoss(),
+            batches_of(images, labels, order, BATCH, self.settings),
+            self.strategy,
+            self.settings,
+        )
         self.rates.append(stats.images / stats.seconds)
         self.waits.append(stats.data_wait_seconds / stats.seconds)
 
@@ -158,11 +178,21 @@ class LoopConfig:
 
 def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
     group = optimizer.param_groups[0]
-    kind = "fused" if group.get("fused") else "foreach" if group.get("foreach") else "for-loop" if group.get("foreach") is False else "default"
+    kind = (
+        "fused"
+        if group.get("fused")
+        else "foreach"
+        if group.get("foreach")
+        else "for-loop"
+        if group.get("foreach") is False
+        else "default"
+    )
     return f"{type(optimizer).__name__} ({kind})"
 
 
-def step_phases(config: LoopConfig, images: torch.Tensor, labels: torch.Tensor, steps: int) -> dict[str, float]:
+def step_phases(
+    config: LoopConfig, images: torch.Tensor, labels: torch.Tensor, steps: int
+) -> dict[str, float]:
     """Milliseconds per step of each phase of the loop's step, timed one by one (CPU: synchronous)."""
     state, settings = config.state, config.settings
     loss_fn = nn.CrossEntropyLoss()
@@ -186,13 +216,23 @@ def step_phases(config: LoopConfig, images: torch.Tensor, labels: torch.Tensor, 
     return totals
 
 
-def profile_ops(config: LoopConfig, images: torch.Tensor, labels: torch.Tensor, steps: int) -> tuple[dict[str, float], list[tuple[str, float]]]:
+def profile_ops(
+    config: LoopConfig, images: torch.Tensor, labels: torch.Tensor, steps: int
+) -> tuple[dict[str, float], list[tuple[str, float]]]:
     """Self-CPU milliseconds per step by kind of op, and the top ops, over `steps` loop steps."""
     from torch.profiler import ProfilerActivity, profile
 
     order = list(range(steps * BATCH))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        train_one_epoch(config.state.model, config.state.optimizer, config.state.scheduler, nn.CrossEntropyLoss(), batches_of(images, labels, order, BATCH, config.settings), config.strategy, config.settings)
+        train_one_epoch(
+            config.state.model,
+            config.state.optimizer,
+            config.state.scheduler,
+            nn.CrossEntropyLoss(),
+            batches_of(images, labels, order, BATCH, config.settings),
+            config.strategy,
+            config.settings,
+        )
     groups = {"convolution": 0.0, "batch-norm": 0.0, "relu/add/pool": 0.0, "optimizer": 0.0, "other": 0.0}
     ops = []
     for event in prof.key_averages():
@@ -207,9 +247,17 @@ def profile_ops(config: LoopConfig, images: torch.Tensor, labels: torch.Tensor, 
             groups["convolution"] += ms
         elif "batch_norm" in name:
             groups["batch-norm"] += ms
-        elif "adam" in name or name in ("aten::lerp_", "aten::addcdiv_", "aten::addcmul_", "aten::sqrt", "aten::_foreach_sqrt"):
+        elif "adam" in name or name in (
+            "aten::lerp_",
+            "aten::addcdiv_",
+            "aten::addcmul_",
+            "aten::sqrt",
+            "aten::_foreach_sqrt",
+        ):
             groups["optimizer"] += ms
-        elif any(k in name for k in ("clamp_min", "threshold_backward", "relu", "aten::add", "max_pool", "mul_")):
+        elif any(
+            k in name for k in ("clamp_min", "threshold_backward", "relu", "aten::add", "max_pool", "mul_")
+        ):
             groups["relu/add/pool"] += ms
         else:
             groups["other"] += ms
@@ -246,7 +294,15 @@ def ddp_worker(out: Path, steps: int, rounds: int) -> None:
                 context = state.model.no_sync() if skip_allreduce else contextlib.nullcontext()
                 strategy.barrier()
                 with context:
-                    stats = train_one_epoch(state.model, state.optimizer, state.scheduler, nn.CrossEntropyLoss(), batches_of(images, labels, order, batch, settings), strategy, settings)
+                    stats = train_one_epoch(
+                        state.model,
+                        state.optimizer,
+                        state.scheduler,
+                        nn.CrossEntropyLoss(),
+                        batches_of(images, labels, order, batch, settings),
+                        strategy,
+                        settings,
+                    )
                 if round_:
                     best[mode] = max(best[mode], stats.images / stats.seconds)
         gradients = torch.zeros(sum(p.numel() for p in state.bare.parameters()))
@@ -271,8 +327,28 @@ def ddp_worker(out: Path, steps: int, rounds: int) -> None:
 def ddp_steps(steps: int, rounds: int, processes: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="train-bench-ddp-") as tmp:
         out = Path(tmp) / "ddp.json"
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", __file__, "--ddp-worker", str(out), "--steps", str(steps), "--repeat", str(rounds)]
-        result = subprocess.run(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600)
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={processes}",
+            __file__,
+            "--ddp-worker",
+            str(out),
+            "--steps",
+            str(steps),
+            "--repeat",
+            str(rounds),
+        ]
+        result = subprocess.run(
+            command,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         if result.returncode:
             raise RuntimeError(f"ddp step worker failed ({result.returncode}):\n{result.stderr[-3000:]}")
         return json.loads(out.read_text())
@@ -294,10 +370,14 @@ def make_workspace(work: Path, images_per_class: int, epochs: int) -> tuple[Path
     shutil.copy(REPO / "dvc.yaml", workspace / "dvc.yaml")
     params = params_from_dict(write_params(workspace, images_per_class, epochs, freeze_backbone=False))
     started = time.perf_counter()
-    generate_synthetic_dataset(paths.raw, images_per_class=images_per_class, frames_per_run=10, seed=0, size=200)
+    generate_synthetic_dataset(
+        paths.raw, images_per_class=images_per_class, frames_per_run=10, seed=0, size=200
+    )
     generated = time.perf_counter() - started
     started = time.perf_counter()
-    manifest = build_shards(params.data, params.seed, paths.raw, paths.raw_train, paths.raw_test, paths.shards)
+    manifest = build_shards(
+        params.data, params.seed, paths.raw, paths.raw_train, paths.raw_test, paths.shards
+    )
     return workspace, manifest, generated, time.perf_counter() - started
 
 
@@ -305,7 +385,11 @@ def write_params(workspace: Path, images_per_class: int, epochs: int, freeze_bac
     values = {
         "seed": 0,
         "gpus": 2,
-        "data": {"source": "synthetic", "synthetic": {"images_per_class": images_per_class, "frames_per_run": 10}, "image_size": SIZE},
+        "data": {
+            "source": "synthetic",
+            "synthetic": {"images_per_class": images_per_class, "frames_per_run": 10},
+            "image_size": SIZE,
+        },
         "model": {"name": MODEL, "freeze_backbone": freeze_backbone},
         "train": {"epochs": epochs, "batch_size": BATCH, "bf16": False},
     }
@@ -315,18 +399,37 @@ def write_params(workspace: Path, images_per_class: int, epochs: int, freeze_bac
 
 def run_stage(workspace: Path, strategy: str, timeout: float) -> dict:
     """`python -m pipeline train <strategy>` in the workspace; the figures of its fastest epoch after the first."""
-    env = {k: v for k, v in os.environ.items() if k not in ("DVC_ROOT", "DVC_EXP_NAME", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    env.update(PYTHONPATH=str(REPO), MLFLOW_DISABLE_TELEMETRY="true", MLFLOW_TRACKING_URI=f"sqlite:///{workspace / 'mlruns' / 'mlflow.db'}")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DVC_ROOT", "DVC_EXP_NAME", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    }
+    env.update(
+        PYTHONPATH=str(REPO),
+        MLFLOW_DISABLE_TELEMETRY="true",
+        MLFLOW_TRACKING_URI=f"sqlite:///{workspace / 'mlruns' / 'mlflow.db'}",
+    )
     (workspace / "mlruns").mkdir(exist_ok=True)
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "pipeline", "train", strategy], cwd=workspace, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train", strategy],
+        cwd=workspace,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     wall = time.perf_counter() - started
     if result.returncode:
-        raise RuntimeError(f"train {strategy} failed ({result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+        raise RuntimeError(
+            f"train {strategy} failed ({result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+        )
     with open(workspace / "metrics" / f"curves_{strategy}.csv") as handle:
         rows = list(csv.DictReader(handle))
     summary = json.loads((workspace / "metrics" / f"train_{strategy}.json").read_text())
-    steady = min(rows[1:] or rows, key=lambda r: float(r["epoch_seconds"]))  # the fastest epoch after the first
+    steady = min(
+        rows[1:] or rows, key=lambda r: float(r["epoch_seconds"])
+    )  # the fastest epoch after the first
     return {
         "val_accuracy": summary["val_accuracy"],
         "precision": summary.get("precision", "fp32"),
@@ -348,7 +451,13 @@ def original_epoch(train_dir: Path, files: list[str], raw_root: Path, epochs: in
     from torch.utils.data import DataLoader, Subset
     from torchvision import datasets, transforms
 
-    transform = transforms.Compose([transforms.Resize((SIZE, SIZE)), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    transform = transforms.Compose(
+        [
+            transforms.Resize((SIZE, SIZE)),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
     dataset = datasets.ImageFolder(str(train_dir), transform=transform)
     wanted = {str((raw_root / name).resolve()) for name in files}
     chosen = [i for i, (path, _) in enumerate(dataset.samples) if str(Path(path).resolve()) in wanted]
@@ -359,7 +468,13 @@ def original_epoch(train_dir: Path, files: list[str], raw_root: Path, epochs: in
     model.fc = nn.Linear(model.fc.in_features, CLASSES)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
-    loader = DataLoader(Subset(dataset, chosen), batch_size=BATCH, shuffle=True, num_workers=0, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        Subset(dataset, chosen),
+        batch_size=BATCH,
+        shuffle=True,
+        num_workers=0,
+        generator=torch.Generator().manual_seed(0),
+    )
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         optimizer.zero_grad()
@@ -383,7 +498,14 @@ def original_epoch(train_dir: Path, files: list[str], raw_root: Path, epochs: in
             images += len(y)
             fetched = time.perf_counter()
         seconds = time.perf_counter() - started
-        results.append({"epoch_seconds": seconds, "images": images, "images_per_second": images / seconds, "data_wait_fraction": waited / seconds})
+        results.append(
+            {
+                "epoch_seconds": seconds,
+                "images": images,
+                "images_per_second": images / seconds,
+                "data_wait_fraction": waited / seconds,
+            }
+        )
     best = min(results, key=lambda r: r["epoch_seconds"])
     best["epochs"] = [round(r["epoch_seconds"], 2) for r in results]
     return best
@@ -519,22 +641,52 @@ def precision_end_to_end(args: argparse.Namespace, native: bool) -> list[tuple[s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images-per-class", type=int, default=100, help="synthetic 200x200 JPEGs per class for (c) (default 100: 2,900 images)")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs of each training in (c); the fastest after the first counts (default 3)")
-    parser.add_argument("--steps", type=int, default=2, help="optimizer steps per timed round in (b) (default 2)")
-    parser.add_argument("--repeat", type=int, default=10, help="rounds in (b); each configuration's best round counts (default 10)")
-    parser.add_argument("--rounds", type=int, default=1, help="times (c) runs dp, ddp and the original in turn; each keeps its best (default 1)")
-    parser.add_argument("--quick", action="store_true", help="a fast, rougher run: 40 images per class, 2 epochs, 5 rounds")
+    parser.add_argument(
+        "--images-per-class",
+        type=int,
+        default=100,
+        help="synthetic 200x200 JPEGs per class for (c) (default 100: 2,900 images)",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=3,
+        help="epochs of each training in (c); the fastest after the first counts (default 3)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=2, help="optimizer steps per timed round in (b) (default 2)"
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=10,
+        help="rounds in (b); each configuration's best round counts (default 10)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="times (c) runs dp, ddp and the original in turn; each keeps its best (default 1)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a fast, rougher run: 40 images per class, 2 epochs, 5 rounds"
+    )
     parser.add_argument("--skip-end-to-end", action="store_true", help="only (a) and (b)")
     parser.add_argument("--precision", action="store_true", help="compare bf16 with fp32 instead (see above)")
     parser.add_argument("--workdir", type=Path, help="where to put data and workspace (default: a temp dir)")
-    parser.add_argument("--ddp-worker", type=Path, help=argparse.SUPPRESS)  # internal: one torchrun rank of the DDP step timing
+    parser.add_argument(
+        "--ddp-worker", type=Path, help=argparse.SUPPRESS
+    )  # internal: one torchrun rank of the DDP step timing
     args = parser.parse_args()
     if args.ddp_worker:
         ddp_worker(args.ddp_worker, args.steps, args.repeat)
         return
     if args.quick:
-        args.images_per_class, args.epochs, args.repeat = min(args.images_per_class, 40), min(args.epochs, 2), min(args.repeat, 5)
+        args.images_per_class, args.epochs, args.repeat = (
+            min(args.images_per_class, 40),
+            min(args.epochs, 2),
+            min(args.repeat, 5),
+        )
 
     n_cores = cores()
     threads = torch.get_num_threads()
@@ -548,14 +700,19 @@ def main() -> None:
         load = f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after, on {n_cores} cores"
         print(f"total {time.perf_counter() - begun:.0f}s; load average (1 min, with this benchmark): {load}")
         return
-    print(f"model {MODEL} at {SIZE} px, {CLASSES} classes, global batch {BATCH}; (b) best of {args.repeat} rounds of {args.steps} steps per configuration")
+    print(
+        f"model {MODEL} at {SIZE} px, {CLASSES} classes, global batch {BATCH}; (b) best of {args.repeat} rounds of {args.steps} steps per configuration"
+    )
     load_before = os.getloadavg()[0]
     begun = time.perf_counter()
 
     # (a)
     gflops = matmul_gflops(repeat=10)
     per_image = flops_per_image()
-    print(f"(a) fp32 matmul {gflops:.1f} GFLOP/s; {MODEL} forward+backward {per_image / 1e9:.3f} GFLOP per image", flush=True)
+    print(
+        f"(a) fp32 matmul {gflops:.1f} GFLOP/s; {MODEL} forward+backward {per_image / 1e9:.3f} GFLOP per image",
+        flush=True,
+    )
 
     # (b)
     generator = torch.Generator().manual_seed(0)
@@ -565,7 +722,9 @@ def main() -> None:
     configs = [
         LoopConfig("ours, channels_last", channels_last=True, loop_adamw=False, steps=args.steps),
         LoopConfig("ours, contiguous (NCHW)", channels_last=False, loop_adamw=False, steps=args.steps),
-        LoopConfig("before: for-loop AdamW, channels_last", channels_last=True, loop_adamw=True, steps=args.steps),
+        LoopConfig(
+            "before: for-loop AdamW, channels_last", channels_last=True, loop_adamw=True, steps=args.steps
+        ),
     ]
     for config in configs:  # warm-up: first-call allocations and oneDNN primitive creation
         config.epoch(images, labels, 2, generator)
@@ -579,10 +738,16 @@ def main() -> None:
         for config in configs[round_ % 3 :] + configs[: round_ % 3]:
             config.epoch(images, labels, args.steps, generator)
     ceiling = gflops * 1e9 / per_image
-    print(f"(a) fp32 matmul, best over (a) and (b): {gflops:.1f} GFLOP/s -> ceiling {ceiling:.0f} images/s", flush=True)
+    print(
+        f"(a) fp32 matmul, best over (a) and (b): {gflops:.1f} GFLOP/s -> ceiling {ceiling:.0f} images/s",
+        flush=True,
+    )
     for config in configs:
         rates = ", ".join(f"{r:.0f}" for r in config.rates)
-        print(f"(b) {config.label:<40} {config.optimizer_name:<18} best {config.best:6.1f} images/s (rounds: {rates})", flush=True)
+        print(
+            f"(b) {config.label:<40} {config.optimizer_name:<18} best {config.best:6.1f} images/s (rounds: {rates})",
+            flush=True,
+        )
     ours, nchw, before = configs
     phases = step_phases(ours, images, labels, steps=5)
     phases_before = step_phases(before, images, labels, steps=5)
@@ -593,13 +758,22 @@ def main() -> None:
         + ", ".join(f"{k} {v:.0f} ms" for k, v in phases.items())
         + f" = {step_ms:.0f} ms ({BATCH / step_ms * 1e3:.0f} images/s)"
     )
-    print(f"(b) optimizer step: {ours.optimizer_name} {phases['optimizer']:.1f} ms, {before.optimizer_name} {phases_before['optimizer']:.1f} ms (best of 5)")
+    print(
+        f"(b) optimizer step: {ours.optimizer_name} {phases['optimizer']:.1f} ms, {before.optimizer_name} {phases_before['optimizer']:.1f} ms (best of 5)"
+    )
     profiled = sum(groups.values())
     conv_rate = per_image * BATCH / (groups["convolution"] / 1e3) / 1e9 if groups["convolution"] else 0.0
-    print("(b) profiler, self CPU per step: " + ", ".join(f"{k} {v:.0f} ms ({v / profiled:.0%})" for k, v in groups.items()))
-    print(f"(b) convolutions alone run at {conv_rate:.0f} GFLOP/s = {conv_rate / gflops:.0%} of the matmul rate (counted FLOPs: conv + fc)")
+    print(
+        "(b) profiler, self CPU per step: "
+        + ", ".join(f"{k} {v:.0f} ms ({v / profiled:.0%})" for k, v in groups.items())
+    )
+    print(
+        f"(b) convolutions alone run at {conv_rate:.0f} GFLOP/s = {conv_rate / gflops:.0%} of the matmul rate (counted FLOPs: conv + fc)"
+    )
     print("(b) top ops (ms per step): " + ", ".join(f"{name} {ms:.0f}" for name, ms in top), flush=True)
-    ddp = ddp_steps(args.steps + 1, max(4, args.repeat // 2), processes=2)  # as `train ddp` with gpus=2 in (c)
+    ddp = ddp_steps(
+        args.steps + 1, max(4, args.repeat // 2), processes=2
+    )  # as `train ddp` with gpus=2 in (c)
     ddp_rates = ddp["images_per_second"]
     print(
         f"(b) our DDP step, {ddp['world_size']} processes x {ddp['threads_per_rank']} thread(s), images/s: gradients averaged "
@@ -609,23 +783,45 @@ def main() -> None:
     )
 
     rows = [
-        ("(a) fp32 matmul rate", f"{gflops:.1f} GFLOP/s", f"2048x2048 torch.mm, {threads} threads, best of {10 + 2 * args.repeat}"),
-        ("(a) training FLOPs per image", f"{per_image / 1e9:.3f} GFLOP", "FlopCounterMode, forward + backward"),
+        (
+            "(a) fp32 matmul rate",
+            f"{gflops:.1f} GFLOP/s",
+            f"2048x2048 torch.mm, {threads} threads, best of {10 + 2 * args.repeat}",
+        ),
+        (
+            "(a) training FLOPs per image",
+            f"{per_image / 1e9:.3f} GFLOP",
+            "FlopCounterMode, forward + backward",
+        ),
         ("(a) compute ceiling", f"{ceiling:.0f} img/s", "matmul rate / FLOPs per image"),
     ]
     for config in configs:
         fraction = config.best / ceiling
-        result = f"{fraction:.0%} of ceiling  " + (verdict(fraction, TARGET_CEILING) if config is ours else "")
+        result = f"{fraction:.0%} of ceiling  " + (
+            verdict(fraction, TARGET_CEILING) if config is ours else ""
+        )
         if config is nchw:
             result += f"channels_last is {ours.best / nchw.best:.2f}x contiguous"
         if config is before:
             result += f"fused AdamW is {ours.best / before.best:.2f}x for-loop"
         rows.append((f"(b) loop: {config.label}", f"{config.best:.1f} img/s", result))
-    rows.append(("(b) optimizer step, fused vs for-loop AdamW", f"{phases['optimizer']:.1f} ms", f"for-loop {phases_before['optimizer']:.1f} ms (best step of 5 each)"))
+    rows.append(
+        (
+            "(b) optimizer step, fused vs for-loop AdamW",
+            f"{phases['optimizer']:.1f} ms",
+            f"for-loop {phases_before['optimizer']:.1f} ms (best step of 5 each)",
+        )
+    )
     for mode, label in (("no_sync", "no_sync (compute only)"), ("gloo", "gloo all-reduce")):
         rate = ddp_rates[mode]
         cost = "" if mode == "no_sync" else f"; averaging costs {1 - rate / ddp_rates['no_sync']:.0%}"
-        rows.append((f"(b) DDP step, {ddp['world_size']} procs, {label}", f"{rate:.1f} img/s", f"{rate / ours.best:.2f}x the one-process loop{cost}"))
+        rows.append(
+            (
+                f"(b) DDP step, {ddp['world_size']} procs, {label}",
+                f"{rate:.1f} img/s",
+                f"{rate / ours.best:.2f}x the one-process loop{cost}",
+            )
+        )
 
     # (c)
     if not args.skip_end_to_end:
@@ -634,8 +830,12 @@ def main() -> None:
             work.mkdir(parents=True, exist_ok=True)
             if (work / "ws").exists():
                 shutil.rmtree(work / "ws")
-            workspace, manifest, generated, preprocessed = make_workspace(work, args.images_per_class, args.epochs)
-            train_files = [name for shard in manifest["shards"] if shard["split"] == "train" for name in shard["files"]]
+            workspace, manifest, generated, preprocessed = make_workspace(
+                work, args.images_per_class, args.epochs
+            )
+            train_files = [
+                name for shard in manifest["shards"] if shard["split"] == "train" for name in shard["files"]
+            ]
             print(
                 f"(c) {args.images_per_class * CLASSES} synthetic JPEGs generated in {generated:.1f}s, preprocessed in {preprocessed:.1f}s; "
                 f"training split {len(train_files)} images",
@@ -645,12 +845,26 @@ def main() -> None:
             best_of: dict[str, dict] = {}
             # The frozen backbone is the original study's mode: only the head learns, so the
             # all-reduce carries 60 KB instead of 43 MiB; it shows what DDP costs without it.
-            runs = {"dp": ("dp", False), "ddp": ("ddp", False), "original": None, "dp frozen": ("dp", True), "ddp frozen": ("ddp", True)}
+            runs = {
+                "dp": ("dp", False),
+                "ddp": ("ddp", False),
+                "original": None,
+                "dp frozen": ("dp", True),
+                "ddp frozen": ("ddp", True),
+            }
             for _ in range(args.rounds):  # each in turn; each keeps its best round
                 for name, stage in runs.items():
                     if stage is None:
-                        figures = original_epoch(raw / "asl_alphabet_train" / "asl_alphabet_train", train_files, raw, epochs=max(1, args.epochs - 1))
-                        print(f"(c) original loop: epochs {figures['epochs']} s, best {figures['images_per_second']:.1f} img/s, data wait {figures['data_wait_fraction']:.0%}", flush=True)
+                        figures = original_epoch(
+                            raw / "asl_alphabet_train" / "asl_alphabet_train",
+                            train_files,
+                            raw,
+                            epochs=max(1, args.epochs - 1),
+                        )
+                        print(
+                            f"(c) original loop: epochs {figures['epochs']} s, best {figures['images_per_second']:.1f} img/s, data wait {figures['data_wait_fraction']:.0%}",
+                            flush=True,
+                        )
                     else:
                         strategy, frozen = stage
                         write_params(workspace, args.images_per_class, args.epochs, freeze_backbone=frozen)
@@ -660,7 +874,10 @@ def main() -> None:
                             f"command wall {figures['wall_seconds']:.0f}s",
                             flush=True,
                         )
-                    if name not in best_of or figures["images_per_second"] > best_of[name]["images_per_second"]:
+                    if (
+                        name not in best_of
+                        or figures["images_per_second"] > best_of[name]["images_per_second"]
+                    ):
                         best_of[name] = figures
             dp_run, ddp_run, original = best_of["dp"], best_of["ddp"], best_of["original"]
             dp_frozen, ddp_frozen = best_of["dp frozen"], best_of["ddp frozen"]
@@ -675,16 +892,38 @@ def main() -> None:
             rows.append((label, f"{figures['images_per_second']:.1f} img/s", result))
         speedup = dp_run["images_per_second"] / original["images_per_second"]
         ddp_ratio = ddp_run["images_per_second"] / dp_run["images_per_second"]
-        rows.append(("(c) ours dp vs original (images/s)", f"{speedup:.2f}x", f"epoch {original['epoch_seconds']:.1f}s -> {dp_run['epoch_seconds']:.1f}s"))
-        rows.append((f"(c) ddp ({ddp_run['world_size']} procs) vs dp (1 proc) (images/s)", f"{ddp_ratio:.2f}x", verdict(ddp_ratio, TARGET_DDP)))
+        rows.append(
+            (
+                "(c) ours dp vs original (images/s)",
+                f"{speedup:.2f}x",
+                f"epoch {original['epoch_seconds']:.1f}s -> {dp_run['epoch_seconds']:.1f}s",
+            )
+        )
+        rows.append(
+            (
+                f"(c) ddp ({ddp_run['world_size']} procs) vs dp (1 proc) (images/s)",
+                f"{ddp_ratio:.2f}x",
+                verdict(ddp_ratio, TARGET_DDP),
+            )
+        )
         frozen_ratio = ddp_frozen["images_per_second"] / dp_frozen["images_per_second"]
-        rows.append(("(c) frozen backbone: ddp vs dp (images/s)", f"{frozen_ratio:.2f}x", "context: the all-reduce is 60 KB, not 43 MiB"))
+        rows.append(
+            (
+                "(c) frozen backbone: ddp vs dp (images/s)",
+                f"{frozen_ratio:.2f}x",
+                "context: the all-reduce is 60 KB, not 43 MiB",
+            )
+        )
 
     print_table(rows)
     load_after = os.getloadavg()[0]
     # This benchmark itself keeps up to 2 processes busy, so only a load well above the core count
     # says that something else competed.
-    busy = " (well above the core count: other processes competed, figures are low)" if max(load_before, load_after) > n_cores + 1 else ""
+    busy = (
+        " (well above the core count: other processes competed, figures are low)"
+        if max(load_before, load_after) > n_cores + 1
+        else ""
+    )
     print(
         f"total {time.perf_counter() - begun:.0f}s; load average (1 min, includes this benchmark): {load_before:.2f} before, "
         f"{load_after:.2f} after, on {n_cores} cores{busy}"

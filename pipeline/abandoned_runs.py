@@ -32,7 +32,12 @@ def owner_tags(status_if_abandoned: str) -> dict[str, str]:
     """Tags naming this process as the one holding a run open, and the status the run gets if
     this process dies with it open (FAILED, or the status of a finished run it reopened)."""
     me = psutil.Process()
-    tags = {"host": socket.gethostname(), "pid": str(me.pid), "pid_started": f"{me.create_time():.2f}", "status_if_abandoned": status_if_abandoned}
+    tags = {
+        "host": socket.gethostname(),
+        "pid": str(me.pid),
+        "pid_started": f"{me.create_time():.2f}",
+        "status_if_abandoned": status_if_abandoned,
+    }
     if _pid_namespace():
         tags["pid_namespace"] = _pid_namespace()
     return tags
@@ -55,7 +60,11 @@ def _owner_alive(pid: int, started: str) -> bool:
 def abandoned(run: Any) -> bool:
     """A RUNNING run opened by a process of this machine (same host, same pid namespace) that is gone."""
     tags = run.data.tags
-    if run.info.status != "RUNNING" or tags.get("host") != socket.gethostname() or tags.get("pid_namespace", "") != _pid_namespace():
+    if (
+        run.info.status != "RUNNING"
+        or tags.get("host") != socket.gethostname()
+        or tags.get("pid_namespace", "") != _pid_namespace()
+    ):
         return False
     if not tags.get("pid", "").isdigit() or "pid_started" not in tags:
         return False  # opened by code that did not record its process: nothing to judge by
@@ -69,15 +78,23 @@ def close_abandoned_runs(client: Any, experiment_id: str, closing_stage: str) ->
     evaluate had reopened) and a tag `abandoned` saying what happened and who noticed."""
     host = socket.gethostname()
     candidates = client.search_runs(
-        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.host = '{host}'", max_results=1000
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.host = '{host}'",
+        max_results=1000,
     )
     closed = []
     for candidate in filter(abandoned, candidates):
-        run = client.get_run(candidate.info.run_id)  # as it is now: a live process may have reopened it meanwhile
+        run = client.get_run(
+            candidate.info.run_id
+        )  # as it is now: a live process may have reopened it meanwhile
         if not abandoned(run):
             continue
         tags = run.data.tags
-        status = tags.get("status_if_abandoned") if tags.get("status_if_abandoned") in ("FINISHED", "FAILED", "KILLED") else "FAILED"
+        status = (
+            tags.get("status_if_abandoned")
+            if tags.get("status_if_abandoned") in ("FINISHED", "FAILED", "KILLED")
+            else "FAILED"
+        )
         when = time.strftime("%Y-%m-%d %H:%M:%S %z")
         note = (
             f"process {tags['pid']} on {host} ended with this run still open (killed, or it lost the tracking server); "

@@ -55,7 +55,9 @@ class BatchAugment:
                 host = (self.draws(epoch), torch.from_numpy(np.ascontiguousarray(step_indices)))
                 if images.device.type == "cuda":  # pinned and non-blocking: no step waits for the copy
                     host = tuple(tensor.pin_memory() for tensor in host)
-                on_device[images.device] = tuple(tensor.to(images.device, non_blocking=True) for tensor in host)
+                on_device[images.device] = tuple(
+                    tensor.to(images.device, non_blocking=True) for tensor in host
+                )
             draws, indices = on_device[images.device]
             return self.apply(images, draws[indices[step]])
 

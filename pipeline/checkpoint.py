@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,15 @@ def fingerprint(params: Params, manifest: dict) -> str:
     recipe = {
         "seed": params.seed,
         "model": [params.model.name, params.model.pretrained, params.model.freeze_backbone],
-        "train": [train.epochs, train.batch_size, train.lr, train.weight_decay, train.label_smoothing, train.sync_batchnorm, train.shuffle_buffer],
+        "train": [
+            train.epochs,
+            train.batch_size,
+            train.lr,
+            train.weight_decay,
+            train.label_smoothing,
+            train.sync_batchnorm,
+            train.shuffle_buffer,
+        ],
         "shards": sorted(shard["sha256"] for shard in manifest["shards"]),
         "augment": dataclasses.asdict(train.augment),
     }

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated
 
 import typer
 
@@ -18,7 +19,10 @@ from pipeline.errors import UserError
 from pipeline.paths import Paths, workspace_paths
 
 app = typer.Typer(
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, help="ASL alphabet pipeline: one command per DVC stage, plus tools."
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="ASL alphabet pipeline: one command per DVC stage, plus tools.",
 )
 
 ParamsFile = Annotated[Path, typer.Option("--params", help="params file to read", show_default=True)]
@@ -54,8 +58,11 @@ def _lost_tracking_server(err: Exception) -> UserError | None:
 
 
 WorkspaceOption = Annotated[
-    Optional[Path],
-    typer.Option("--workspace", help="folder whose data/, models/ and metrics/ to use (default: the one holding dvc.yaml)"),
+    Path | None,
+    typer.Option(
+        "--workspace",
+        help="folder whose data/, models/ and metrics/ to use (default: the one holding dvc.yaml)",
+    ),
 ]
 
 
@@ -90,7 +97,12 @@ def preprocess(params_file: ParamsFile = Path("params.yaml")) -> None:
 @app.command()
 @user_errors
 def train(
-    strategy: Annotated[str, typer.Argument(help="dp (DataParallel) or ddp (DistributedDataParallel via torchrun)", callback=_strategy)],
+    strategy: Annotated[
+        str,
+        typer.Argument(
+            help="dp (DataParallel) or ddp (DistributedDataParallel via torchrun)", callback=_strategy
+        ),
+    ],
     params_file: ParamsFile = Path("params.yaml"),
     workspace: WorkspaceOption = None,
 ) -> None:
@@ -105,7 +117,9 @@ def train(
 @app.command()
 @user_errors
 def evaluate(
-    strategy: Annotated[str, typer.Argument(help="which trained model to evaluate: dp or ddp", callback=_strategy)],
+    strategy: Annotated[
+        str, typer.Argument(help="which trained model to evaluate: dp or ddp", callback=_strategy)
+    ],
     params_file: ParamsFile = Path("params.yaml"),
 ) -> None:
     """Measure models/<strategy> on the validation split and the test folder; log into its training's MLflow run."""
@@ -135,10 +149,16 @@ def scaling(params_file: ParamsFile = Path("params.yaml")) -> None:
 @app.command()
 @user_errors
 def predict(
-    images: Annotated[list[Path], typer.Argument(help="image files, or folders of .jpg/.jpeg/.png images (searched recursively)")],
+    images: Annotated[
+        list[Path],
+        typer.Argument(help="image files, or folders of .jpg/.jpeg/.png images (searched recursively)"),
+    ],
     model: Annotated[
         str | None,
-        typer.Option("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a model folder [default: the champion]"),
+        typer.Option(
+            "--model",
+            help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a model folder [default: the champion]",
+        ),
     ] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="classes to show per image")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
@@ -158,7 +178,10 @@ def predict(
 @app.command("serve-ui")
 @user_errors
 def serve_ui(
-    model: Annotated[str | None, typer.Option("--model", help="model to serve (any --model of `predict`) [default: the champion]")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="model to serve (any --model of `predict`) [default: the champion]"),
+    ] = None,
     params_file: ParamsFile = Path("params.yaml"),
 ) -> None:
     """Serve the web page: upload or photograph a sign, see the prediction (serve.host:serve.port)."""
@@ -172,8 +195,12 @@ def serve_ui(
 @app.command("team-server")
 @user_errors
 def team_server(
-    folder: Annotated[Path, typer.Option("--folder", help="where PostgreSQL's data, the artifacts and the logs live")] = Path("team-server"),
-    host: Annotated[str, typer.Option("--host", help="address to listen on: loopback, or 0.0.0.0 for a team's network")] = "127.0.0.1",
+    folder: Annotated[
+        Path, typer.Option("--folder", help="where PostgreSQL's data, the artifacts and the logs live")
+    ] = Path("team-server"),
+    host: Annotated[
+        str, typer.Option("--host", help="address to listen on: loopback, or 0.0.0.0 for a team's network")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="port of the MLflow server")] = 5000,
     workers: Annotated[int, typer.Option("--workers", min=1, help="MLflow server worker processes")] = 2,
 ) -> None:
@@ -186,9 +213,15 @@ def team_server(
 @app.command("node-params")
 @user_errors
 def node_params(
-    nnodes: Annotated[int, typer.Option("--nnodes", help="nodes in the job (SLURM_NNODES, or WORLD_SIZE of a PyTorchJob)")],
-    node_rank: Annotated[int, typer.Option("--node-rank", help="this node's rank (SLURM_NODEID, or RANK of a PyTorchJob)")],
-    rdzv_endpoint: Annotated[str, typer.Option("--rdzv-endpoint", help="host:port of node 0, where torchrun meets")],
+    nnodes: Annotated[
+        int, typer.Option("--nnodes", help="nodes in the job (SLURM_NNODES, or WORLD_SIZE of a PyTorchJob)")
+    ],
+    node_rank: Annotated[
+        int, typer.Option("--node-rank", help="this node's rank (SLURM_NODEID, or RANK of a PyTorchJob)")
+    ],
+    rdzv_endpoint: Annotated[
+        str, typer.Option("--rdzv-endpoint", help="host:port of node 0, where torchrun meets")
+    ],
     out: Annotated[Path, typer.Option("--out", help="params file to write for this node")],
     params_file: ParamsFile = Path("params.yaml"),
 ) -> None:

@@ -23,12 +23,12 @@ import torch
 
 from pipeline.config import Params
 from pipeline.errors import UserError
-from pipeline.serving.networks import class_probabilities
-from pipeline.serving.precision import autocast, precision
 from pipeline.fileio import atomic_write_bytes, atomic_write_json
 from pipeline.lineage import fingerprint_tags, log_splits
 from pipeline.paths import Paths
 from pipeline.registry import existing_run, read_run_info
+from pipeline.serving.networks import class_probabilities
+from pipeline.serving.precision import autocast, precision
 from pipeline.shards import open_shard, read_manifest, split_shards, verify_shards
 
 TOP_K = 3
@@ -81,9 +81,18 @@ def classification_metrics(y_true, y_pred, probabilities, prefix: str) -> dict[s
     `probabilities` is N x classes (columns in label order), for top-3 accuracy. Precision, recall
     and F1 use zero_division=0 over the classes present in y_true or y_pred.
     """
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, precision_recall_fscore_support, top_k_accuracy_score
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        precision_recall_fscore_support,
+        top_k_accuracy_score,
+    )
 
-    y_true, y_pred, probabilities = np.asarray(y_true), np.asarray(y_pred), np.asarray(probabilities, dtype=np.float64)
+    y_true, y_pred, probabilities = (
+        np.asarray(y_true),
+        np.asarray(y_pred),
+        np.asarray(probabilities, dtype=np.float64),
+    )
     if len(y_true) == 0:
         raise ValueError("classification_metrics needs at least one prediction")
     labels = _present_labels(y_true, y_pred)
@@ -93,11 +102,18 @@ def classification_metrics(y_true, y_pred, probabilities, prefix: str) -> dict[s
         balanced = balanced_accuracy_score(y_true, y_pred)
     figures = {"accuracy": accuracy_score(y_true, y_pred), "balanced_accuracy": balanced}
     for average in ("macro", "weighted"):
-        precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=average, zero_division=0)
+        precision, recall, f1, _ = precision_recall_fscore_support(
+            y_true, y_pred, labels=labels, average=average, zero_division=0
+        )
         figures.update({f"{average}_precision": precision, f"{average}_recall": recall, f"{average}_f1": f1})
-    figures["top3_accuracy"] = top_k_accuracy_score(y_true, probabilities, k=TOP_K, labels=list(range(probabilities.shape[1])))
+    figures["top3_accuracy"] = top_k_accuracy_score(
+        y_true, probabilities, k=TOP_K, labels=list(range(probabilities.shape[1]))
+    )
     figures["images"] = len(y_true)
-    return {f"{prefix}{name}": (int(figures[name]) if name == "images" else float(figures[name])) for name in METRIC_NAMES}
+    return {
+        f"{prefix}{name}": (int(figures[name]) if name == "images" else float(figures[name]))
+        for name in METRIC_NAMES
+    }
 
 
 def class_report(y_true, y_pred, classes: list[str]) -> tuple[str, dict]:
@@ -106,7 +122,9 @@ def class_report(y_true, y_pred, classes: list[str]) -> tuple[str, dict]:
 
     labels = _present_labels(y_true, y_pred)
     kwargs = dict(labels=labels, target_names=[classes[i] for i in labels], zero_division=0)
-    return classification_report(y_true, y_pred, digits=4, **kwargs), classification_report(y_true, y_pred, output_dict=True, **kwargs)
+    return classification_report(y_true, y_pred, digits=4, **kwargs), classification_report(
+        y_true, y_pred, output_dict=True, **kwargs
+    )
 
 
 def confusion_png(y_true, y_pred, classes: list[str], title: str) -> bytes:
@@ -142,7 +160,9 @@ def predictions_csv(y_true, y_pred, classes: list[str]) -> bytes:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["actual", "predicted"])
-    writer.writerows((classes[t], classes[p]) for t, p in zip(np.asarray(y_true).tolist(), np.asarray(y_pred).tolist()))
+    writer.writerows(
+        (classes[t], classes[p]) for t, p in zip(np.asarray(y_true).tolist(), np.asarray(y_pred).tolist())
+    )
     return buffer.getvalue().encode()
 
 
@@ -150,7 +170,9 @@ def predictions_csv(y_true, y_pred, classes: list[str]) -> bytes:
 
 
 def _check_compatible(config: dict, manifest: dict, strategy: str) -> None:
-    if list(config["classes"]) != list(manifest["classes"]) or int(config["image_size"]) != int(manifest["image_size"]):
+    if list(config["classes"]) != list(manifest["classes"]) or int(config["image_size"]) != int(
+        manifest["image_size"]
+    ):
         raise UserError(
             f"models/{strategy} was trained on other shards (classes or image size differ from data/shards): "
             f"run `dvc repro train@{strategy}` first"
@@ -192,8 +214,10 @@ def _evaluate_external(
         y_true, y_pred, _ = scored
         metrics = classification_metrics(*scored, prefix="external_")
         text, report = class_report(y_true, y_pred, classes)
-        title = (f"{strategy}: external test set, {metrics['external_images']} images, accuracy "
-                 f"{metrics['external_accuracy']:.3f}, macro F1 {metrics['external_macro_f1']:.3f}")
+        title = (
+            f"{strategy}: external test set, {metrics['external_images']} images, accuracy "
+            f"{metrics['external_accuracy']:.3f}, macro F1 {metrics['external_macro_f1']:.3f}"
+        )
     atomic_write_bytes(paths.external_predictions(strategy), predictions_csv(y_true, y_pred, classes))
     atomic_write_bytes(paths.external_confusion_png(strategy), confusion_png(y_true, y_pred, classes, title))
     return metrics, text, report
@@ -246,7 +270,9 @@ def run_evaluate(params: Params, paths: Paths, strategy: str) -> dict[str, float
 
     val = _evaluate_split(network, paths, manifest, "val", params, device)
     if val is None:
-        raise UserError("the validation split is empty: check data.val_fraction and run `dvc repro preprocess`")
+        raise UserError(
+            "the validation split is empty: check data.val_fraction and run `dvc repro preprocess`"
+        )
     metrics = classification_metrics(*val, prefix="val_")
     val_text, val_dict = class_report(val[0], val[1], classes)
     test = _evaluate_split(network, paths, manifest, "test", params, device)
@@ -278,10 +304,16 @@ def run_evaluate(params: Params, paths: Paths, strategy: str) -> dict[str, float
         keep_status_on_error=True,
     ):
         client = MlflowClient()
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=_metric_step(client, run_info["run_id"]))
+        mlflow.log_metrics(
+            {k: float(v) for k, v in metrics.items()}, step=_metric_step(client, run_info["run_id"])
+        )
         log_splits(manifest, ("val", "test", "external"))
         mlflow.set_tags(fingerprint_tags(manifest, ("val", "external")))
-        for path in (paths.eval_metrics(strategy), paths.eval_confusion_png(strategy), paths.eval_predictions(strategy)):
+        for path in (
+            paths.eval_metrics(strategy),
+            paths.eval_confusion_png(strategy),
+            paths.eval_predictions(strategy),
+        ):
             mlflow.log_artifact(str(path))
         for path in (paths.external_confusion_png(strategy), paths.external_predictions(strategy)):
             mlflow.log_artifact(str(path))

@@ -123,7 +123,6 @@ class DivergenceCheck:
             raise NonFiniteLoss(self.flag_step)
 
 
-
 class _Timed:
     """Iterates `batches`, adding up the time spent waiting for each (gather and host-to-device copy)."""
 
@@ -139,6 +138,7 @@ class _Timed:
             if batch is None:
                 return
             yield batch
+
 
 def train_one_epoch(
     model: nn.Module,
@@ -186,7 +186,9 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[Batch], strategy: Strategy, settings: StepSettings) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, batches: Iterable[Batch], strategy: Strategy, settings: StepSettings
+) -> tuple[float, float]:
     """(mean loss, accuracy) over every item exactly once: `batches` holds this process's share."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=settings.device)

@@ -66,7 +66,9 @@ def use_store() -> str:
 
     uri = tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise UserError(f"no MLflow store at {uri.removeprefix('sqlite:///')}: run `dvc repro` first, or set MLFLOW_TRACKING_URI")
+        raise UserError(
+            f"no MLflow store at {uri.removeprefix('sqlite:///')}: run `dvc repro` first, or set MLFLOW_TRACKING_URI"
+        )
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri
@@ -103,7 +105,9 @@ def _registry_ref(uri: str, name: str, alias: str | None, version: str | None) -
 def resolve_model(uri_or_dir: str) -> ModelRef:
     """A `ModelRef` for a registry URI, a run's model URI or a local model folder."""
     match = _REGISTRY_URI.match(uri_or_dir)
-    if match and (match["alias"] or match["version"]):  # `models:/<id>` alone is a logged model, not a registered one
+    if match and (
+        match["alias"] or match["version"]
+    ):  # `models:/<id>` alone is a logged model, not a registered one
         return _registry_ref(uri_or_dir, match["name"], match["alias"], match["version"])
     if uri_or_dir.startswith(("models:/", "runs:/")):
         use_store()
@@ -117,7 +121,9 @@ def resolve_model(uri_or_dir: str) -> ModelRef:
             )
         return ModelRef(str(folder.resolve()), str(folder.resolve()))
     if "://" in uri_or_dir or ":/" in uri_or_dir:
-        return ModelRef(uri_or_dir, uri_or_dir)  # another MLflow artifact URI (s3://, file:/...): MLflow decides
+        return ModelRef(
+            uri_or_dir, uri_or_dir
+        )  # another MLflow artifact URI (s3://, file:/...): MLflow decides
     raise UserError(
         f"{uri_or_dir!r} is neither a model folder nor a model URI (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model)"
     )
@@ -129,7 +135,9 @@ def model_classes(model: Any) -> list[str]:
     if classes is None:
         classes = getattr(model.unwrap_python_model(), "classes", None)
     if not classes:
-        raise UserError("the model carries no class names: is it an ASL classifier logged by `python -m pipeline train`?")
+        raise UserError(
+            "the model carries no class names: is it an ASL classifier logged by `python -m pipeline train`?"
+        )
     return [str(name) for name in classes]
 
 
@@ -152,7 +160,9 @@ def load_model(uri_or_dir: str) -> LoadedModel:
 # --- classifying -----------------------------------------------------------------------------------
 
 
-def top_k(probabilities: Sequence[float] | np.ndarray, classes: Sequence[str], k: int) -> list[dict[str, Any]]:
+def top_k(
+    probabilities: Sequence[float] | np.ndarray, classes: Sequence[str], k: int
+) -> list[dict[str, Any]]:
     """The `k` most probable classes, most probable first (ties in class order)."""
     values = np.asarray(probabilities, dtype=np.float64)
     order = np.argsort(-values, kind="stable")[:k]
@@ -224,7 +234,12 @@ def predict_files(loaded: LoadedModel, files: Sequence[Path], k: int) -> list[di
 def _result(file: str, answer: np.ndarray | bytes | str, classes: list[str], k: int) -> dict[str, Any]:
     if isinstance(answer, np.ndarray):
         ranked = top_k(answer, classes, k)
-        return {"file": file, "label": ranked[0]["label"], "probability": ranked[0]["probability"], "top_k": ranked}
+        return {
+            "file": file,
+            "label": ranked[0]["label"],
+            "probability": ranked[0]["probability"],
+            "top_k": ranked,
+        }
     return {"file": file, "error": str(answer)}
 
 

@@ -22,15 +22,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.dataset import CLASSES
 from pipeline.config import DataConfig, Params
+from pipeline.dataset import CLASSES
 from pipeline.errors import UserError
-from pipeline.serving.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_image, is_image_name, normalize
-from pipeline.paths import Paths
 from pipeline.fileio import atomic_write_json
+from pipeline.paths import Paths
+from pipeline.serving.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_image, is_image_name, normalize
 from pipeline.shards import auto_shard_size, write_shard
-from pipeline.workers import process_pool
 from pipeline.split import block_split, frame_order, random_split, stratified_cap
+from pipeline.workers import process_pool
 
 Job = tuple[Path, int]  # (image file, label)
 
@@ -44,15 +44,26 @@ def scan_train(train_dir: Path) -> list[list[Path]]:
         folder = train_dir / name
         files = []
         if folder.is_dir():
-            with os.scandir(folder) as entries:  # no stat() per file, unlike Path.is_file(): 87,000 files add up
-                files = [Path(e.path) for e in entries if is_image_name(e.name) and not e.name.startswith(".") and e.is_file()]
+            with os.scandir(
+                folder
+            ) as entries:  # no stat() per file, unlike Path.is_file(): 87,000 files add up
+                files = [
+                    Path(e.path)
+                    for e in entries
+                    if is_image_name(e.name) and not e.name.startswith(".") and e.is_file()
+                ]
         per_class.append([files[i] for i in frame_order([p.stem for p in files])])
     if sum(map(len, per_class)) == 0:
-        raise UserError(f"{train_dir} holds no images in class folders ({', '.join(CLASSES[:3])}, ...): check data.source")
+        raise UserError(
+            f"{train_dir} holds no images in class folders ({', '.join(CLASSES[:3])}, ...): check data.source"
+        )
     empty = [name for name, files in zip(CLASSES, per_class) if not files]
     if empty:
         # Not fatal: a data set may lack a class on purpose; but the model will never predict it.
-        print(f"warning: no training images for class(es) {', '.join(empty)} in {train_dir}: the model cannot learn them", file=sys.stderr)
+        print(
+            f"warning: no training images for class(es) {', '.join(empty)} in {train_dir}: the model cannot learn them",
+            file=sys.stderr,
+        )
     return per_class
 
 
@@ -129,7 +140,9 @@ def _decode_chunk(jobs: list[DecodeTask]) -> list[Decoded]:
     return [_decode_job(job) for job in jobs]
 
 
-def decode_in_order(pool: Executor, tasks: Iterable[DecodeTask], chunk_size: int, window: int) -> Iterator[Decoded]:
+def decode_in_order(
+    pool: Executor, tasks: Iterable[DecodeTask], chunk_size: int, window: int
+) -> Iterator[Decoded]:
     """The decoded tasks, in order, with at most `window` chunks of `chunk_size` in the pool.
 
     Like `pool.map(_decode_job, tasks, chunksize=chunk_size)`, but Executor.map submits every task
@@ -165,7 +178,9 @@ class ShardWriter:
         self.out_dir, self.split, self.shard_size, self.source_root = out_dir, split, shard_size, source_root
         self._prefix = str(source_root) + os.sep
         self.pixels = np.empty((shard_size, image_size, image_size, 3), dtype=np.uint8)
-        self.images = np.empty((shard_size, 3, image_size, image_size), dtype=np.float16)  # reused by every flush
+        self.images = np.empty(
+            (shard_size, 3, image_size, image_size), dtype=np.float16
+        )  # reused by every flush
         self.levels = float16_levels()
         self.labels: list[int] = []
         self.files: list[str] = []
@@ -196,17 +211,34 @@ class ShardWriter:
         for begin in range(0, count, _NORMALIZE_BLOCK):
             end = min(begin + _NORMALIZE_BLOCK, count)
             for channel in range(3):
-                np.take(self.levels[channel], self.pixels[begin:end, :, :, channel], out=images[begin:end, channel], mode="clip")
+                np.take(
+                    self.levels[channel],
+                    self.pixels[begin:end, :, :, channel],
+                    out=images[begin:end, channel],
+                    mode="clip",
+                )
         sha256 = write_shard(self.out_dir / name, images, np.asarray(self.labels))
         per_class = Counter(CLASSES[label] for label in self.labels)
         self.shards.append(
-            {"file": name, "split": self.split, "count": count, "sha256": sha256, "per_class": dict(per_class), "files": self.files}
+            {
+                "file": name,
+                "split": self.split,
+                "count": count,
+                "sha256": sha256,
+                "per_class": dict(per_class),
+                "files": self.files,
+            }
         )
         self.labels, self.files = [], []
 
 
 def decode_into_shards(
-    pool: Executor, plan: dict[str, list[Job]], writers: dict[str, ShardWriter], cfg: DataConfig, progress: tqdm, workers: int
+    pool: Executor,
+    plan: dict[str, list[Job]],
+    writers: dict[str, ShardWriter],
+    cfg: DataConfig,
+    progress: tqdm,
+    workers: int,
 ) -> list[dict]:
     """Decode every split's jobs, in order, feeding each split's writer; returns the skipped files.
 
@@ -265,7 +297,9 @@ def build_shards(
         with tqdm(total=total, desc="preprocess", unit="img", disable=not sys.stderr.isatty()) as progress:
             skipped = decode_into_shards(pool, plan, writers, cfg, progress, workers)
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # after a failure: drop the queued work, don't finish it
+        pool.shutdown(
+            wait=True, cancel_futures=True
+        )  # after a failure: drop the queued work, don't finish it
 
     if total and len(skipped) / total > cfg.max_skipped_fraction:
         examples = "; ".join(f"{s['file']} ({s['reason']})" for s in skipped[:3])
@@ -295,7 +329,9 @@ def make_manifest(cfg: DataConfig, shards: list[dict], skipped: list[dict], drop
         "shards": shards,
         "skipped": skipped,
         "dropped_for_gap": dropped,
-        "empty_classes": [c for c in CLASSES if splits["train"]["per_class"][c] + splits["val"]["per_class"][c] == 0],
+        "empty_classes": [
+            c for c in CLASSES if splits["train"]["per_class"][c] + splits["val"]["per_class"][c] == 0
+        ],
         "params": asdict(cfg),
     }
 
@@ -308,10 +344,17 @@ def run_preprocess(params: Params, paths: Paths) -> dict:
     from pipeline.tracking import tracked_run
 
     cfg = params.data
-    with tracked_run(params.mlflow.experiment, "preprocess", params={"seed": params.seed, **to_flat_dict(cfg, "data.")}):
+    with tracked_run(
+        params.mlflow.experiment, "preprocess", params={"seed": params.seed, **to_flat_dict(cfg, "data.")}
+    ):
         started = time.perf_counter()
         manifest = build_shards(
-            cfg, params.seed, paths.raw, paths.raw_train, paths.raw_test, paths.shards,
+            cfg,
+            params.seed,
+            paths.raw,
+            paths.raw_train,
+            paths.raw_test,
+            paths.shards,
             external_dir=paths.raw_external,
         )
         seconds = time.perf_counter() - started

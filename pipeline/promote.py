@@ -210,7 +210,10 @@ def write_outputs(paths: Paths, record: dict[str, Any]) -> None:
     """The whole record to promotion.json; its numbers, which `dvc metrics` and `dvc exp show`
     compare across experiments, to promote.json."""
     atomic_write_json(paths.promotion, record)
-    atomic_write_json(paths.promote_metrics, {k: record[k] for k in ("promoted", "version", "champion_version", "improvement")})
+    atomic_write_json(
+        paths.promote_metrics,
+        {k: record[k] for k in ("promoted", "version", "champion_version", "improvement")},
+    )
 
 
 def run_promote(params: Params, paths: Paths) -> dict[str, Any]:

@@ -26,9 +26,13 @@ def read_run_info(model_dir: Path, strategy: str) -> dict[str, str]:
     try:
         info = json.loads(run_file.read_text())
     except json.JSONDecodeError:
-        raise UserError(f"{run_file} is not valid JSON: run `dvc repro -f train@{strategy}` to rewrite it") from None
+        raise UserError(
+            f"{run_file} is not valid JSON: run `dvc repro -f train@{strategy}` to rewrite it"
+        ) from None
     if not isinstance(info, dict) or not all(isinstance(info.get(k), str) for k in ("run_id", "model_uri")):
-        raise UserError(f"{run_file} lacks run_id/model_uri: run `dvc repro -f train@{strategy}` to rewrite it")
+        raise UserError(
+            f"{run_file} lacks run_id/model_uri: run `dvc repro -f train@{strategy}` to rewrite it"
+        )
     return info
 
 

@@ -23,7 +23,18 @@ from pipeline.errors import UserError
 from pipeline.paths import Paths
 from pipeline.preprocess import build_shards
 
-COLUMNS = ["strategy", "gpus", "world_size", "device", "train_seconds", "images_per_second", "speedup", "efficiency", "val_accuracy", "run_id"]
+COLUMNS = [
+    "strategy",
+    "gpus",
+    "world_size",
+    "device",
+    "train_seconds",
+    "images_per_second",
+    "speedup",
+    "efficiency",
+    "val_accuracy",
+    "run_id",
+]
 
 
 def study_params(params: Params, strategy_gpus: int) -> Params:
@@ -43,10 +54,22 @@ def train_configuration(params: Params, strategy: str, gpus: int, work: Path) ->
     params_file.write_text(yaml.safe_dump(to_yaml_dict(run_params), sort_keys=False))
     # The child runs must land in this store whatever directory they run in.
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri()}
-    command = [sys.executable, "-m", "pipeline", "train", strategy, "--params", str(params_file), "--workspace", str(work)]
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "train",
+        strategy,
+        "--params",
+        str(params_file),
+        "--workspace",
+        str(work),
+    ]
     result = subprocess.run(command, cwd=work, env=env)
     if result.returncode != 0:
-        raise UserError(f"scaling: training {strategy} on {gpus} GPU(s) failed (exit {result.returncode}); its output is above")
+        raise UserError(
+            f"scaling: training {strategy} on {gpus} GPU(s) failed (exit {result.returncode}); its output is above"
+        )
     paths = Paths(work)
     figures = json.loads(paths.train_metrics(strategy).read_text())
     figures["run_id"] = json.loads((paths.model_dir(strategy) / "run.json").read_text())["run_id"]
@@ -78,14 +101,24 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    panels = [("train_seconds", "total training time (s)"), ("images_per_second", "images per second"), ("efficiency", "scaling efficiency")]
+    panels = [
+        ("train_seconds", "total training time (s)"),
+        ("images_per_second", "images per second"),
+        ("efficiency", "scaling efficiency"),
+    ]
     for axis, (key, label) in zip(axes, panels):
         for strategy, marker in (("dp", "o"), ("ddp", "s")):
             mine = sorted((r for r in rows if r["strategy"] == strategy), key=lambda r: r["gpus"])
             if mine:
-                axis.plot([r["gpus"] for r in mine], [r[key] for r in mine], marker=marker, label=strategy.upper())
+                axis.plot(
+                    [r["gpus"] for r in mine], [r[key] for r in mine], marker=marker, label=strategy.upper()
+                )
         # Without CUDA, `gpus` is what was asked for, not what ran: ddp ran that many CPU processes, dp one.
-        axis.set_xlabel("GPUs" if torch.cuda.is_available() else "gpus param (no CUDA: ddp = that many CPU processes, dp = 1 process)")
+        axis.set_xlabel(
+            "GPUs"
+            if torch.cuda.is_available()
+            else "gpus param (no CUDA: ddp = that many CPU processes, dp = 1 process)"
+        )
         axis.set_ylabel(label)
         axis.set_xticks(sorted({r["gpus"] for r in rows}))
         axis.grid(alpha=0.3)
@@ -108,11 +141,19 @@ def run_scaling(params: Params, paths: Paths) -> list[dict]:
     work = paths.scaling / "work"
     work.mkdir(parents=True, exist_ok=True)
     sample = study_params(params, study.gpu_counts[0]).data
-    manifest = build_shards(sample, params.seed, paths.raw, paths.raw_train, paths.raw_test, Paths(work).shards)
+    manifest = build_shards(
+        sample, params.seed, paths.raw, paths.raw_train, paths.raw_test, Paths(work).shards
+    )
     images = manifest["splits"]["train"]["count"]
     device = device_label()
-    flat = {k: v for k, v in to_flat_dict(params).items() if k.startswith(("scaling.", "model.", "train.batch_size", "train.lr", "seed"))}
-    with tracked_run(params.mlflow.experiment, "scaling", params=flat, tags={"device": device}, run_name="scaling-study") as parent:
+    flat = {
+        k: v
+        for k, v in to_flat_dict(params).items()
+        if k.startswith(("scaling.", "model.", "train.batch_size", "train.lr", "seed"))
+    }
+    with tracked_run(
+        params.mlflow.experiment, "scaling", params=flat, tags={"device": device}, run_name="scaling-study"
+    ) as parent:
         rows = []
         for strategy in study.strategies:
             for gpus in study.gpu_counts:
@@ -122,9 +163,16 @@ def run_scaling(params: Params, paths: Paths) -> list[dict]:
         add_efficiency(rows)
         for row in rows:
             prefix = f"{row['strategy']}_{row['gpus']}gpu_"
-            mlflow.log_metrics({prefix + k: float(row[k]) for k in ("train_seconds", "images_per_second", "speedup", "efficiency")})
+            mlflow.log_metrics(
+                {
+                    prefix + k: float(row[k])
+                    for k in ("train_seconds", "images_per_second", "speedup", "efficiency")
+                }
+            )
         write_csv(paths.scaling / "scaling.csv", rows)
-        title = f"{params.model.name}, {images} images at {study.image_size}px, {study.epochs} epochs on {device}"
+        title = (
+            f"{params.model.name}, {images} images at {study.image_size}px, {study.epochs} epochs on {device}"
+        )
         plot(paths.scaling / "scaling.png", rows, title)
         mlflow.log_artifact(str(paths.scaling / "scaling.csv"))
         mlflow.log_artifact(str(paths.scaling / "scaling.png"))
@@ -136,8 +184,26 @@ def print_table(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("strategy", "GPUs", "processes", "train s", "images/s", "speed-up", "efficiency", "val acc", title="scaling study")
+    table = Table(
+        "strategy",
+        "GPUs",
+        "processes",
+        "train s",
+        "images/s",
+        "speed-up",
+        "efficiency",
+        "val acc",
+        title="scaling study",
+    )
     for r in rows:
-        table.add_row(r["strategy"], str(r["gpus"]), str(r["world_size"]), f"{r['train_seconds']:.1f}", f"{r['images_per_second']:.0f}",
-                      f"{r['speedup']:.2f}x", f"{r['efficiency']:.0%}", f"{r['val_accuracy']:.3f}")
+        table.add_row(
+            r["strategy"],
+            str(r["gpus"]),
+            str(r["world_size"]),
+            f"{r['train_seconds']:.1f}",
+            f"{r['images_per_second']:.0f}",
+            f"{r['speedup']:.2f}x",
+            f"{r['efficiency']:.0%}",
+            f"{r['val_accuracy']:.3f}",
+        )
     Console().print(table)

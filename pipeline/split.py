@@ -24,7 +24,10 @@ def frame_number(stem: str) -> int | None:
 
 def frame_order(stems: Sequence[str]) -> list[int]:
     """Indices of `stems` in frame order (numbered frames first, then the rest by name)."""
-    return sorted(range(len(stems)), key=lambda i: (frame_number(stems[i]) is None, frame_number(stems[i]) or 0, stems[i]))
+    return sorted(
+        range(len(stems)),
+        key=lambda i: (frame_number(stems[i]) is None, frame_number(stems[i]) or 0, stems[i]),
+    )
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,9 @@ class ClassSplit:
     """Training frames removed because they neighbour a validation block."""
 
 
-def stratified_cap(counts: Sequence[int], max_images: int | None, rng: np.random.Generator) -> list[np.ndarray]:
+def stratified_cap(
+    counts: Sequence[int], max_images: int | None, rng: np.random.Generator
+) -> list[np.ndarray]:
     """Per class, the sorted positions kept so that all classes together hold about `max_images`."""
     total = sum(counts)
     if max_images is None or max_images >= total:
@@ -44,7 +49,9 @@ def stratified_cap(counts: Sequence[int], max_images: int | None, rng: np.random
     return [np.sort(rng.choice(n, size=min(k, n), replace=False)) for n, k in zip(counts, keep)]
 
 
-def block_split(n: int, val_fraction: float, block_size: int, gap: int, rng: np.random.Generator) -> ClassSplit:
+def block_split(
+    n: int, val_fraction: float, block_size: int, gap: int, rng: np.random.Generator
+) -> ClassSplit:
     """Split positions 0..n-1 (already in frame order) by whole blocks."""
     n_blocks = math.ceil(n / block_size)
     if n_blocks < 2:

@@ -32,18 +32,45 @@ _SUPERSAMPLE = 2  # drawing at twice the size and box-filtering down is cheap an
 # Direction the fingers point: U up, D down, L left, R right, UL/UR/DL/DR in between.
 # Spread: n fingers together, w spread apart.
 _POSES: dict[str, tuple[str, str, str]] = {
-    "A": ("ECCCC", "UR", "n"), "B": ("CEEEE", "U", "n"), "C": ("BBBBB", "R", "n"),
-    "D": ("BECCC", "UL", "n"), "E": ("CBBBB", "U", "n"), "F": ("BBEEE", "R", "w"),
-    "G": ("EECCC", "R", "n"), "H": ("CEECC", "L", "n"), "I": ("CCCCE", "UL", "n"),
-    "J": ("CCCCE", "R", "w"), "K": ("EEECC", "UR", "w"), "L": ("EECCC", "L", "w"),
-    "M": ("CBBBC", "UL", "n"), "N": ("CBBCC", "D", "n"), "O": ("BBBBB", "UR", "n"),
-    "P": ("EEECC", "U", "w"), "Q": ("EECCC", "D", "n"), "R": ("CEBCC", "UR", "n"),
-    "S": ("BCCCC", "L", "n"), "T": ("BBCCC", "DR", "n"), "U": ("CEECC", "DR", "n"),
-    "V": ("CEECC", "DL", "w"), "W": ("CEEEC", "UL", "w"), "X": ("CBCCC", "DL", "n"),
-    "Y": ("ECCCE", "DL", "w"), "Z": ("CECCC", "U", "n"),
-    "del": ("EEEEE", "D", "w"), "space": ("ECCCC", "UL", "w"),
+    "A": ("ECCCC", "UR", "n"),
+    "B": ("CEEEE", "U", "n"),
+    "C": ("BBBBB", "R", "n"),
+    "D": ("BECCC", "UL", "n"),
+    "E": ("CBBBB", "U", "n"),
+    "F": ("BBEEE", "R", "w"),
+    "G": ("EECCC", "R", "n"),
+    "H": ("CEECC", "L", "n"),
+    "I": ("CCCCE", "UL", "n"),
+    "J": ("CCCCE", "R", "w"),
+    "K": ("EEECC", "UR", "w"),
+    "L": ("EECCC", "L", "w"),
+    "M": ("CBBBC", "UL", "n"),
+    "N": ("CBBCC", "D", "n"),
+    "O": ("BBBBB", "UR", "n"),
+    "P": ("EEECC", "U", "w"),
+    "Q": ("EECCC", "D", "n"),
+    "R": ("CEBCC", "UR", "n"),
+    "S": ("BCCCC", "L", "n"),
+    "T": ("BBCCC", "DR", "n"),
+    "U": ("CEECC", "DR", "n"),
+    "V": ("CEECC", "DL", "w"),
+    "W": ("CEEEC", "UL", "w"),
+    "X": ("CBCCC", "DL", "n"),
+    "Y": ("ECCCE", "DL", "w"),
+    "Z": ("CECCC", "U", "n"),
+    "del": ("EEEEE", "D", "w"),
+    "space": ("ECCCC", "UL", "w"),
 }
-_DIRECTION_DEG = {"U": 0.0, "UR": 45.0, "R": 90.0, "DR": 135.0, "D": 180.0, "DL": -135.0, "L": -90.0, "UL": -45.0}
+_DIRECTION_DEG = {
+    "U": 0.0,
+    "UR": 45.0,
+    "R": 90.0,
+    "DR": 135.0,
+    "D": 180.0,
+    "DL": -135.0,
+    "L": -90.0,
+    "UL": -45.0,
+}
 _SPLAY_DEG = {"n": (-60.0, -7.0, -2.0, 2.0, 7.0), "w": (-85.0, -26.0, -9.0, 9.0, 26.0)}
 
 # Hand geometry in palm units (palm half-height = 1; x right, y down, angles clockwise from up).
@@ -110,17 +137,29 @@ class _Scene:
 
 
 def generate_synthetic_dataset(
-    root: Path, *, images_per_class: int, frames_per_run: int = 10, seed: int = 0, size: int = 200, workers: int | None = None
+    root: Path,
+    *,
+    images_per_class: int,
+    frames_per_run: int = 10,
+    seed: int = 0,
+    size: int = 200,
+    workers: int | None = None,
 ) -> int:
     """Writes the Kaggle layout under root (train: images_per_class frames per class; test: one
     <class>_test.jpg per class except `del`, as in the real test folder, so 28 test images).
     Returns the number of files written. Existing files of the same names are replaced; other
     files under root are left alone."""
     if images_per_class < 1 or frames_per_run < 1:
-        raise ValueError(f"images_per_class and frames_per_run must be >= 1, got {images_per_class}, {frames_per_run}")
+        raise ValueError(
+            f"images_per_class and frames_per_run must be >= 1, got {images_per_class}, {frames_per_run}"
+        )
     if seed < 0 or size < 64 or (workers is not None and workers < 1):
-        raise ValueError(f"need seed >= 0, size >= 64, workers None or >= 1; got {seed=}, {size=}, {workers=}")
-    jobs = [(Path(root), index, images_per_class, frames_per_run, seed, size) for index in range(len(CLASSES))]
+        raise ValueError(
+            f"need seed >= 0, size >= 64, workers None or >= 1; got {seed=}, {size=}, {workers=}"
+        )
+    jobs = [
+        (Path(root), index, images_per_class, frames_per_run, seed, size) for index in range(len(CLASSES))
+    ]
     workers = min(workers or os.cpu_count() or 1, len(jobs))
     if workers == 1:
         return sum(_write_class(*job) for job in jobs)
@@ -128,7 +167,9 @@ def generate_synthetic_dataset(
         return sum(pool.map(_write_class, *zip(*jobs)))
 
 
-def _write_class(root: Path, class_index: int, images_per_class: int, frames_per_run: int, seed: int, size: int) -> int:
+def _write_class(
+    root: Path, class_index: int, images_per_class: int, frames_per_run: int, seed: int, size: int
+) -> int:
     """Writes one class's training frames and its test image; runs in a worker process."""
     name = CLASSES[class_index]
     train_dir = kaggle_train_dir(root) / name
@@ -156,8 +197,10 @@ def generate_external_set(
     """Writes `<root>/<class>/<class>_external<n>.jpg` for every class, each image a scene of its own
     drawn from EXTERNAL_SCENES (the layout of Kaggle's asl-alphabet-test). Returns the files written."""
     if images_per_class < 1 or seed < 0 or size < 64 or (workers is not None and workers < 1):
-        raise ValueError(f"need images_per_class >= 1, seed >= 0, size >= 64, workers None or >= 1; got "
-                         f"{images_per_class=}, {seed=}, {size=}, {workers=}")
+        raise ValueError(
+            f"need images_per_class >= 1, seed >= 0, size >= 64, workers None or >= 1; got "
+            f"{images_per_class=}, {seed=}, {size=}, {workers=}"
+        )
     jobs = [(Path(root), index, images_per_class, seed, size) for index in range(len(CLASSES))]
     workers = min(workers or os.cpu_count() or 1, len(jobs))
     if workers == 1:
@@ -332,7 +375,9 @@ def _draw_hand(draw: ImageDraw.ImageDraw, pose: _Pose, fingers: str, skin: tuple
     forearm = [(-0.75, 0.5), (0.75, 0.5), (0.85, 4.0), (-0.85, 4.0)]
     draw.polygon(_to_canvas(pose, forearm), fill=skin, outline=edge, width=line)
     t = np.linspace(0.0, 2.0 * math.pi, 40, endpoint=False)
-    draw.polygon(_to_canvas(pose, np.stack([0.85 * np.cos(t), np.sin(t)], 1)), fill=skin, outline=edge, width=line)
+    draw.polygon(
+        _to_canvas(pose, np.stack([0.85 * np.cos(t), np.sin(t)], 1)), fill=skin, outline=edge, width=line
+    )
     for finger in (4, 3, 2, 1, 0):  # thumb last: it lies in front of the curled fingers
         segments = (_THUMB_SEGMENTS if finger == 0 else _FINGER_SEGMENTS)[fingers[finger]]
         chain = _finger_chain(finger, segments, pose.splay[finger])
@@ -341,7 +386,9 @@ def _draw_hand(draw: ImageDraw.ImageDraw, pose: _Pose, fingers: str, skin: tuple
         _thick_line(draw, _to_canvas(pose, chain), width, skin)
 
 
-def _finger_chain(finger: int, segments: tuple[tuple[float, float], ...], direction: float) -> list[tuple[float, float]]:
+def _finger_chain(
+    finger: int, segments: tuple[tuple[float, float], ...], direction: float
+) -> list[tuple[float, float]]:
     """Joint positions of one finger in palm units, from its base to its tip."""
     x, y = _FINGER_BASES[finger]
     points = [(x, y)]
@@ -354,7 +401,9 @@ def _finger_chain(finger: int, segments: tuple[tuple[float, float], ...], direct
     return points
 
 
-def _thick_line(draw: ImageDraw.ImageDraw, points: list[tuple[float, float]], width: float, colour: tuple[int, ...]) -> None:
+def _thick_line(
+    draw: ImageDraw.ImageDraw, points: list[tuple[float, float]], width: float, colour: tuple[int, ...]
+) -> None:
     draw.line(points, fill=colour, width=max(1, round(width)), joint="curve")
     radius = width / 2  # PIL lines have square ends; fingers have round tips
     for x, y in (points[0], points[-1]):

@@ -52,15 +52,23 @@ def postgres_user() -> pwd.struct_passwd:
     try:
         return pwd.getpwnam("postgres")
     except KeyError:
-        raise UserError("PostgreSQL refuses to run as root and there is no `postgres` user: create one (useradd -r postgres) or run as another user") from None
+        raise UserError(
+            "PostgreSQL refuses to run as root and there is no `postgres` user: create one (useradd -r postgres) or run as another user"
+        ) from None
 
 
 def _check_reachable(folder: Path, user: pwd.struct_passwd) -> None:
     """PostgreSQL, run as `user`, must be able to pass through every folder above its data."""
     for each in (folder, *folder.parents):
         mode = each.stat()
-        if mode.st_uid != user.pw_uid and not mode.st_mode & 0o001 and not (mode.st_gid == user.pw_gid and mode.st_mode & 0o010):
-            raise UserError(f"PostgreSQL runs as the user {user.pw_name}, who cannot enter {each}: use a folder it can reach (--folder) or `chmod o+x {each}`")
+        if (
+            mode.st_uid != user.pw_uid
+            and not mode.st_mode & 0o001
+            and not (mode.st_gid == user.pw_gid and mode.st_mode & 0o010)
+        ):
+            raise UserError(
+                f"PostgreSQL runs as the user {user.pw_name}, who cannot enter {each}: use a folder it can reach (--folder) or `chmod o+x {each}`"
+            )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -107,7 +115,9 @@ class Postgres:
             extra_groups=[] if as_other else None,
         )  # fmt: skip
         if check and result.returncode != 0:
-            raise UserError(f"{Path(str(command[0])).name} failed: {(result.stderr or result.stdout).strip()[-800:]}")
+            raise UserError(
+                f"{Path(str(command[0])).name} failed: {(result.stderr or result.stdout).strip()[-800:]}"
+            )
         return result
 
     def init(self) -> None:
@@ -126,7 +136,20 @@ class Postgres:
         os.chown(pwfile, user.pw_uid, user.pw_gid)
         pwfile.chmod(0o600)
         try:
-            self._as_owner([self.bin / "initdb", "-D", self.data, "-U", DB_USER, f"--pwfile={pwfile}", "--auth=scram-sha-256", "-E", "UTF8", "--no-instructions"])
+            self._as_owner(
+                [
+                    self.bin / "initdb",
+                    "-D",
+                    self.data,
+                    "-U",
+                    DB_USER,
+                    f"--pwfile={pwfile}",
+                    "--auth=scram-sha-256",
+                    "-E",
+                    "UTF8",
+                    "--no-instructions",
+                ]
+            )
         finally:
             pwfile.unlink(missing_ok=True)
         self.passfile.touch(mode=0o600)
@@ -136,7 +159,9 @@ class Postgres:
         self.port = self.port or free_port()
         options = f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''"
         log = self.data.parent / "server.log"
-        self._as_owner([self.bin / "pg_ctl", "-D", self.data, "-l", log, "-w", "-t", "60", "-o", options, "start"])
+        self._as_owner(
+            [self.bin / "pg_ctl", "-D", self.data, "-l", log, "-w", "-t", "60", "-o", options, "start"]
+        )
         exists = subprocess.run(
             [self.bin / "psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", DB_USER, "-d", "postgres", "-tAc",
              f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'"],
@@ -147,9 +172,14 @@ class Postgres:
                            env=self.client_env(), capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
 
     def stop(self) -> None:
-        stopped = self._as_owner([self.bin / "pg_ctl", "-D", self.data, "-m", "fast", "-w", "-t", "60", "stop"], check=False)
+        stopped = self._as_owner(
+            [self.bin / "pg_ctl", "-D", self.data, "-m", "fast", "-w", "-t", "60", "stop"], check=False
+        )
         # pg_ctl status exits 3 when no server runs: a Ctrl-C in the terminal may have stopped it first.
-        if stopped.returncode != 0 and self._as_owner([self.bin / "pg_ctl", "-D", self.data, "status"], check=False).returncode != 3:
+        if (
+            stopped.returncode != 0
+            and self._as_owner([self.bin / "pg_ctl", "-D", self.data, "status"], check=False).returncode != 3
+        ):
             raise UserError(f"pg_ctl stop failed: {(stopped.stderr or stopped.stdout).strip()[-800:]}")
 
 
@@ -193,13 +223,20 @@ class MlflowServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise UserError(f"mlflow server exited with code {self.process.returncode}; its log {self.log} ends:\n{self.log.read_text()[-2000:]}")
-            with contextlib.suppress(OSError), urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                raise UserError(
+                    f"mlflow server exited with code {self.process.returncode}; its log {self.log} ends:\n{self.log.read_text()[-2000:]}"
+                )
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"{self.url}/health", timeout=2) as response,
+            ):
                 if response.status == 200:
                     return
             time.sleep(0.5)
         self.stop()
-        raise UserError(f"mlflow server did not answer {self.url}/health within {timeout:.0f} s (log: {self.log})")
+        raise UserError(
+            f"mlflow server did not answer {self.url}/health within {timeout:.0f} s (log: {self.log})"
+        )
 
     def stop(self) -> None:
         """SIGTERM the server's process group (uvicorn and its workers), SIGKILL if it lingers."""
@@ -216,11 +253,15 @@ class MlflowServer:
 
 
 @contextlib.contextmanager
-def team_server(folder: Path, host: str = "127.0.0.1", port: int = 5000, workers: int = 2) -> Iterator[MlflowServer]:
+def team_server(
+    folder: Path, host: str = "127.0.0.1", port: int = 5000, workers: int = 2
+) -> Iterator[MlflowServer]:
     """PostgreSQL and `mlflow server` on it, both stopped on the way out (even after an error)."""
     bin_dir = postgres_bin()
     if bin_dir is None:
-        raise UserError("PostgreSQL is not installed (no initdb/pg_ctl): `apt-get install postgresql`, or set PG_BIN to its bin folder")
+        raise UserError(
+            "PostgreSQL is not installed (no initdb/pg_ctl): `apt-get install postgresql`, or set PG_BIN to its bin folder"
+        )
     if importlib.util.find_spec("psycopg") is None:
         raise UserError("MLflow needs the PostgreSQL driver psycopg: pip install -e '.[team]'")
     folder = folder.resolve()
@@ -229,7 +270,15 @@ def team_server(folder: Path, host: str = "127.0.0.1", port: int = 5000, workers
     postgres.init()
     postgres.start()
     try:
-        server = MlflowServer(postgres.uri, postgres.client_env(), folder / "artifacts", folder / "mlflow-server.log", host, port, workers)
+        server = MlflowServer(
+            postgres.uri,
+            postgres.client_env(),
+            folder / "artifacts",
+            folder / "mlflow-server.log",
+            host,
+            port,
+            workers,
+        )
         server.start()
         try:
             yield server
@@ -248,8 +297,13 @@ def run_team_server(folder: Path, host: str, port: int, workers: int) -> None:
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         with team_server(folder, host, port, workers) as server:
-            print(f"MLflow tracking server on {server.url} (PostgreSQL store and artifacts under {folder.resolve()}; log {server.log})")
-            print(f"in another shell: export MLFLOW_TRACKING_URI={server.url}   then dvc repro, dvc queue start, ...; Ctrl-C stops it", flush=True)
+            print(
+                f"MLflow tracking server on {server.url} (PostgreSQL store and artifacts under {folder.resolve()}; log {server.log})"
+            )
+            print(
+                f"in another shell: export MLFLOW_TRACKING_URI={server.url}   then dvc repro, dvc queue start, ...; Ctrl-C stops it",
+                flush=True,
+            )
             server.process.wait()
             raise UserError(f"mlflow server exited with code {server.process.returncode}: see {server.log}")
     except KeyboardInterrupt:

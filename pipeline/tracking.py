@@ -71,7 +71,9 @@ def configure(experiment: str) -> str:
             try:
                 location = store_dir().as_uri() if local else None
                 experiment_id = mlflow.create_experiment(experiment, artifact_location=location)
-            except MlflowException as err:  # a remote server's experiment, created meanwhile by another client
+            except (
+                MlflowException
+            ) as err:  # a remote server's experiment, created meanwhile by another client
                 if unreachable(err):
                     raise
                 experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
@@ -83,7 +85,9 @@ def configure(experiment: str) -> str:
 
 def git_commit(cwd: Path | None = None) -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 else "unknown"
@@ -122,7 +126,14 @@ def unreachable(err: BaseException) -> bool:
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, requests.exceptions.RetryError)):
+        if isinstance(
+            err,
+            (
+                requests.exceptions.ConnectionError,
+                requests.exceptions.Timeout,
+                requests.exceptions.RetryError,
+            ),
+        ):
             return True
         if isinstance(err, MlflowException) and _TRANSPORT_FAILURE.match(err.message):
             return True
@@ -136,7 +147,9 @@ def unreachable_error(err: BaseException, run: mlflow.ActiveRun | None = None) -
     reason = found.group(0).lower() if found else str(err).strip().splitlines()[0][-160:]
     retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
     left_open = (
-        f"; run {run.info.run_id} stays RUNNING until the next stage run on this machine marks it FAILED" if run is not None else ""
+        f"; run {run.info.run_id} stays RUNNING until the next stage run on this machine marks it FAILED"
+        if run is not None
+        else ""
     )
     return UserError(
         f"the MLflow tracking server {mlflow.get_tracking_uri()} stopped answering ({reason}; {retries} retries){left_open}: "
@@ -256,7 +269,9 @@ def tracked_run(
             run = mlflow.start_run(run_name=run_name or default_run_name(stage), tags=new_tags)
         else:
             run = mlflow.start_run(run_id=run_id, run_name=run_name)
-        monitor = _start_system_metrics(run.info.run_id, resumed=run_id is not None) if system_metrics else None
+        monitor = (
+            _start_system_metrics(run.info.run_id, resumed=run_id is not None) if system_metrics else None
+        )
         try:
             if params:
                 mlflow.log_params(dict(params))

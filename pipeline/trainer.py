@@ -25,12 +25,12 @@ from pipeline.checkpoint import checkpoint_path, fingerprint, load_checkpoint, s
 from pipeline.config import Params, to_flat_dict
 from pipeline.errors import UserError
 from pipeline.feed import TrainingData, open_training_data
-from pipeline.loop import EpochStats, NonFiniteLoss, StepSettings, evaluate, train_one_epoch
-from pipeline.serving.networks import build_model
-from pipeline.serving.precision import precision
-from pipeline.paths import Paths
 from pipeline.fileio import atomic_write_bytes, atomic_write_json
 from pipeline.lineage import log_training_data
+from pipeline.loop import EpochStats, NonFiniteLoss, StepSettings, evaluate, train_one_epoch
+from pipeline.paths import Paths
+from pipeline.serving.networks import build_model
+from pipeline.serving.precision import precision
 from pipeline.shards import read_manifest
 from pipeline.strategy import Strategy
 
@@ -57,7 +57,12 @@ class TrainingState:
     """Model, optimizer and schedule of one training, plus how far it got."""
 
     def __init__(self, params: Params, strategy: Strategy, num_classes: int, steps_per_epoch: int):
-        model = build_model(params.model.name, num_classes, pretrained=params.model.pretrained, freeze_backbone=params.model.freeze_backbone)
+        model = build_model(
+            params.model.name,
+            num_classes,
+            pretrained=params.model.pretrained,
+            freeze_backbone=params.model.freeze_backbone,
+        )
         if params.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         wrapped = strategy.wrap(model, precision(strategy.device, params.train.bf16))
@@ -66,9 +71,14 @@ class TrainingState:
         self.model = torch.compile(wrapped) if params.train.compile else wrapped
         trainable = [p for p in self.bare.parameters() if p.requires_grad]
         # The fused kernel updates every tensor in one pass; on CPU the default is a for-loop.
-        self.optimizer = torch.optim.AdamW(trainable, lr=params.train.lr, weight_decay=params.train.weight_decay, fused=True)
+        self.optimizer = torch.optim.AdamW(
+            trainable, lr=params.train.lr, weight_decay=params.train.weight_decay, fused=True
+        )
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            self.optimizer, max_lr=params.train.lr, total_steps=max(1, steps_per_epoch * params.train.epochs), pct_start=0.15
+            self.optimizer,
+            max_lr=params.train.lr,
+            total_steps=max(1, steps_per_epoch * params.train.epochs),
+            pct_start=0.15,
         )
         self.strategy = strategy
         self.next_epoch = 0
@@ -91,7 +101,11 @@ class TrainingState:
         self.bare.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.next_epoch, self.history, self.run_id = state["next_epoch"], list(state["history"]), state["run_id"]
+        self.next_epoch, self.history, self.run_id = (
+            state["next_epoch"],
+            list(state["history"]),
+            state["run_id"],
+        )
         self.resumed_from = self.next_epoch
 
 
@@ -156,9 +170,24 @@ def main_process_run(params: Params, strategy: Strategy, state: TrainingState):
     }
     if strategy.device.type == "cpu":
         tags["cpu_only"] = "true"  # a process stands in for each GPU: not a GPU figure
-    run_name = f"train-{strategy.name}-{params.gpus}gpu" + (f"-{os.environ['DVC_EXP_NAME']}" if os.environ.get("DVC_EXP_NAME") else "")
-    flat = {k: v for k, v in to_flat_dict(params).items() if k.split(".")[0] in ("seed", "gpus", "data", "model", "train", "distributed")}
-    with tracked_run(params.mlflow.experiment, "train", strategy=strategy.name, run_id=state.run_id, run_name=run_name, params=None, tags=tags, system_metrics=params.mlflow.system_metrics) as run:
+    run_name = f"train-{strategy.name}-{params.gpus}gpu" + (
+        f"-{os.environ['DVC_EXP_NAME']}" if os.environ.get("DVC_EXP_NAME") else ""
+    )
+    flat = {
+        k: v
+        for k, v in to_flat_dict(params).items()
+        if k.split(".")[0] in ("seed", "gpus", "data", "model", "train", "distributed")
+    }
+    with tracked_run(
+        params.mlflow.experiment,
+        "train",
+        strategy=strategy.name,
+        run_id=state.run_id,
+        run_name=run_name,
+        params=None,
+        tags=tags,
+        system_metrics=params.mlflow.system_metrics,
+    ) as run:
         if state.run_id is None:
             import mlflow
 
@@ -178,7 +207,11 @@ def fit(params: Params, paths: Paths, strategy: Strategy) -> dict | None:
     restore(state, params, paths, fingerprint_)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=params.train.label_smoothing)
     augment = BatchAugment(
-        params.train.augment, params.seed, manifest["splits"]["train"]["count"], manifest["mean"], manifest["std"]
+        params.train.augment,
+        params.seed,
+        manifest["splits"]["train"]["count"],
+        manifest["mean"],
+        manifest["std"],
     )
     with main_process_run(params, strategy, state):
         if strategy.is_main:
@@ -269,7 +302,8 @@ def summary(params: Params, strategy: Strategy, state: TrainingState) -> dict:
         "epochs": len(state.history),
         "train_seconds": seconds,
         "images_per_second": images / seconds if seconds > 0 else 0.0,
-        "data_wait_fraction": sum(r["data_wait_fraction"] * r["epoch_seconds"] for r in state.history) / max(seconds, 1e-9),
+        "data_wait_fraction": sum(r["data_wait_fraction"] * r["epoch_seconds"] for r in state.history)
+        / max(seconds, 1e-9),
         "peak_memory_mb": peak_memory_bytes(strategy.device) / 2**20,
         "train_accuracy": last["train_accuracy"],
         "val_accuracy": last["val_accuracy"],
@@ -288,7 +322,11 @@ def log_summary(figures: dict, last_epoch: int) -> None:
     shows, without a stray point at step 0."""
     import mlflow
 
-    numbers = {k: float(v) for k, v in figures.items() if isinstance(v, (int, float)) and k not in (*_PER_EPOCH_ONLY, "gpus")}
+    numbers = {
+        k: float(v)
+        for k, v in figures.items()
+        if isinstance(v, (int, float)) and k not in (*_PER_EPOCH_ONLY, "gpus")
+    }
     mlflow.log_metrics(numbers, step=last_epoch)
 
 
@@ -321,8 +359,13 @@ def finish(params: Params, paths: Paths, strategy: Strategy, state: TrainingStat
     mlflow.log_artifact(str(paths.train_curve(strategy.name)))
     info = log_pyfunc_model(model_dir, name="model")
     run = mlflow.active_run()
-    atomic_write_json(model_dir / "run.json", {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "model_uri": info.model_uri})
+    atomic_write_json(
+        model_dir / "run.json",
+        {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "model_uri": info.model_uri},
+    )
     # Finished: nothing left to resume, and a later `train.resume: true` must not pick this up.
     checkpoint_path(paths.root, strategy.name).unlink(missing_ok=True)
-    print(f"train {strategy.name}: {figures['train_seconds']:.1f}s, {figures['images_per_second']:.0f} img/s, val accuracy {figures['val_accuracy']:.3f} (run {run.info.run_id})")
+    print(
+        f"train {strategy.name}: {figures['train_seconds']:.1f}s, {figures['images_per_second']:.0f} img/s, val accuracy {figures['val_accuracy']:.3f} (run {run.info.run_id})"
+    )
     return figures

@@ -39,7 +39,11 @@ TINY_PARAMS = {
 def deep_merge(base: dict, override: dict) -> dict:
     merged = dict(base)
     for key, value in override.items():
-        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        merged[key] = (
+            deep_merge(merged[key], value)
+            if isinstance(value, dict) and isinstance(merged.get(key), dict)
+            else value
+        )
     return merged
 
 
@@ -74,7 +78,9 @@ def tiny_data(tmp_path_factory) -> Path:
     fetch_raw(params, paths)
     fetch_external(params, paths)
     raw, external = paths.raw, paths.raw_external
-    build_shards(params.data, params.seed, raw, paths.raw_train, paths.raw_test, paths.shards, external_dir=external)
+    build_shards(
+        params.data, params.seed, raw, paths.raw_train, paths.raw_test, paths.shards, external_dir=external
+    )
     return root
 
 

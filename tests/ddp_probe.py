@@ -44,9 +44,26 @@ def main(out_dir: Path) -> None:
             order = epoch_order([40, 40, 16], shuffle_buffer=24, seed=SEED, epoch=epoch).order
             mine = rank_batches(order, GLOBAL_BATCH, strategy.world_size, strategy.rank)
             seen.append(mine.ravel().tolist())
-            train_one_epoch(model, optimizer, scheduler, nn.CrossEntropyLoss(), tensor_batches(images, labels, list(mine), settings), strategy, settings)
+            train_one_epoch(
+                model,
+                optimizer,
+                scheduler,
+                nn.CrossEntropyLoss(),
+                tensor_batches(images, labels, list(mine), settings),
+                strategy,
+                settings,
+            )
         state = {k: v.detach().clone() for k, v in strategy.unwrap(model).state_dict().items()}
-        torch.save({"seen": seen, "state": state, "initial": initial, "world_size": strategy.world_size, "allreduce": strategy.allreduce}, out_dir / f"rank{strategy.rank}.pt")
+        torch.save(
+            {
+                "seen": seen,
+                "state": state,
+                "initial": initial,
+                "world_size": strategy.world_size,
+                "allreduce": strategy.allreduce,
+            },
+            out_dir / f"rank{strategy.rank}.pt",
+        )
     finally:
         strategy.close()
 

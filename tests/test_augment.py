@@ -68,11 +68,15 @@ def test_an_image_is_changed_the_same_way_in_any_batch():
     whole = augmented(augment, 0, x, index)
     order = torch.randperm(IMAGES, generator=torch.Generator().manual_seed(1))
     for part in order.split(7):  # another rank's or another step's share, in another order
-        torch.testing.assert_close(augmented(augment, 0, x[part], index[part]), whole[part], rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            augmented(augment, 0, x[part], index[part]), whole[part], rtol=0, atol=1e-6
+        )
 
 
 def test_disabled_or_neutral_settings_leave_the_batch_alone():
-    assert augmenter(enabled=False).for_epoch(0, np.arange(IMAGES)[None, :]) is None, "off means no work in the step at all"
+    assert augmenter(enabled=False).for_epoch(0, np.arange(IMAGES)[None, :]) is None, (
+        "off means no work in the step at all"
+    )
     neutral = augmenter(
         crop_scale=1.0, rotation_degrees=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0
     )

@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import torch
 from mlflow.pyfunc import PythonModelContext
-from serving_support import COLOURS, SIZE, write_model_dir
 
 from pipeline.batcher import Batcher
 from pipeline.dataset import CLASSES
 from pipeline.serving.networks import build_model
 from pipeline.serving.precision import precision
 from pipeline.serving.pyfunc import CONFIG_FILE, WEIGHTS_FILE, AslClassifier
+
+from serving_support import COLOURS, SIZE, write_model_dir
 
 
 @pytest.fixture(scope="module")

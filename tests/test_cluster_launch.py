@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
 from pipeline.config import load_params, to_flat_dict
 from pipeline.train import torchrun_command
+
+from conftest import REPO
 
 SBATCH = REPO / "deploy" / "slurm" / "train_ddp.sbatch"
 PYTORCHJOB = REPO / "deploy" / "kubernetes" / "pytorchjob.yaml"
@@ -65,32 +66,61 @@ def recorded_trainings(env: dict[str, str]) -> list[dict]:
     records = []
     for args in sorted(Path(env["RECORD_DIR"]).glob("train.*.args")):
         stem = str(args.with_suffix(""))  # train.XXXXXX
-        environment = dict(line.split("=", 1) for line in Path(stem + ".env").read_text().splitlines() if "=" in line)
-        records.append({"args": args.read_text().splitlines(), "params": load_params(stem + ".yaml"), "env": environment})
+        environment = dict(
+            line.split("=", 1) for line in Path(stem + ".env").read_text().splitlines() if "=" in line
+        )
+        records.append(
+            {"args": args.read_text().splitlines(), "params": load_params(stem + ".yaml"), "env": environment}
+        )
     return sorted(records, key=lambda r: r["params"].distributed.node_rank)
 
 
 def check_two_nodes(trainings: list[dict], endpoint: str) -> None:
-    shipped = {k: v for k, v in to_flat_dict(load_params(REPO / "params.yaml")).items() if not k.startswith("distributed.")}
+    shipped = {
+        k: v
+        for k, v in to_flat_dict(load_params(REPO / "params.yaml")).items()
+        if not k.startswith("distributed.")
+    }
     assert len(trainings) == 2
     host, port = endpoint.rsplit(":", 1)
     for rank, training in enumerate(trainings):
         assert training["args"][:5] == ["-m", "pipeline", "train", "ddp", "--params"]
         params = training["params"]
-        assert (params.distributed.nnodes, params.distributed.node_rank, params.distributed.rdzv_endpoint) == (2, rank, endpoint)
+        assert (
+            params.distributed.nnodes,
+            params.distributed.node_rank,
+            params.distributed.rdzv_endpoint,
+        ) == (2, rank, endpoint)
         assert {k: v for k, v in to_flat_dict(params).items() if not k.startswith("distributed.")} == shipped
         command = torchrun_command(params, Path(training["args"][5]), REPO)
-        expected = {"--nnodes=2", f"--node-rank={rank}", f"--master-addr={host}", f"--master-port={port}", f"--nproc-per-node={params.gpus}"}
+        expected = {
+            "--nnodes=2",
+            f"--node-rank={rank}",
+            f"--master-addr={host}",
+            f"--master-port={port}",
+            f"--nproc-per-node={params.gpus}",
+        }
         assert expected <= set(command) and "--standalone" not in command
 
 
 def test_the_sbatch_script_starts_one_training_per_node_meeting_at_node_0(cluster_env):
-    env = {**cluster_env, "FAKE_SLURM_HOSTS": "gpu-07 gpu-12", "SLURM_JOB_NODELIST": "gpu-[07,12]", "SLURM_JOB_ID": "4242", "SLURM_NNODES": "2"}
-    result = subprocess.run(["bash", str(SBATCH)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    env = {
+        **cluster_env,
+        "FAKE_SLURM_HOSTS": "gpu-07 gpu-12",
+        "SLURM_JOB_NODELIST": "gpu-[07,12]",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NNODES": "2",
+    }
+    result = subprocess.run(
+        ["bash", str(SBATCH)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     trainings = recorded_trainings(env)
     check_two_nodes(trainings, "gpu-07:29500")
-    assert [Path(t["args"][5]).name for t in trainings] == ["asl-params-4242-node0.yaml", "asl-params-4242-node1.yaml"]
+    assert [Path(t["args"][5]).name for t in trainings] == [
+        "asl-params-4242-node0.yaml",
+        "asl-params-4242-node1.yaml",
+    ]
     header = [line.split()[1] for line in SBATCH.read_text().splitlines() if line.startswith("#SBATCH")]
     assert "--ntasks-per-node=1" in header, "one `train ddp` per node: torchrun starts the per-GPU processes"
 
@@ -99,7 +129,11 @@ def test_the_pytorchjob_runs_the_same_training_on_master_and_workers(cluster_env
     job = yaml.safe_load(PYTORCHJOB.read_text())
     assert (job["apiVersion"], job["kind"]) == ("kubeflow.org/v1", "PyTorchJob")
     replicas = job["spec"]["pytorchReplicaSpecs"]
-    assert set(replicas) == {"Master", "Worker"} and replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] >= 1
+    assert (
+        set(replicas) == {"Master", "Worker"}
+        and replicas["Master"]["replicas"] == 1
+        and replicas["Worker"]["replicas"] >= 1
+    )
     assert replicas["Master"]["template"] == replicas["Worker"]["template"]
     [container] = replicas["Master"]["template"]["spec"]["containers"]
     assert container["name"] == "pytorch" and container["command"] == ["bash", "-c"]
@@ -108,9 +142,24 @@ def test_the_pytorchjob_runs_the_same_training_on_master_and_workers(cluster_env
     assert mounted <= {v["name"] for v in replicas["Master"]["template"]["spec"]["volumes"]}
 
     for rank in (0, 1):  # the operator's variables in the Master's pod, then in the Worker's
-        pod = {**cluster_env, "WORLD_SIZE": "2", "RANK": str(rank), "MASTER_ADDR": "asl-ddp-master-0", "MASTER_PORT": "23456"}
-        result = subprocess.run(["bash", "-c", container["args"][0]], cwd=REPO, env=pod, capture_output=True, text=True, timeout=120)
+        pod = {
+            **cluster_env,
+            "WORLD_SIZE": "2",
+            "RANK": str(rank),
+            "MASTER_ADDR": "asl-ddp-master-0",
+            "MASTER_PORT": "23456",
+        }
+        result = subprocess.run(
+            ["bash", "-c", container["args"][0]],
+            cwd=REPO,
+            env=pod,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
     trainings = recorded_trainings(cluster_env)
     check_two_nodes(trainings, "asl-ddp-master-0:23456")
-    assert not any({"RANK", "WORLD_SIZE"} & set(t["env"]) for t in trainings), "torchrun sets RANK and WORLD_SIZE itself"
+    assert not any({"RANK", "WORLD_SIZE"} & set(t["env"]) for t in trainings), (
+        "torchrun sets RANK and WORLD_SIZE itself"
+    )

@@ -121,7 +121,7 @@ MISTAKES = [
     ("train:\n  lr: .nan", "train.lr", "nan"),
     ("promote:\n  min_improvement: -.inf", "promote.min_improvement", "-inf"),
     ("seed: 4294967296", "seed", "4294967296"),  # 2**32: numpy's seeding would fail only in training
-    ("mlflow:\n  registered_model: \"asl'model\"", "mlflow.registered_model", "asl'model"),
+    ('mlflow:\n  registered_model: "asl\'model"', "mlflow.registered_model", "asl'model"),
     ("mlflow:\n  experiment: ' '", "mlflow.experiment", "' '"),
 ]
 

@@ -23,7 +23,14 @@ def _run(command: list[str]) -> None:
 
 
 def _torchrun(processes: int, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={processes}",
+        *args,
+    ]
 
 
 def _load(path: Path) -> dict:
@@ -51,8 +58,12 @@ def test_ddp_matches_one_process_on_the_same_global_batch(probe_results):
     rank0, _, single = probe_results
     for name, tensor in single["state"].items():
         torch.testing.assert_close(rank0["state"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
-    moved = [name for name, tensor in single["state"].items() if not torch.equal(tensor, single["initial"][name])]
-    assert moved == list(single["state"]), "training must have changed every weight, or agreement proves nothing"
+    moved = [
+        name for name, tensor in single["state"].items() if not torch.equal(tensor, single["initial"][name])
+    ]
+    assert moved == list(single["state"]), (
+        "training must have changed every weight, or agreement proves nothing"
+    )
 
 
 def test_ranks_see_disjoint_halves_of_each_epoch(probe_results):

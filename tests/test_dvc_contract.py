@@ -7,9 +7,10 @@ from pathlib import Path
 
 import yaml
 
-from conftest import REPO
 from pipeline.config import Params, to_flat_dict
 from pipeline.paths import Paths
+
+from conftest import REPO
 
 PATHS = Paths(REPO)
 
@@ -44,8 +45,10 @@ def test_stage_outputs_are_the_paths_the_code_writes():
         assert declared_files(s[f"train@{strategy}"], "plots") == {PATHS.train_curve(strategy)}
         assert declared_files(s[f"evaluate@{strategy}"], "metrics") == {PATHS.eval_metrics(strategy)}
         assert declared_files(s[f"evaluate@{strategy}"], "plots") == {
-            PATHS.eval_predictions(strategy), PATHS.eval_confusion_png(strategy),
-            PATHS.external_predictions(strategy), PATHS.external_confusion_png(strategy),
+            PATHS.eval_predictions(strategy),
+            PATHS.eval_confusion_png(strategy),
+            PATHS.external_predictions(strategy),
+            PATHS.external_confusion_png(strategy),
         }
     assert declared_files(s["promote"], "outs") == {PATHS.promotion}
     assert declared_files(s["promote"], "metrics") == {PATHS.promote_metrics}
@@ -64,7 +67,9 @@ def test_every_stage_depends_on_its_own_module():
         assert module in stage["deps"], f"{name} must rerun when {module} changes"
         assert stage["cmd"].startswith(f"python -m pipeline {name.split('@')[0]}")
         for dep in stage["deps"]:
-            assert (REPO / dep).exists() or dep.startswith(("data/", "models/", "metrics/")), f"{name}: {dep} does not exist"
+            assert (REPO / dep).exists() or dep.startswith(("data/", "models/", "metrics/")), (
+                f"{name}: {dep} does not exist"
+            )
 
 
 def test_shipped_params_file_holds_every_declared_param():
@@ -144,7 +149,11 @@ STAGE_MODULES = {
 
 
 def test_serving_code_imports_no_stage_module():
-    for module in ("pipeline/predict.py", "pipeline/webapp.py", *sorted(str(p.relative_to(REPO)) for p in PATHS.root.glob("pipeline/serving/*.py"))):
+    for module in (
+        "pipeline/predict.py",
+        "pipeline/webapp.py",
+        *sorted(str(p.relative_to(REPO)) for p in PATHS.root.glob("pipeline/serving/*.py")),
+    ):
         reached = imported_modules(module) & STAGE_MODULES
         assert not reached, f"{module} imports the stage modules {sorted(reached)}"
 
@@ -153,5 +162,8 @@ def test_the_logged_model_code_needs_only_itself_and_errors():
     """The logged model ships pipeline/__init__.py, errors.py and serving/: nothing else may be imported."""
     for path in (REPO / "pipeline" / "serving").glob("*.py"):
         reached = imported_modules(str(path.relative_to(REPO)))
-        outside = {m for m in reached if not m.startswith("pipeline/serving/")} - {"pipeline/__init__.py", "pipeline/errors.py"}
+        outside = {m for m in reached if not m.startswith("pipeline/serving/")} - {
+            "pipeline/__init__.py",
+            "pipeline/errors.py",
+        }
         assert not outside, f"{path.name} imports {sorted(outside)}, which the logged model does not ship"

@@ -20,8 +20,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, TINY_PARAMS, deep_merge
 from pipeline.config import params_from_dict, to_yaml_dict
+
+from conftest import REPO, TINY_PARAMS, deep_merge
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +31,11 @@ DVC_TINY = deep_merge(TINY_PARAMS, {"train": {"epochs": 1}})
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "MLFLOW_REGISTRY", "DVC_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MLFLOW_TRACKING", "MLFLOW_REGISTRY", "DVC_"))
+    }
     # `dvc queue start` runs `dvc` workers found on PATH: put this environment's first.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["MLFLOW_DISABLE_TELEMETRY"] = "true"
@@ -43,20 +48,30 @@ def _env() -> dict[str, str]:
 
 def sh(cwd: Path, *command: str, timeout: float = 600) -> str:
     result = subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, (
+        f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
     return result.stdout
 
 
 def make_project_copy(target: Path, params: dict) -> Path:
     """The project's tracked and untracked-but-not-ignored files, committed into a fresh git repo."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     for name in filter(None, files.split("\0")):
         source = REPO / name
         if source.is_file():
             (target / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target / name)
     # Every key written out: DVC refuses a stage whose declared params are missing from the file.
-    (target / "params.yaml").write_text(yaml.safe_dump(to_yaml_dict(params_from_dict(params)), sort_keys=False))
+    (target / "params.yaml").write_text(
+        yaml.safe_dump(to_yaml_dict(params_from_dict(params)), sort_keys=False)
+    )
     sh(target, "git", "init", "-q", "-b", "main")
     sh(target, "git", "add", "-A")
     sh(target, "git", "commit", "-q", "-m", "tiny params")
@@ -71,7 +86,11 @@ def store(project: Path) -> MlflowClient:
 def runs_of(project: Path, filter_string: str = "") -> list:
     client = store(project)
     experiment = client.get_experiment_by_name("asl-alphabet")
-    return client.search_runs([experiment.experiment_id], filter_string=filter_string, max_results=1000) if experiment else []
+    return (
+        client.search_runs([experiment.experiment_id], filter_string=filter_string, max_results=1000)
+        if experiment
+        else []
+    )
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +144,9 @@ def _wait_for_queue(project: Path, names: list[str], timeout: float = 900) -> No
         rows = [line for line in status.splitlines() if any(name in line for name in names)]
         if len(rows) == len(names) and all("Success" in row for row in rows):
             return
-        assert not any("Failed" in row for row in rows), status + sh(project, "dvc", "queue", "logs", names[0])
+        assert not any("Failed" in row for row in rows), status + sh(
+            project, "dvc", "queue", "logs", names[0]
+        )
         time.sleep(3)
     raise AssertionError(f"queue did not finish: {status}")
 
@@ -136,7 +157,19 @@ def test_queued_experiments_land_in_the_real_store(project, workers):
     for gpus, name in zip((1, 2), names):
         # A learning rate of its own makes each experiment new to DVC, while fetch and preprocess
         # still come from the cache: only the training half of the pipeline runs again.
-        sh(project, "dvc", "exp", "run", "--queue", "-S", f"gpus={gpus}", "-S", f"train.lr={0.001 * workers}", "-n", name)
+        sh(
+            project,
+            "dvc",
+            "exp",
+            "run",
+            "--queue",
+            "-S",
+            f"gpus={gpus}",
+            "-S",
+            f"train.lr={0.001 * workers}",
+            "-n",
+            name,
+        )
     sh(project, "dvc", "queue", "start", "-j", str(workers))
     _wait_for_queue(project, names)
     sh(project, "dvc", "queue", "stop", "--kill")
@@ -145,7 +178,9 @@ def test_queued_experiments_land_in_the_real_store(project, workers):
         assert sorted(r.data.tags["strategy"] for r in runs) == ["ddp", "dp"], name
         assert {r.data.params["gpus"] for r in runs} == {str(gpus)}
         assert all("val_accuracy" in r.data.metrics and r.info.status == "FINISHED" for r in runs)
-    assert not list(project.glob(".dvc/tmp/exps/**/mlruns/mlflow.db")), "no experiment may write a store of its own"
+    assert not list(project.glob(".dvc/tmp/exps/**/mlruns/mlflow.db")), (
+        "no experiment may write a store of its own"
+    )
     table = sh(project, "dvc", "exp", "show", "--csv")
     assert all(name in table for name in names) and "val_macro_f1" in table
 
@@ -153,7 +188,9 @@ def test_queued_experiments_land_in_the_real_store(project, workers):
 def test_a_dvc_remote_gives_a_fresh_clone_the_results_without_recomputing(project, tmp_path):
     """The README's team round trip: `dvc push` fills the remote, a colleague's `git clone` and
     `dvc pull` get the shards, models and metrics, and `dvc repro` there has nothing to rerun."""
-    sh(project, "dvc", "repro")  # the workspace's own results (the queue tests left experiments, not the workspace)
+    sh(
+        project, "dvc", "repro"
+    )  # the workspace's own results (the queue tests left experiments, not the workspace)
     sh(project, "dvc", "remote", "add", "-d", "team", str(tmp_path / "remote"))
     sh(project, "git", "add", "-A")
     sh(project, "git", "commit", "-q", "-m", "results, and the team's remote")

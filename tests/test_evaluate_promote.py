@@ -31,18 +31,21 @@ from sklearn.metrics import (
 )
 from typer.testing import CliRunner
 
-from conftest import REPO, split_files, write_params
 from pipeline.cli import app
 from pipeline.config import load_params
 from pipeline.errors import UserError
 from pipeline.evaluate import METRIC_NAMES, classification_metrics, load_trained, run_evaluate
-from pipeline.serving.networks import class_probabilities
-from pipeline.serving.precision import native_bf16
 from pipeline.paths import workspace_paths
 from pipeline.promote import pick_candidate, run_promote
+from pipeline.serving.networks import class_probabilities
+from pipeline.serving.precision import native_bf16
 from pipeline.shards import load_split, read_manifest
 
-EVAL_KEYS = [f"{prefix}{name}" for prefix in ("val_", "test_", "external_") for name in METRIC_NAMES] + ["eval_seconds"]
+from conftest import REPO, split_files, write_params
+
+EVAL_KEYS = [f"{prefix}{name}" for prefix in ("val_", "test_", "external_") for name in METRIC_NAMES] + [
+    "eval_seconds"
+]
 
 
 # --- fixtures ----------------------------------------------------------------------------------
@@ -52,8 +55,8 @@ EVAL_KEYS = [f"{prefix}{name}" for prefix in ("val_", "test_", "external_") for 
 def trained(tmp_path_factory, tiny_data):
     """A workspace with models/dp (trained), models/ddp (the same weights logged by a second
     training run) and both evaluated; its own MLflow store. Yields the workspace (the cwd)."""
-    from pipeline.serving.pyfunc import log_pyfunc_model
     from pipeline.fileio import atomic_write_json
+    from pipeline.serving.pyfunc import log_pyfunc_model
     from pipeline.tracking import tracked_run
     from pipeline.train import run_train
 
@@ -73,7 +76,14 @@ def trained(tmp_path_factory, tiny_data):
         (ddp_dir / "run.json").unlink()
         with tracked_run(params.mlflow.experiment, "train", strategy="ddp", tags={"world_size": "2"}) as run:
             info = log_pyfunc_model(ddp_dir)
-            atomic_write_json(ddp_dir / "run.json", {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "model_uri": info.model_uri})
+            atomic_write_json(
+                ddp_dir / "run.json",
+                {
+                    "run_id": run.info.run_id,
+                    "experiment_id": run.info.experiment_id,
+                    "model_uri": info.model_uri,
+                },
+            )
         for strategy in ("dp", "ddp"):
             run_evaluate(params, paths, strategy)
         shutil.copy(paths.eval_metrics("dp"), workspace / "eval_template.json")  # for set_eval
@@ -133,7 +143,9 @@ def _one_hot_probabilities(y_pred, n_classes=29, second=None):
 def test_classification_metrics_hand_checkable():
     y_true = np.array([0, 1, 2, 3])
     y_pred = np.array([0, 1, 2, 0])  # 3 of 4 right; class 3 taken for class 0
-    probabilities = _one_hot_probabilities(y_pred, second=np.array([1, 0, 0, 3]))  # the miss has the truth second
+    probabilities = _one_hot_probabilities(
+        y_pred, second=np.array([1, 0, 0, 3])
+    )  # the miss has the truth second
     figures = classification_metrics(y_true, y_pred, probabilities, "val_")
     assert list(figures) == [f"val_{name}" for name in METRIC_NAMES]
     assert figures["val_accuracy"] == 0.75
@@ -172,7 +184,11 @@ def test_classification_metrics_ignore_a_class_nobody_has():
     """The test folder has no `del`: a class absent from both truth and prediction must not count as 0."""
     y_true = np.arange(28)  # classes 0-27, one each; 28 never appears
     figures = classification_metrics(y_true, y_true, _one_hot_probabilities(y_true), "test_")
-    assert figures["test_macro_f1"] == 1.0 and figures["test_macro_recall"] == 1.0 and figures["test_accuracy"] == 1.0
+    assert (
+        figures["test_macro_f1"] == 1.0
+        and figures["test_macro_recall"] == 1.0
+        and figures["test_accuracy"] == 1.0
+    )
 
 
 # --- evaluate --------------------------------------------------------------------------------------
@@ -193,7 +209,9 @@ def test_evaluate_writes_metrics_and_logs_into_the_training_run(ws):
     assert set(rows[0]) == {"actual", "predicted"}
     classes = set(manifest["classes"])
     assert all(r["actual"] in classes and r["predicted"] in classes for r in rows)
-    assert sum(r["actual"] == r["predicted"] for r in rows) / len(rows) == pytest.approx(figures["val_accuracy"])
+    assert sum(r["actual"] == r["predicted"] for r in rows) / len(rows) == pytest.approx(
+        figures["val_accuracy"]
+    )
     assert (ws / "metrics" / "confusion_dp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     client = MlflowClient()
@@ -201,12 +219,28 @@ def test_evaluate_writes_metrics_and_logs_into_the_training_run(ws):
     assert run.data.tags["evaluated"] == "true"
     assert run.data.tags["eval_precision"] == ("bf16" if native_bf16(torch.device("cpu")) else "fp32")
     assert run.data.tags["stage"] == "train"  # the training's run, reopened: its stage tag stays
-    for key in ("val_macro_f1", "val_accuracy", "val_top3_accuracy", "test_accuracy", "external_accuracy", "external_macro_f1", "eval_seconds"):
+    for key in (
+        "val_macro_f1",
+        "val_accuracy",
+        "val_top3_accuracy",
+        "test_accuracy",
+        "external_accuracy",
+        "external_macro_f1",
+        "eval_seconds",
+    ):
         assert run.data.metrics[key] == pytest.approx(figures[key]), key
     assert "train_seconds" in run.data.metrics  # one row: training timings and quality together
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"confusion_dp.png", "classification_report.txt", "eval_dp.json", "confusion_external_dp.png", "predictions_external_dp.csv"} <= artifacts
-    report = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="classification_report.txt")).read_text()
+    assert {
+        "confusion_dp.png",
+        "classification_report.txt",
+        "eval_dp.json",
+        "confusion_external_dp.png",
+        "predictions_external_dp.csv",
+    } <= artifacts
+    report = Path(
+        mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="classification_report.txt")
+    ).read_text()
     assert "macro avg" in report and "space" in report and "too few" in report
     assert f"external test set (other signers): {figures['external_images']} images" in report
     assert figures["external_images"] == manifest["splits"]["external"]["count"] == 29 * 2
@@ -225,7 +259,12 @@ def test_training_and_evaluation_record_their_data_as_mlflow_datasets(ws):
         assert json.loads(given.dataset.source) == {"uri": "data/shards"}
     assert contexts == {
         context: split_fingerprint(manifest, split)
-        for split, context in (("train", "training"), ("val", "validation"), ("test", "test"), ("external", "external_test"))
+        for split, context in (
+            ("train", "training"),
+            ("val", "validation"),
+            ("test", "test"),
+            ("external", "external_test"),
+        )
     }
 
 
@@ -258,9 +297,17 @@ def test_pick_candidate_tie_goes_to_dp():
     ("candidate", "min_improvement", "passes"),
     [
         ({"val_macro_f1": 0.70, "external_macro_f1": 0.5}, 0.0, False),  # a tie is no improvement
-        ({"val_macro_f1": 0.75, "external_macro_f1": 0.5}, 0.05, True),  # exactly min_improvement (0.7 + 0.05 in floats)
+        (
+            {"val_macro_f1": 0.75, "external_macro_f1": 0.5},
+            0.05,
+            True,
+        ),  # exactly min_improvement (0.7 + 0.05 in floats)
         ({"val_macro_f1": 0.74, "external_macro_f1": 0.5}, 0.05, False),
-        ({"val_macro_f1": 0.90, "external_macro_f1": 0.49}, 0.0, False),  # better here, worse on other signers
+        (
+            {"val_macro_f1": 0.90, "external_macro_f1": 0.49},
+            0.0,
+            False,
+        ),  # better here, worse on other signers
     ],
 )
 def test_mlflow_validation_is_the_gate(candidate, min_improvement, passes):
@@ -283,7 +330,9 @@ def test_first_model_becomes_champion_and_a_rerun_changes_nothing(ws):
     assert versions == [(1, run_id(ws, "dp"))]
     assert aliases == {"candidate": 1, "champion": 1}
     tags = MlflowClient().get_model_version("first", "1").tags
-    assert tags["strategy"] == "dp" and tags["world_size"] == "1" and tags["source_run_id"] == run_id(ws, "dp")
+    assert (
+        tags["strategy"] == "dp" and tags["world_size"] == "1" and tags["source_run_id"] == run_id(ws, "dp")
+    )
     assert float(tags["val_macro_f1"]) == 0.5 and "git_commit" in tags
     assert tags["promotion_decision"] == "first_champion" and tags["promotion_reason"]
     manifest = read_manifest(ws / "data" / "shards")
@@ -292,7 +341,10 @@ def test_first_model_becomes_champion_and_a_rerun_changes_nothing(ws):
     # What the figures were measured on, so that a later candidate knows whether they compare.
     assert tags["data_fingerprint.val"] == split_fingerprint(manifest, "val")
     assert tags["data_fingerprint.external"] == split_fingerprint(manifest, "external")
-    assert float(tags["external_macro_f1"]) == json.loads((ws / "metrics" / "eval_dp.json").read_text())["external_macro_f1"]
+    assert (
+        float(tags["external_macro_f1"])
+        == json.loads((ws / "metrics" / "eval_dp.json").read_text())["external_macro_f1"]
+    )
 
     # The numbers alone are the stage's metrics file: no text columns in `dvc metrics show`.
     figures = json.loads((ws / "metrics" / "promote.json").read_text())
@@ -317,7 +369,11 @@ def test_better_candidate_takes_the_champion_alias(ws):
     set_eval(ws, "ddp", 0.7)
     record = promote(ws, "better")
     assert record["decision"] == "promoted" and record["promoted"] == 1
-    assert record["candidate_strategy"] == "ddp" and record["candidate_value"] == 0.7 and record["champion_value"] == 0.5
+    assert (
+        record["candidate_strategy"] == "ddp"
+        and record["candidate_value"] == 0.7
+        and record["champion_value"] == 0.5
+    )
     assert record["previous_champion_version"] == 1 and record["champion_version"] == record["version"] == 2
     versions, aliases = registry_state("better")
     assert versions == [(1, run_id(ws, "dp")), (2, run_id(ws, "ddp"))]
@@ -336,7 +392,11 @@ def test_better_candidate_takes_the_champion_alias(ws):
         (0.70, 0.0, "kept_champion"),  # equal
         (0.60, 0.0, "kept_champion"),  # worse
         (0.72, 0.05, "kept_champion"),  # better, by less than min_improvement
-        (0.75, 0.05, "promoted"),  # better by exactly min_improvement (0.70 + 0.05 in floats is 0.7500000000000001)
+        (
+            0.75,
+            0.05,
+            "promoted",
+        ),  # better by exactly min_improvement (0.70 + 0.05 in floats is 0.7500000000000001)
         (0.71, 0.0, "promoted"),
     ],
 )

@@ -20,7 +20,6 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from conftest import REPO, write_params
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import f1_score
 
@@ -33,6 +32,8 @@ from pipeline.preprocess import build_shards
 from pipeline.promote import _decision, run_promote
 from pipeline.shards import read_manifest
 from pipeline.train import run_train
+
+from conftest import REPO, write_params
 
 pytestmark = pytest.mark.slow  # three trainings, and a race between two real processes
 

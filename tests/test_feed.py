@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_PARAMS, deep_merge
 from safetensors.numpy import load_file
 from torch import nn
 
@@ -30,6 +29,8 @@ from pipeline.shards import checks_dir, image_bytes, load_split, open_split, rea
 from pipeline.strategy import Strategy
 from pipeline.streaming import stream_bound_images
 from pipeline.trainer import TrainingState, step_settings
+
+from conftest import TINY_PARAMS, deep_merge
 
 SHARD_SIZE = 40  # several shards per split, one of them short
 CPU = torch.device("cpu")

@@ -178,7 +178,9 @@ def test_training_steps_never_wait_for_the_gpu():
         batches = _epoch_batches(images, labels, batch, epoch, settings)
         torch.cuda.set_sync_debug_mode("error" if epoch else 0)
         try:
-            train_one_epoch(state.model, state.optimizer, state.scheduler, loss_fn, batches, strategy, settings)
+            train_one_epoch(
+                state.model, state.optimizer, state.scheduler, loss_fn, batches, strategy, settings
+            )
         finally:
             torch.cuda.set_sync_debug_mode(0)
 
@@ -186,7 +188,6 @@ def test_training_steps_never_wait_for_the_gpu():
 @pytest.mark.parametrize("budget", [None, 0.0012], ids=["memory-mapped", "streamed"])
 def test_batches_from_the_host_arrive_on_the_gpu_as_they_left(tmp_path, budget):
     """Pinned, gathered in a thread and copied on a side stream: every batch equals the split's rows."""
-    from conftest import TINY_PARAMS, deep_merge
     from pipeline.config import params_from_dict
     from pipeline.feed import open_training_data
     from pipeline.fetch import fetch_raw
@@ -196,8 +197,12 @@ def test_batches_from_the_host_arrive_on_the_gpu_as_they_left(tmp_path, budget):
     from pipeline.strategy import DataParallelStrategy
     from pipeline.trainer import step_settings
 
+    from conftest import TINY_PARAMS, deep_merge
+
     train = {"data_on_device": False, "memory_budget_gb": budget, "shuffle_buffer": 50}
-    params = params_from_dict(deep_merge(TINY_PARAMS, {"gpus": 1, "data": {"shard_size": 40}, "train": train}))
+    params = params_from_dict(
+        deep_merge(TINY_PARAMS, {"gpus": 1, "data": {"shard_size": 40}, "train": train})
+    )
     paths = Paths(tmp_path)
     fetch_raw(params, paths)
     build_shards(params.data, params.seed, paths.raw, paths.raw_train, paths.raw_test, paths.shards)

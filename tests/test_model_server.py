@@ -19,6 +19,10 @@ import pytest
 import requests
 import torch
 from PIL import Image
+
+from pipeline.dataset import CLASSES
+from pipeline.serving.precision import precision
+
 from serving_support import (
     COLOURS,
     colour_champion,
@@ -30,9 +34,6 @@ from serving_support import (
     stop,
     wait_until_up,
 )
-
-from pipeline.dataset import CLASSES
-from pipeline.serving.precision import precision
 
 REPO = Path(__file__).resolve().parents[1]
 

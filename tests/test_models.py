@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.serving import MODEL_NAMES
 from pipeline.errors import UserError
+from pipeline.serving import MODEL_NAMES
 from pipeline.serving.networks import build_model
 
 

@@ -60,7 +60,9 @@ def _conv_dtype_of_a_training_step(bf16_wanted: bool) -> torch.dtype:
     images, labels = torch.randn(16, 3, 32, 32).half(), torch.randint(0, 29, (16,))
     settings = step_settings(params, strategy)
     batches = tensor_batches(images, labels, [np.arange(0, 8), np.arange(8, 16)], settings)
-    train_one_epoch(state.model, state.optimizer, state.scheduler, nn.CrossEntropyLoss(), batches, strategy, settings)
+    train_one_epoch(
+        state.model, state.optimizer, state.scheduler, nn.CrossEntropyLoss(), batches, strategy, settings
+    )
     assert len(seen) == 2
     return seen[0]
 

@@ -16,10 +16,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from serving_support import COLOURS, colour_champion, noisy, solid
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+
+from serving_support import COLOURS, colour_champion, noisy, solid
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +108,9 @@ def test_a_bad_file_is_reported_and_the_rest_predicted(params: Path, images: Pat
 
 
 def test_any_model_uri_or_folder(champion, images: Path, tmp_path: Path) -> None:
-    local = mlflow.artifacts.download_artifacts(f"models:/{champion.name}/{champion.version}", dst_path=str(tmp_path / "model"))
+    local = mlflow.artifacts.download_artifacts(
+        f"models:/{champion.name}/{champion.version}", dst_path=str(tmp_path / "model")
+    )
     for model in (f"models:/{champion.name}/{champion.version}", local):
         results = _json(str(images / "green.PNG"), "--model", model)  # no params.yaml needed with --model
         assert results[0]["label"] == "B"

@@ -24,18 +24,18 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from pipeline import fileio, preprocess
-from pipeline.dataset import CLASSES
 from pipeline.config import DataConfig, params_from_dict
+from pipeline.dataset import CLASSES, kaggle_test_dir, kaggle_train_dir
 from pipeline.errors import UserError
-from pipeline.serving.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_image, normalize
-from conftest import REPO, split_files
+from pipeline.fileio import atomic_write_bytes, sha256_of
 from pipeline.paths import Paths
 from pipeline.preprocess import build_shards, run_preprocess
-from pipeline.fileio import atomic_write_bytes, sha256_of
+from pipeline.serving.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_image, normalize
 from pipeline.shards import auto_shard_size, image_bytes, load_split, read_manifest, write_shard
 from pipeline.split import block_split, frame_number, random_split
-from pipeline.dataset import kaggle_test_dir, kaggle_train_dir
 from pipeline.synthetic import generate_synthetic_dataset
+
+from conftest import REPO, split_files
 
 TRAIN_DIR, TEST_DIR = kaggle_train_dir(Path()), kaggle_test_dir(Path())  # relative to a data/raw folder
 
@@ -102,11 +102,21 @@ def test_manifest_adds_up_and_matches_the_shards(built: tuple[Path, dict]) -> No
         for shard in split_shards:
             per_class_from_shards.update(shard["per_class"])
         assert {c: per_class_from_shards.get(c, 0) for c in CLASSES} == info["per_class"]
-        assert [s["file"] for s in split_shards] == [f"{split}-{i:05d}.safetensors" for i in range(len(split_shards))]
-        assert all(s["count"] == CFG.shard_size for s in split_shards[:-1]) and 0 < split_shards[-1]["count"] <= CFG.shard_size
+        assert [s["file"] for s in split_shards] == [
+            f"{split}-{i:05d}.safetensors" for i in range(len(split_shards))
+        ]
+        assert (
+            all(s["count"] == CFG.shard_size for s in split_shards[:-1])
+            and 0 < split_shards[-1]["count"] <= CFG.shard_size
+        )
 
     # Nothing lost: every training-folder frame is in train, in val, or dropped beside a val block.
-    assert manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] + manifest["dropped_for_gap"] == 29 * PER_CLASS
+    assert (
+        manifest["splits"]["train"]["count"]
+        + manifest["splits"]["val"]["count"]
+        + manifest["dropped_for_gap"]
+        == 29 * PER_CLASS
+    )
     # gap 1: one dropped frame beside each val block at an end, two beside one in the middle.
     assert 29 <= manifest["dropped_for_gap"] <= 58
     assert manifest["splits"]["test"]["count"] == 28 and manifest["splits"]["test"]["per_class"]["del"] == 0
@@ -117,14 +127,25 @@ def test_manifest_adds_up_and_matches_the_shards(built: tuple[Path, dict]) -> No
         assert len(shard["files"]) == shard["count"] == sum(shard["per_class"].values())
         tensors = load_file(str(path))
         assert set(tensors) == {"images", "labels"}
-        assert tensors["images"].dtype == np.float16 and tensors["images"].shape == (shard["count"], 3, 32, 32)
+        assert tensors["images"].dtype == np.float16 and tensors["images"].shape == (
+            shard["count"],
+            3,
+            32,
+            32,
+        )
         assert tensors["labels"].dtype == np.int64 and tensors["labels"].shape == (shard["count"],)
         for name, label in zip(shard["files"], tensors["labels"].tolist()):
-            folder_class = _class_and_frame(name)[0] if shard["split"] != "test" else Path(name).stem.rsplit("_test", 1)[0]
+            folder_class = (
+                _class_and_frame(name)[0]
+                if shard["split"] != "test"
+                else Path(name).stem.rsplit("_test", 1)[0]
+            )
             assert CLASSES[label] == folder_class, name
         assert Counter(CLASSES[i] for i in tensors["labels"].tolist()) == Counter(shard["per_class"])
 
-    assert sorted(os.listdir(out)) == sorted(["manifest.json", *(s["file"] for s in manifest["shards"])]), "no stray files"
+    assert sorted(os.listdir(out)) == sorted(["manifest.json", *(s["file"] for s in manifest["shards"])]), (
+        "no stray files"
+    )
 
 
 def test_load_split_returns_what_was_written(built: tuple[Path, dict], raw: Path) -> None:
@@ -162,13 +183,17 @@ def test_automatic_shard_size_keeps_a_shard_near_64_mib(size: int, expected: int
 
 def test_a_null_shard_size_writes_shards_of_the_automatic_size(raw: Path, tmp_path: Path) -> None:
     manifest = build(raw, tmp_path / "shards", replace(CFG, shard_size=None))
-    assert [s["split"] for s in manifest["shards"]] == ["train", "val", "test"], "the tiny set fits in one shard per split"
+    assert [s["split"] for s in manifest["shards"]] == ["train", "val", "test"], (
+        "the tiny set fits in one shard per split"
+    )
 
 
 def test_level_table_is_exactly_normalize() -> None:
     """The shard writer looks pixels up instead of normalizing: the result must be bit-identical."""
     levels = preprocess.float16_levels()
-    every_level = np.stack(np.meshgrid(np.arange(256), np.arange(3), indexing="ij"), -1)[..., 0].astype(np.uint8)  # 256x3
+    every_level = np.stack(np.meshgrid(np.arange(256), np.arange(3), indexing="ij"), -1)[..., 0].astype(
+        np.uint8
+    )  # 256x3
     random = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
     for pixels in (np.repeat(every_level[None, :, None, :], 2, axis=2), random):
         looked_up = np.stack([levels[c][pixels[..., c]] for c in range(3)], axis=1)
@@ -185,14 +210,18 @@ def test_write_shard_round_trips_and_reports_its_sha256(tmp_path: Path, count: i
     sha256 = write_shard(path, images, labels)
 
     written = load_file(str(path))
-    assert np.array_equal(written["images"], images) and np.array_equal(written["labels"], labels.astype(np.int64))
+    assert np.array_equal(written["images"], images) and np.array_equal(
+        written["labels"], labels.astype(np.int64)
+    )
     assert sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert os.listdir(tmp_path) == ["shard.safetensors"], "no temporary file left behind"
 
 
 @pytest.mark.parametrize("position", ["first", "last"])
 @pytest.mark.parametrize("damage", ["pixel", "header", "label", "truncated", "appended"])
-def test_load_split_refuses_a_corrupt_shard(built: tuple[Path, dict], tmp_path: Path, damage: str, position: str) -> None:
+def test_load_split_refuses_a_corrupt_shard(
+    built: tuple[Path, dict], tmp_path: Path, damage: str, position: str
+) -> None:
     out = shutil.copytree(built[0], tmp_path / "shards")
     train_shards = [s["file"] for s in built[1]["shards"] if s["split"] == "train"]
     assert len(train_shards) >= 3, "the fixture must give a split of several shards"
@@ -219,13 +248,17 @@ def test_shard_writer_normalizes_every_block_of_a_shard(tmp_path: Path) -> None:
     """A shard of more images than one normalization block, and not a whole number of blocks."""
     count = 2 * preprocess._NORMALIZE_BLOCK + 3
     pixels = np.random.default_rng(1).integers(0, 256, (count, 7, 7, 3), dtype=np.uint8)
-    writer = preprocess.ShardWriter(tmp_path, "train", image_size=7, shard_size=count + 10, source_root=tmp_path)
+    writer = preprocess.ShardWriter(
+        tmp_path, "train", image_size=7, shard_size=count + 10, source_root=tmp_path
+    )
     for index, image in enumerate(pixels):
         writer.add(image, index % 29, tmp_path / f"{index}.jpg")
     writer.flush()
 
     written = load_file(str(tmp_path / writer.shards[0]["file"]))
-    assert np.array_equal(written["images"].view(np.uint16), normalize(pixels).astype(np.float16).view(np.uint16))
+    assert np.array_equal(
+        written["images"].view(np.uint16), normalize(pixels).astype(np.float16).view(np.uint16)
+    )
     assert written["labels"].tolist() == [index % 29 for index in range(count)]
 
 
@@ -263,19 +296,26 @@ def test_load_split_without_shards_says_to_preprocess(built: tuple[Path, dict], 
 
 
 def _membership(manifest: dict) -> dict[str, set[tuple[str, int]]]:
-    return {split: {_class_and_frame(name) for name in split_files(manifest, split)} for split in ("train", "val")}
+    return {
+        split: {_class_and_frame(name) for name in split_files(manifest, split)} for split in ("train", "val")
+    }
 
 
 def _val_frames_with_train_neighbour(manifest: dict) -> list[tuple[str, int]]:
     sides = _membership(manifest)
-    return sorted((c, n) for c, n in sides["val"] if (c, n - 1) in sides["train"] or (c, n + 1) in sides["train"])
+    return sorted(
+        (c, n) for c, n in sides["val"] if (c, n - 1) in sides["train"] or (c, n + 1) in sides["train"]
+    )
 
 
 def test_block_split_keeps_neighbouring_frames_on_one_side(built: tuple[Path, dict]) -> None:
     manifest = built[1]
     assert _val_frames_with_train_neighbour(manifest) == []
     for name in CLASSES:
-        assert manifest["splits"]["train"]["per_class"][name] > 0 and manifest["splits"]["val"]["per_class"][name] > 0, name
+        assert (
+            manifest["splits"]["train"]["per_class"][name] > 0
+            and manifest["splits"]["val"]["per_class"][name] > 0
+        ), name
     assert not (_membership(manifest)["train"] & _membership(manifest)["val"])
 
 
@@ -299,9 +339,13 @@ def test_block_split_unit(n: int, block_size: int, gap: int, seed: int) -> None:
     n_blocks = -(-n // block_size)
     assert len(blocks) == max(1, round(0.2 * n_blocks))
     assert abs(len(val) / n - 0.2) <= block_size / n, "val fraction honoured to within a block"
-    assert dropped == {i for i in range(n) if i not in val and any(abs(i - v) <= gap for v in val)}, "exactly the gap"
+    assert dropped == {i for i in range(n) if i not in val and any(abs(i - v) <= gap for v in val)}, (
+        "exactly the gap"
+    )
     assert all(abs(t - v) > gap for t in train for v in val)
-    assert split == block_split(n, 0.2, block_size, gap, np.random.default_rng(seed)), "deterministic per seed"
+    assert split == block_split(n, 0.2, block_size, gap, np.random.default_rng(seed)), (
+        "deterministic per seed"
+    )
 
 
 def test_block_split_refuses_what_cannot_be_split() -> None:
@@ -331,10 +375,17 @@ def test_random_split_unit() -> None:
 def test_max_images_is_a_stratified_cap(raw: Path, tmp_path: Path) -> None:
     cap = 300  # of 580: about 10 per class
     manifest = build(raw, tmp_path / "shards", replace(CFG, max_images=cap, block_size=2))
-    used = manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] + manifest["dropped_for_gap"]
+    used = (
+        manifest["splits"]["train"]["count"]
+        + manifest["splits"]["val"]["count"]
+        + manifest["dropped_for_gap"]
+    )
     assert cap - len(CLASSES) < used <= cap
     for name in CLASSES:
-        assert manifest["splits"]["train"]["per_class"][name] > 0 and manifest["splits"]["val"]["per_class"][name] > 0, name
+        assert (
+            manifest["splits"]["train"]["per_class"][name] > 0
+            and manifest["splits"]["val"]["per_class"][name] > 0
+        ), name
     frames = [_class_and_frame(f)[1] for split in ("train", "val") for f in split_files(manifest, split)]
     assert max(frames) > 15, "a sample across the frames, not the first ones"
     assert manifest["splits"]["test"]["count"] == 28, "the cap applies to the training folder only"
@@ -361,7 +412,11 @@ def _add_odd_files(root: Path) -> tuple[dict[str, bytes], dict[str, tuple[int, i
         "B/B1001.png": (Image.new("L", (60, 50), 128), "PNG", (128, 128, 128)),
         "B/B1002.png": (Image.new("RGB", (48, 48), (0, 204, 0)).convert("P"), "PNG", (0, 204, 0)),
         "B/B1003.png": (Image.new("RGBA", (48, 48), (255, 0, 0, 255)), "PNG", (255, 0, 0)),
-        "B/B1004.png": (Image.new("RGBA", (48, 48), (0, 0, 0, 0)), "PNG", (255, 255, 255)),  # transparent -> white
+        "B/B1004.png": (
+            Image.new("RGBA", (48, 48), (0, 0, 0, 0)),
+            "PNG",
+            (255, 255, 255),
+        ),  # transparent -> white
         "B/B1005.jpg": (Image.new("RGB", (64, 64), (255, 0, 0)).convert("CMYK"), "JPEG", (255, 0, 0)),
         "B/B1006.jpg": (Image.new("L", (64, 64), 60), "JPEG", (60, 60, 60)),
     }
@@ -394,7 +449,9 @@ def test_unreadable_files_are_skipped_and_odd_modes_converted(raw: Path, tmp_pat
         image, label = rows[name]
         assert CLASSES[int(label)] == "B"
         pixels = _denormalize(image)
-        assert np.abs(pixels - np.asarray(colour)).max() < 12, f"{name}: {pixels.reshape(-1, 3).mean(0)} != {colour}"
+        assert np.abs(pixels - np.asarray(colour)).max() < 12, (
+            f"{name}: {pixels.reshape(-1, 3).mean(0)} != {colour}"
+        )
 
 
 def test_an_image_bomb_is_skipped_not_decoded(raw: Path, tmp_path: Path) -> None:
@@ -446,8 +503,12 @@ def test_parallel_output_equals_serial_output(raw: Path, tmp_path: Path) -> None
 
     assert [s["sha256"] for s in serial["shards"]] == [s["sha256"] for s in parallel["shards"]]
     for shard in serial["shards"]:
-        assert (tmp_path / "serial" / shard["file"]).read_bytes() == (tmp_path / "parallel" / shard["file"]).read_bytes()
-    assert {k: v for k, v in serial.items() if k != "params"} == {k: v for k, v in parallel.items() if k != "params"}
+        assert (tmp_path / "serial" / shard["file"]).read_bytes() == (
+            tmp_path / "parallel" / shard["file"]
+        ).read_bytes()
+    assert {k: v for k, v in serial.items() if k != "params"} == {
+        k: v for k, v in parallel.items() if k != "params"
+    }
 
 
 def test_decoding_keeps_a_bounded_number_of_chunks_in_flight(raw: Path) -> None:
@@ -465,7 +526,9 @@ def test_decoding_keeps_a_bounded_number_of_chunks_in_flight(raw: Path) -> None:
         tasks = ((i, f, 16, 10**6) for i, f in enumerate(files))
         decoded = preprocess.decode_in_order(pool, tasks, chunk_size=8, window=3)
         first = next(decoded)
-        time.sleep(0.2)  # a stalled consumer: the pool would run through all 25 chunks if nothing held it back
+        time.sleep(
+            0.2
+        )  # a stalled consumer: the pool would run through all 25 chunks if nothing held it back
         assert CountingPool.submitted == 3
         rest = list(decoded)
 
@@ -478,7 +541,9 @@ def _leftovers(folder: Path) -> list[str]:
     return [name for name in os.listdir(folder) if ".tmp" in name] if folder.exists() else []
 
 
-def test_failure_mid_run_leaves_no_manifest_and_no_temp_files(raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failure_mid_run_leaves_no_manifest_and_no_temp_files(
+    raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "shards"
     build(raw, out)
     real_write, calls = preprocess.write_shard, []
@@ -497,7 +562,9 @@ def test_failure_mid_run_leaves_no_manifest_and_no_temp_files(raw: Path, tmp_pat
     assert _leftovers(out) == []
 
 
-def test_failure_inside_a_shard_write_removes_the_temp_file(raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failure_inside_a_shard_write_removes_the_temp_file(
+    raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real_fsync, calls = os.fsync, []
 
     def failing_fsync(fd: int) -> None:
@@ -512,7 +579,9 @@ def test_failure_inside_a_shard_write_removes_the_temp_file(raw: Path, tmp_path:
         build(raw, out)
     assert len(calls) == 2
     assert _leftovers(out) == [] and not (out / "manifest.json").exists()
-    assert sorted(os.listdir(out)) == ["train-00000.safetensors"], "only the shard finished before the failure"
+    assert sorted(os.listdir(out)) == ["train-00000.safetensors"], (
+        "only the shard finished before the failure"
+    )
 
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -546,7 +615,9 @@ def mlflow_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("mlflow")
 
 
-def test_run_preprocess_logs_an_mlflow_run(raw: Path, tmp_path: Path, mlflow_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_preprocess_logs_an_mlflow_run(
+    raw: Path, tmp_path: Path, mlflow_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -558,7 +629,9 @@ def test_run_preprocess_logs_an_mlflow_run(raw: Path, tmp_path: Path, mlflow_dir
     cwd.mkdir()
     monkeypatch.chdir(cwd)  # whatever MLflow writes must not land in the directory the stage runs in
     paths = _workspace(raw, tmp_path)
-    params = params_from_dict({"seed": 3, "data": {**asdict(CFG), "synthetic": {}}, "mlflow": {"experiment": "preprocess-test"}})
+    params = params_from_dict(
+        {"seed": 3, "data": {**asdict(CFG), "synthetic": {}}, "mlflow": {"experiment": "preprocess-test"}}
+    )
 
     manifest = run_preprocess(params, paths)
     mlflow.set_tracking_uri(uri)
@@ -587,7 +660,9 @@ def test_run_preprocess_logs_an_mlflow_run(raw: Path, tmp_path: Path, mlflow_dir
     assert os.listdir(cwd) == [], "nothing written to the working directory (no ./mlruns, no ./mlartifacts)"
 
 
-def test_run_preprocess_failure_marks_the_run_failed(tmp_path: Path, mlflow_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_preprocess_failure_marks_the_run_failed(
+    tmp_path: Path, mlflow_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{mlflow_dir}/mlflow.db"
@@ -621,7 +696,12 @@ def test_workers_end_when_the_stage_is_killed(tmp_path: Path) -> None:
 
     script = tmp_path / "stage.py"
     script.write_text(_POOL_SCRIPT)
-    stage = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    stage = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     try:
         assert stage.stdout.readline().strip() == "ready"
         descendants = psutil.Process(stage.pid).children(recursive=True)
@@ -643,7 +723,9 @@ def test_external_images_become_their_own_split(raw: Path, tmp_path: Path) -> No
     external = tmp_path / "external"
     generate_external_set(external, images_per_class=2, seed=0, size=64, workers=2)
     (external / "source.json").write_text("{}")  # fetch's note: not an image, never read as one
-    manifest = build_shards(CFG, 0, raw, raw / TRAIN_DIR, raw / TEST_DIR, tmp_path / "shards", external_dir=external)
+    manifest = build_shards(
+        CFG, 0, raw, raw / TRAIN_DIR, raw / TEST_DIR, tmp_path / "shards", external_dir=external
+    )
     info = manifest["splits"]["external"]
     assert info["count"] == 58 and set(info["per_class"].values()) == {2}
     names = split_files(manifest, "external")

@@ -22,13 +22,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModelContext
 from mlflow.pyfunc.scoring_server import invocations
 from PIL import Image
 from safetensors.torch import load_file
-from serving_support import COLOURS, SIZE, pinned_store, write_model_dir
 
 from pipeline.dataset import CLASSES
 from pipeline.errors import UserError
@@ -45,6 +43,9 @@ from pipeline.serving.pyfunc import (
     AslClassifier,
     log_pyfunc_model,
 )
+
+from conftest import REPO
+from serving_support import COLOURS, SIZE, pinned_store, write_model_dir
 
 # --- fixtures ----------------------------------------------------------------------------------
 

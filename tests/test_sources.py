@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import TINY_PARAMS, deep_merge
 from pipeline import sources
 from pipeline.config import params_from_dict
 from pipeline.errors import UserError
 from pipeline.fetch import IGNORED_ARTIFACT, run_fetch
 from pipeline.paths import Paths
 from pipeline.sources import ingest_external, ingest_source
+
+from conftest import TINY_PARAMS, deep_merge
 
 TRAIN = Path("asl_alphabet_train/asl_alphabet_train")
 TEST = Path("asl_alphabet_test/asl_alphabet_test")
@@ -362,7 +363,12 @@ def test_synthetic_is_not_handled_here(tmp_path: Path) -> None:
 
 
 REMEDIES = (
-    "KAGGLE_USERNAME", "KAGGLE_KEY", "~/.kaggle/kaggle.json", sources.KAGGLE_URL, "data.source", "params.yaml"
+    "KAGGLE_USERNAME",
+    "KAGGLE_KEY",
+    "~/.kaggle/kaggle.json",
+    sources.KAGGLE_URL,
+    "data.source",
+    "params.yaml",
 )
 
 
@@ -548,7 +554,12 @@ EXTERNAL = {
     "asl-alphabet-test/space/space0001_test.jpg": JPEG,
     "asl-alphabet-test/README.txt": b"other signers",
 }
-EXTERNAL_EXPECTED = {"A/A0001_test.jpg", "A/A0002_test.jpg", "del/del0001_test.jpg", "space/space0001_test.jpg"}
+EXTERNAL_EXPECTED = {
+    "A/A0001_test.jpg",
+    "A/A0002_test.jpg",
+    "del/del0001_test.jpg",
+    "space/space0001_test.jpg",
+}
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -556,7 +567,11 @@ def test_external_set_from_a_folder_or_zip_lands_in_class_folders(tmp_path: Path
     source = make_zip(tmp_path / "ext.zip", EXTERNAL) if packed else make_tree(tmp_path / "ext", EXTERNAL)
     report = ingest_external(source.name, tmp_path / "data" / "external", base_dir=tmp_path)
     assert files_under(tmp_path / "data" / "external") == EXTERNAL_EXPECTED
-    assert (report.train_files, report.test_files, report.ignored) == (0, 4, ("asl-alphabet-test/README.txt",))
+    assert (report.train_files, report.test_files, report.ignored) == (
+        0,
+        4,
+        ("asl-alphabet-test/README.txt",),
+    )
     assert_nothing_staged(tmp_path / "data")
 
 
@@ -567,7 +582,9 @@ def test_external_set_goes_through_the_same_archive_checks(tmp_path: Path) -> No
     make_zip(tmp_path / "odd.zip", {"asl-alphabet-test/Hello/x.jpg": JPEG})
     with pytest.raises(UserError) as error:
         ingest_external("odd.zip", tmp_path / "external", base_dir=tmp_path)
-    assert "unknown class folder 'Hello'" in assert_one_line(error) and "data.external_test" in str(error.value)
+    assert "unknown class folder 'Hello'" in assert_one_line(error) and "data.external_test" in str(
+        error.value
+    )
     make_zip(tmp_path / "empty.zip", {"notes/readme.txt": b"no images"})
     with pytest.raises(UserError, match="no images found") as error:
         ingest_external("empty.zip", tmp_path / "external", base_dir=tmp_path)
@@ -576,7 +593,9 @@ def test_external_set_goes_through_the_same_archive_checks(tmp_path: Path) -> No
     assert not (tmp_path / "external").exists()
 
 
-def test_external_kaggle_download_is_the_other_signers_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_external_kaggle_download_is_the_other_signers_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     asked = []
 
     def download(dataset: str = sources.KAGGLE_DATASET) -> Path:
@@ -585,7 +604,9 @@ def test_external_kaggle_download_is_the_other_signers_set(tmp_path: Path, monke
 
     monkeypatch.setattr(sources, "_download_kaggle", download)
     report = ingest_external("kaggle", tmp_path / "external", base_dir=tmp_path)
-    assert asked == ["danrasband/asl-alphabet-test"] and report.source == "kaggle:danrasband/asl-alphabet-test"
+    assert (
+        asked == ["danrasband/asl-alphabet-test"] and report.source == "kaggle:danrasband/asl-alphabet-test"
+    )
     assert files_under(tmp_path / "external") == EXTERNAL_EXPECTED
 
     def offline(dataset: str = sources.KAGGLE_DATASET) -> Path:
@@ -595,7 +616,11 @@ def test_external_kaggle_download_is_the_other_signers_set(tmp_path: Path, monke
     with pytest.raises(UserError) as error:
         ingest_external("kaggle", tmp_path / "external2", base_dir=tmp_path)
     message = assert_one_line(error)
-    assert "danrasband/asl-alphabet-test" in message and "data.external_test" in message and "KAGGLE_KEY" in message
+    assert (
+        "danrasband/asl-alphabet-test" in message
+        and "data.external_test" in message
+        and "KAGGLE_KEY" in message
+    )
 
 
 def test_fetch_writes_the_external_set_or_says_there_is_none(tmp_path: Path, mlflow_store: str) -> None:
@@ -604,9 +629,13 @@ def test_fetch_writes_the_external_set_or_says_there_is_none(tmp_path: Path, mlf
     make_zip(tmp_path / "asl.zip", DOUBLED)
     make_tree(tmp_path / "ext", EXTERNAL)
     paths = Paths(tmp_path)
-    params = params_from_dict(deep_merge(TINY_PARAMS, {"data": {"source": "asl.zip", "external_test": "ext"}}))
+    params = params_from_dict(
+        deep_merge(TINY_PARAMS, {"data": {"source": "asl.zip", "external_test": "ext"}})
+    )
     assert run_fetch(params, paths)["external_files"] == 4
     assert files_under(paths.raw_external) == EXTERNAL_EXPECTED | {EXTERNAL_SOURCE_FILE}
     params = params_from_dict(deep_merge(TINY_PARAMS, {"data": {"source": "asl.zip", "external_test": None}}))
     assert run_fetch(params, paths)["external_files"] == 0
-    assert files_under(paths.raw_external) == {EXTERNAL_SOURCE_FILE}, "DVC's output exists, and holds no image"
+    assert files_under(paths.raw_external) == {EXTERNAL_SOURCE_FILE}, (
+        "DVC's output exists, and holds no image"
+    )

@@ -12,9 +12,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pipeline.dataset import CLASSES
-from pipeline.dataset import kaggle_test_dir, kaggle_train_dir
-from pipeline.synthetic import EXTERNAL_SCENES, TRAINING_SCENES, generate_external_set, generate_synthetic_dataset, random_scene
+from pipeline.dataset import CLASSES, kaggle_test_dir, kaggle_train_dir
+from pipeline.synthetic import (
+    EXTERNAL_SCENES,
+    TRAINING_SCENES,
+    generate_external_set,
+    generate_synthetic_dataset,
+    random_scene,
+)
 
 TRAIN_DIR, TEST_DIR = kaggle_train_dir(Path()), kaggle_test_dir(Path())  # relative to a data/raw folder
 
@@ -46,7 +51,9 @@ def test_writes_the_kaggle_layout(tmp_path: Path) -> None:
     assert written == 29 * 5 + 28
     assert sorted(p.name for p in (tmp_path / TRAIN_DIR).iterdir()) == sorted(CLASSES)
     for name in CLASSES:
-        assert sorted(p.name for p in (tmp_path / TRAIN_DIR / name).iterdir()) == sorted(f"{name}{n}.jpg" for n in range(1, 6))
+        assert sorted(p.name for p in (tmp_path / TRAIN_DIR / name).iterdir()) == sorted(
+            f"{name}{n}.jpg" for n in range(1, 6)
+        )
     tests = sorted(p.name for p in (tmp_path / TEST_DIR).iterdir())
     assert tests == sorted(f"{name}_test.jpg" for name in CLASSES if name != "del")
     assert len(_all_files(tmp_path)) == written, "no temporary or extra files may be left behind"
@@ -95,12 +102,16 @@ def _small_cnn() -> nn.Module:
     def block(inputs: int, outputs: int) -> list[nn.Module]:
         return [nn.Conv2d(inputs, outputs, 3, padding=1), nn.BatchNorm2d(outputs), nn.ReLU(), nn.MaxPool2d(2)]
 
-    return nn.Sequential(*block(3, 16), *block(16, 32), *block(32, 64), nn.Flatten(), nn.Linear(64 * 4 * 4, len(CLASSES)))
+    return nn.Sequential(
+        *block(3, 16), *block(16, 32), *block(32, 64), nn.Flatten(), nn.Linear(64 * 4 * 4, len(CLASSES))
+    )
 
 
 def test_shapes_are_learnable_on_held_out_runs(dataset: Path) -> None:
     torch.manual_seed(0)
-    images = np.array([[_frame(dataset, name, n, size=32) for n in range(1, PER_CLASS + 1)] for name in CLASSES])
+    images = np.array(
+        [[_frame(dataset, name, n, size=32) for n in range(1, PER_CLASS + 1)] for name in CLASSES]
+    )
     x = torch.from_numpy(images).permute(0, 1, 4, 2, 3)
     # Per-image, per-channel standardisation: the shape has to carry the class, not the colour.
     x = (x - x.mean(dim=(3, 4), keepdim=True)) / (x.std(dim=(3, 4), keepdim=True) + 1e-3)
@@ -152,4 +163,6 @@ def test_external_set_is_class_folders_and_reproducible(tmp_path: Path) -> None:
     assert _all_files(tmp_path / "a") == _all_files(tmp_path / "b")
     assert all(len(list((tmp_path / "a" / name).glob("*.jpg"))) == 3 for name in CLASSES)
     generate_external_set(tmp_path / "c", images_per_class=3, seed=1, workers=2)
-    assert _all_files(tmp_path / "c").keys() == _all_files(tmp_path / "a").keys() != _all_files(tmp_path / "c")
+    assert (
+        _all_files(tmp_path / "c").keys() == _all_files(tmp_path / "a").keys() != _all_files(tmp_path / "c")
+    )

@@ -16,12 +16,13 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, write_params
 from pipeline.abandoned_runs import ABANDONED_TAG, close_abandoned_runs, owner_tags
 from pipeline.config import load_params
 from pipeline.errors import UserError
 from pipeline.paths import Paths
 from pipeline.tracking import configure, tracked_run, unreachable
+
+from conftest import REPO, write_params
 
 EXPERIMENT = "asl-alphabet"
 
@@ -40,7 +41,11 @@ def test_a_run_names_the_process_holding_it_open(mlflow_store):
     with tracked_run(EXPERIMENT, "fetch") as run:
         tags = MlflowClient().get_run(run.info.run_id).data.tags
     me = psutil.Process()
-    assert (tags["host"], tags["pid"], tags["status_if_abandoned"]) == (socket.gethostname(), str(me.pid), "FAILED")
+    assert (tags["host"], tags["pid"], tags["status_if_abandoned"]) == (
+        socket.gethostname(),
+        str(me.pid),
+        "FAILED",
+    )
     assert float(tags["pid_started"]) == pytest.approx(me.create_time(), abs=0.01)
 
 
@@ -67,8 +72,12 @@ def test_only_runs_whose_process_is_gone_are_closed(mlflow_store):
     dead = {**mine, "pid": str(gone.pid), "pid_started": f"{gone.create_time():.2f}"}
     runs = {
         "dead": _open_run(client, experiment_id, **dead),
-        "dead_reopened_finished": _open_run(client, experiment_id, **{**dead, "status_if_abandoned": "FINISHED"}),
-        "pid_reused": _open_run(client, experiment_id, **{**mine, "pid_started": f"{psutil.Process().create_time() - 3600:.2f}"}),
+        "dead_reopened_finished": _open_run(
+            client, experiment_id, **{**dead, "status_if_abandoned": "FINISHED"}
+        ),
+        "pid_reused": _open_run(
+            client, experiment_id, **{**mine, "pid_started": f"{psutil.Process().create_time() - 3600:.2f}"}
+        ),
         "alive": _open_run(client, experiment_id, **mine),  # a queued experiment training beside us
         "other_host": _open_run(client, experiment_id, **{**dead, "host": host + "-elsewhere"}),
         "other_namespace": _open_run(client, experiment_id, **{**dead, "pid_namespace": "pid:[1]"}),
@@ -91,7 +100,11 @@ def test_a_new_stage_run_closes_the_abandoned_runs(mlflow_store):
     experiment_id = configure(EXPERIMENT)
     client = MlflowClient()
     gone = _gone_process()
-    left = _open_run(client, experiment_id, **{**owner_tags("FAILED"), "pid": str(gone.pid), "pid_started": f"{gone.create_time():.2f}"})
+    left = _open_run(
+        client,
+        experiment_id,
+        **{**owner_tags("FAILED"), "pid": str(gone.pid), "pid_started": f"{gone.create_time():.2f}"},
+    )
     with tracked_run(EXPERIMENT, "train", strategy="dp"):
         assert client.get_run(left).info.status == "FAILED"
 
@@ -111,11 +124,17 @@ def test_a_lost_server_inside_a_stage_is_one_line_naming_the_run(mlflow_store):
         "Max retries exceeded with url: /api/2.0/mlflow/runs/log-batch (Caused by NewConnectionError('Failed to establish a new connection: "
         "[Errno 111] Connection refused'))"
     )
-    assert unreachable(lost) and not unreachable(mlflow.exceptions.MlflowException("RESOURCE_DOES_NOT_EXIST: no such run"))
+    assert unreachable(lost) and not unreachable(
+        mlflow.exceptions.MlflowException("RESOURCE_DOES_NOT_EXIST: no such run")
+    )
     with pytest.raises(UserError) as caught, tracked_run(EXPERIMENT, "train", strategy="dp") as run:
         raise lost
     message = str(caught.value)
-    assert "\n" not in message and "stopped answering (connection refused" in message and run.info.run_id in message
+    assert (
+        "\n" not in message
+        and "stopped answering (connection refused" in message
+        and run.info.run_id in message
+    )
     assert "MLFLOW_TRACKING_URI" in message
     # Here the store still answers, so the one quick try closes the run.
     assert MlflowClient().get_run(run.info.run_id).info.status == "FAILED"
@@ -127,21 +146,38 @@ def test_commands_facing_a_dead_server_say_so_in_one_line(tiny_workspace):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # closed once the block ends: nothing listens there
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": url, "MLFLOW_REGISTRY_URI": url, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "MLFLOW_TRACKING_URI": url,
+        "MLFLOW_REGISTRY_URI": url,
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    }
     image = next((tiny_workspace / "data" / "raw").rglob("*.jpg"))
     for command in (["fetch"], ["predict", str(image)]):
         started = time.monotonic()
-        result = subprocess.run([sys.executable, "-m", "pipeline", *command], cwd=tiny_workspace, env=env, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-m", "pipeline", *command],
+            cwd=tiny_workspace,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 2, result.stderr[-2000:]
         [line] = result.stderr.strip().splitlines()
-        assert line.startswith(f"error: the MLflow tracking server {url} stopped answering (connection refused; 0 retries)"), line
+        assert line.startswith(
+            f"error: the MLflow tracking server {url} stopped answering (connection refused; 0 retries)"
+        ), line
         assert time.monotonic() - started < 60
 
 
 def _trained_system_metrics(workspace, enabled: bool) -> set[str]:
     from pipeline.train import run_train
 
-    params_file = write_params(workspace, {"mlflow": {"system_metrics": enabled}, "gpus": 1, "train": {"epochs": 3}})
+    params_file = write_params(
+        workspace, {"mlflow": {"system_metrics": enabled}, "gpus": 1, "train": {"epochs": 3}}
+    )
     assert run_train(load_params(params_file), Paths(workspace), "dp", params_file) == 0
     run_id = json.loads((Paths(workspace).model_dir("dp") / "run.json").read_text())["run_id"]
     return {name for name in MlflowClient().get_run(run_id).data.metrics if name.startswith("system/")}
@@ -150,5 +186,9 @@ def _trained_system_metrics(workspace, enabled: bool) -> set[str]:
 def test_training_records_system_metrics_unless_switched_off(tiny_workspace, monkeypatch):
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     recorded = _trained_system_metrics(tiny_workspace, enabled=True)
-    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes", "system/system_memory_usage_percentage"} <= recorded
+    assert {
+        "system/cpu_utilization_percentage",
+        "system/system_memory_usage_megabytes",
+        "system/system_memory_usage_percentage",
+    } <= recorded
     assert _trained_system_metrics(tiny_workspace, enabled=False) == set()

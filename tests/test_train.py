@@ -17,12 +17,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, deep_merge, write_params
 from pipeline.checkpoint import checkpoint_path
 from pipeline.config import load_params
 from pipeline.paths import Paths
 from pipeline.serving.precision import native_bf16
 from pipeline.train import run_train
+
+from conftest import REPO, deep_merge, write_params
 
 
 def train_here(workspace: Path, strategy: str = "dp") -> dict:
@@ -39,7 +40,13 @@ class CliRun:
         self.log = workspace / f"{'-'.join(args)}.log"
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         with open(self.log, "w") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=workspace, env=env, stdout=out, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "pipeline", *args],
+                cwd=workspace,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
 
     def finish(self, timeout: float = 300) -> str:
         self.process.wait(timeout=timeout)
@@ -67,7 +74,13 @@ def test_dp_writes_outputs_and_one_complete_mlflow_run(tiny_workspace):
     run = run_of(tiny_workspace, "dp")
     assert run.info.status == "FINISHED"
     tags = run.data.tags
-    assert (tags["stage"], tags["strategy"], tags["device"], tags["cpu_only"], tags["allreduce"]) == ("train", "dp", "cpu", "true", "none")
+    assert (tags["stage"], tags["strategy"], tags["device"], tags["cpu_only"], tags["allreduce"]) == (
+        "train",
+        "dp",
+        "cpu",
+        "true",
+        "none",
+    )
     precision = "bf16" if native_bf16(torch.device("cpu")) else "fp32"  # train.bf16 is on: used where native
     assert tags["precision"] == figures["precision"] == precision
     assert tags["git_commit"]
@@ -174,6 +187,7 @@ def test_resume_refuses_a_checkpoint_made_with_other_params(tiny_workspace):
     runs = mlflow.search_runs(experiment_names=["asl-alphabet"], filter_string="tags.stage = 'train'")
     assert len(runs) == 1, "a refused resume opens no run"
 
+
 def _free_port() -> int:
     import socket
 
@@ -189,7 +203,10 @@ def test_two_nodes_on_loopback_train_as_one_job(tiny_workspace):
     runs = []
     for node_rank in (0, 1):
         params = tiny_workspace / f"params-node{node_rank}.yaml"
-        write_params(tiny_workspace, {"gpus": 1, "distributed": {"nnodes": 2, "node_rank": node_rank, "rdzv_endpoint": endpoint}}).rename(params)
+        write_params(
+            tiny_workspace,
+            {"gpus": 1, "distributed": {"nnodes": 2, "node_rank": node_rank, "rdzv_endpoint": endpoint}},
+        ).rename(params)
         runs.append(CliRun(tiny_workspace, "train", "ddp", "--params", params.name))
     for run in runs:
         run.finish()
@@ -205,7 +222,9 @@ def test_two_nodes_on_loopback_train_as_one_job(tiny_workspace):
 def test_a_terminated_training_is_marked_failed_not_left_running(tiny_workspace):
     write_params(tiny_workspace, {"train": {"epochs": 40}})
     assert _interrupt_dp_training(tiny_workspace, signal.SIGTERM) != 0
-    [record] = mlflow.search_runs(experiment_names=["asl-alphabet"], filter_string="tags.stage = 'train'", output_format="list")
+    [record] = mlflow.search_runs(
+        experiment_names=["asl-alphabet"], filter_string="tags.stage = 'train'", output_format="list"
+    )
     assert record.info.status == "FAILED"
 
 
@@ -336,7 +355,9 @@ def test_an_interrupted_streamed_training_resumes_to_the_weights_of_an_uninterru
     write_params(tiny_workspace, deep_merge(STREAMED, {"train": {"epochs": 20, "resume": True}}))
     figures = train_here(tiny_workspace, "dp")
     assert figures["resumed_from_epoch"] >= 1 and figures["epochs"] == 20
-    assert model_file.read_bytes() == uninterrupted, "each epoch's order depends on the seed and the epoch only"
+    assert model_file.read_bytes() == uninterrupted, (
+        "each epoch's order depends on the seed and the epoch only"
+    )
 
 
 @pytest.mark.slow
@@ -357,20 +378,30 @@ def test_224_px_images_preprocess_train_evaluate_and_serve(tiny_workspace):
     from pipeline.evaluate import run_evaluate
     from pipeline.preprocess import build_shards
 
-    params = load_params(write_params(tiny_workspace, {"data": {"image_size": 224, "shard_size": None}, "train": {"epochs": 1}}))
+    params = load_params(
+        write_params(
+            tiny_workspace, {"data": {"image_size": 224, "shard_size": None}, "train": {"epochs": 1}}
+        )
+    )
     paths = Paths(tiny_workspace)
-    manifest = build_shards(params.data, params.seed, paths.raw, paths.raw_train, paths.raw_test, paths.shards)
+    manifest = build_shards(
+        params.data, params.seed, paths.raw, paths.raw_train, paths.raw_test, paths.shards
+    )
     assert manifest["image_size"] == 224
     train_shards = [shard for shard in manifest["shards"] if shard["split"] == "train"]
     # The automatic shard size (about 64 MiB) spreads 224 px training images over several shards.
-    assert len(train_shards) >= 2 and all(shard["count"] * 224 * 224 * 3 * 2 <= 64 * 2**20 for shard in train_shards)
+    assert len(train_shards) >= 2 and all(
+        shard["count"] * 224 * 224 * 3 * 2 <= 64 * 2**20 for shard in train_shards
+    )
     assert sum(shard["count"] for shard in train_shards) == manifest["splits"]["train"]["count"]
 
     figures = train_here(tiny_workspace, "dp")
     metrics = run_evaluate(params, paths, "dp")
     assert figures["epochs"] == 1 and metrics["val_images"] == manifest["splits"]["val"]["count"]
     assert json.loads((paths.model_dir("dp") / "model_config.json").read_text())["image_size"] == 224
-    model = mlflow.pyfunc.load_model(json.loads((paths.model_dir("dp") / "run.json").read_text())["model_uri"])
+    model = mlflow.pyfunc.load_model(
+        json.loads((paths.model_dir("dp") / "run.json").read_text())["model_uri"]
+    )
     image = next(paths.raw_test.iterdir()).read_bytes()
     import pandas as pd
 

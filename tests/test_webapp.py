@@ -24,7 +24,6 @@ import torch
 import yaml
 from fastapi.testclient import TestClient
 from PIL import Image
-from serving_support import COLOURS, app_in_thread, colour_champion, encode, noisy, solid
 from typer.testing import CliRunner
 
 from pipeline.cli import app as cli
@@ -33,6 +32,8 @@ from pipeline.predict import LoadedModel, load_model
 from pipeline.serving.limits import MIB, MemoryBudget
 from pipeline.serving.precision import precision
 from pipeline.webapp import create_app
+
+from serving_support import COLOURS, app_in_thread, colour_champion, encode, noisy, solid
 
 MAX_BYTES = 200_000
 MAX_PIXELS = 1_000_000

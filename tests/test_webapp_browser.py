@@ -28,8 +28,9 @@ import pandas as pd
 import pytest
 import requests
 import yaml
-from conftest import REPO, write_params
 from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from conftest import REPO, write_params
 from serving_support import (
     COLOURS,
     colour_champion,

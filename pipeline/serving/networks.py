@@ -54,13 +54,17 @@ def _replace_head(model: nn.Module, num_classes: int) -> nn.Module:
     return classifier
 
 
-def build_model(name: str, num_classes: int, *, pretrained: bool = False, freeze_backbone: bool = False) -> nn.Module:
+def build_model(
+    name: str, num_classes: int, *, pretrained: bool = False, freeze_backbone: bool = False
+) -> nn.Module:
     """A fresh `name` model (one of MODEL_NAMES) with a `num_classes` head; backbone frozen if asked."""
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}: expected one of {', '.join(MODEL_NAMES)}")
     if name == "small_cnn":
         if pretrained:
-            raise UserError("model.pretrained: true needs a torchvision model: small_cnn has no pretrained weights")
+            raise UserError(
+                "model.pretrained: true needs a torchvision model: small_cnn has no pretrained weights"
+            )
         model: nn.Module = SmallCNN(num_classes)
         head: nn.Module = model.fc
     else:
@@ -75,7 +79,9 @@ def build_model(name: str, num_classes: int, *, pretrained: bool = False, freeze
 
 
 @torch.inference_mode()
-def class_probabilities(network: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> np.ndarray:
+def class_probabilities(
+    network: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device
+) -> np.ndarray:
     """Softmax probabilities (float64, N x classes) of normalized images (N x 3 x S x S, any float
     dtype), in order, `batch_size` at a time so memory stays bounded whatever N is."""
     network = network.to(device).eval()
