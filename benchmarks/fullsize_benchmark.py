@@ -167,7 +167,8 @@ def write_params(workspace: Path, values: dict) -> None:
 
 
 def data_params(raw: Path, size: int) -> dict:
-    return {"source": str(raw), "image_size": size, "block_size": 50, "block_gap": 1}
+    # No external test set: the JPEGs are a folder source, and (a) times the main set alone.
+    return {"source": str(raw), "image_size": size, "block_size": 50, "block_gap": 1, "external_test": None}
 
 
 # --- (a) fetch and preprocess --------------------------------------------------------------------------
