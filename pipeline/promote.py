@@ -307,7 +307,6 @@ def _record(
     with tracked_run(
         params.mlflow.experiment,
         "promote",
-        run_name="promote",
         params=run_params,
         tags={"candidate_strategy": record["candidate_strategy"]},
     ):
