@@ -211,7 +211,7 @@ def step_phases(
         state.scheduler.step()
         t4 = time.perf_counter()
         if step:
-            for key, seconds in zip(totals, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            for key, seconds in zip(totals, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
                 totals[key] = min(totals[key], seconds * 1e3)  # best step of each phase
     return totals
 

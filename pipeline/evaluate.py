@@ -161,7 +161,8 @@ def predictions_csv(y_true, y_pred, classes: list[str]) -> bytes:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["actual", "predicted"])
     writer.writerows(
-        (classes[t], classes[p]) for t, p in zip(np.asarray(y_true).tolist(), np.asarray(y_pred).tolist())
+        (classes[t], classes[p])
+        for t, p in zip(np.asarray(y_true).tolist(), np.asarray(y_pred).tolist(), strict=True)
     )
     return buffer.getvalue().encode()
 

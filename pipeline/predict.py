@@ -188,7 +188,7 @@ def classify(model: Any, images: list[bytes]) -> list[np.ndarray | str]:
                 raise
             results[pending.pop(row)] = str(getattr(err, "reason", err))
             continue
-        for index, probabilities in zip(pending, frame["probabilities"]):
+        for index, probabilities in zip(pending, frame["probabilities"], strict=True):
             results[index] = np.asarray(probabilities, dtype=np.float64)
         break
     return results
@@ -224,7 +224,7 @@ def predict_files(loaded: LoadedModel, files: Sequence[Path], k: int) -> list[di
         chunk = files[start : start + _BATCH]
         contents = [_read(path) for path in chunk]
         readable = {i: data for i, data in enumerate(contents) if isinstance(data, bytes)}
-        answers = dict(zip(readable, classify(loaded.model, list(readable.values()))))
+        answers = dict(zip(readable, classify(loaded.model, list(readable.values())), strict=True))
         for i, path in enumerate(chunk):
             answer = answers.get(i, contents[i])
             results.append(_result(str(path), answer, loaded.classes, k))

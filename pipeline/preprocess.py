@@ -57,7 +57,7 @@ def scan_train(train_dir: Path) -> list[list[Path]]:
         raise UserError(
             f"{train_dir} holds no images in class folders ({', '.join(CLASSES[:3])}, ...): check data.source"
         )
-    empty = [name for name, files in zip(CLASSES, per_class) if not files]
+    empty = [name for name, files in zip(CLASSES, per_class, strict=True) if not files]
     if empty:
         # Not fatal: a data set may lack a class on purpose; but the model will never predict it.
         print(
@@ -99,7 +99,7 @@ def plan_splits(per_class: list[list[Path]], cfg: DataConfig, seed: int) -> tupl
     kept = stratified_cap([len(files) for files in per_class], cfg.max_images, rng)
     plan: dict[str, list[Job]] = {"train": [], "val": []}
     dropped = 0
-    for label, (files, positions) in enumerate(zip(per_class, kept)):
+    for label, (files, positions) in enumerate(zip(per_class, kept, strict=True)):
         chosen = [files[i] for i in positions]
         if not chosen:
             continue  # reported by scan_train; the class shows as 0 in the counts

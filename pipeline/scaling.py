@@ -106,7 +106,7 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
         ("images_per_second", "images per second"),
         ("efficiency", "scaling efficiency"),
     ]
-    for axis, (key, label) in zip(axes, panels):
+    for axis, (key, label) in zip(axes, panels, strict=True):
         for strategy, marker in (("dp", "o"), ("ddp", "s")):
             mine = sorted((r for r in rows if r["strategy"] == strategy), key=lambda r: r["gpus"])
             if mine:

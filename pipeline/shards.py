@@ -210,7 +210,7 @@ class ShardedSplit:
 
     def shard_slices(self) -> Iterator[tuple[int, torch.Tensor]]:
         """(global index of the first image, images) of each shard."""
-        return zip(self.offsets, self.images)
+        return zip(self.offsets, self.images, strict=True)
 
 
 def open_split(shards_dir: Path, split: str, manifest: dict | None = None) -> ShardedSplit:

@@ -164,7 +164,7 @@ def generate_synthetic_dataset(
     if workers == 1:
         return sum(_write_class(*job) for job in jobs)
     with process_pool(workers, preload=[__name__]) as pool:
-        return sum(pool.map(_write_class, *zip(*jobs)))
+        return sum(pool.map(_write_class, *zip(*jobs, strict=True)))
 
 
 def _write_class(
@@ -206,7 +206,7 @@ def generate_external_set(
     if workers == 1:
         return sum(_write_external_class(*job) for job in jobs)
     with process_pool(workers, preload=[__name__]) as pool:
-        return sum(pool.map(_write_external_class, *zip(*jobs)))
+        return sum(pool.map(_write_external_class, *zip(*jobs, strict=True)))
 
 
 def _write_external_class(root: Path, class_index: int, images_per_class: int, seed: int, size: int) -> int:

@@ -443,7 +443,7 @@ def test_champion_alias_serves_the_evaluated_predictions_from_raw_pixels(ws):
     reference = class_probabilities(network, images, 64, torch.device("cpu"))
     np.testing.assert_allclose(np.stack(served["probabilities"].to_numpy()), reference, atol=2e-3)
     classes = config["classes"]
-    for row, (label, expected) in enumerate(zip(served["label"], evaluated)):
+    for row, (label, expected) in enumerate(zip(served["label"], evaluated, strict=True)):
         if label != expected:
             gap = reference[row, classes.index(expected)] - reference[row, classes.index(label)]
             assert abs(gap) < 2e-3, f"row {row}: served {label}, evaluated {expected} (gap {gap})"

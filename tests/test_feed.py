@@ -207,7 +207,7 @@ def test_a_stream_plan_holds_each_image_until_its_step_and_no_longer(world_size:
         read = 0
         for step, images in enumerate(batches):
             while read < len(plan.shard_order) and plan.load_step[read] <= step:
-                for image, slot in zip(plan.rows[read].tolist(), plan.row_slots[read].tolist()):
+                for image, slot in zip(plan.rows[read].tolist(), plan.row_slots[read].tolist(), strict=True):
                     assert slot not in held, "a slot is reused only once its image was trained on"
                     held[slot] = image
                 read += 1
@@ -246,11 +246,13 @@ def test_streamed_and_memory_mapped_training_see_the_same_batches_and_end_with_t
     assert (mapped.mode, streamed.mode) == ("mapped", "streamed")
     seen_mapped, weights_mapped, val_mapped = _train(mapped, _params())
     seen_streamed, weights_streamed, val_streamed = _train(streamed, _params(**STREAM))
-    for epoch, (a, b) in enumerate(zip(seen_mapped, seen_streamed)):
-        assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b)), (
+    for epoch, (a, b) in enumerate(zip(seen_mapped, seen_streamed, strict=True)):
+        assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), (
             f"epoch {epoch}: other batches"
         )
-    assert not all(torch.equal(x, y) for x, y in zip(seen_mapped[0], seen_mapped[1])), "each epoch reshuffles"
+    assert not all(torch.equal(x, y) for x, y in zip(seen_mapped[0], seen_mapped[1], strict=True)), (
+        "each epoch reshuffles"
+    )
     for name, tensor in weights_mapped.items():
         assert torch.equal(tensor, weights_streamed[name]), name
     assert val_mapped == val_streamed

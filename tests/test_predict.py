@@ -76,7 +76,7 @@ def test_json_is_the_models_answer(params: Path, images: Path, champion) -> None
     assert [r["file"] for r in results] == [str(path) for path in files]
     assert [r["label"] for r in results] == expected["label"].tolist() == ["A", "C"]
     classes = model.metadata.metadata["classes"]
-    for result, row in zip(results, expected["probabilities"]):
+    for result, row in zip(results, expected["probabilities"], strict=True):
         order = np.argsort(-np.asarray(row), kind="stable")[:4]
         assert [item["label"] for item in result["top_k"]] == [classes[i] for i in order]
         np.testing.assert_allclose([item["probability"] for item in result["top_k"]], np.asarray(row)[order])

@@ -134,7 +134,7 @@ def test_manifest_adds_up_and_matches_the_shards(built: tuple[Path, dict]) -> No
             32,
         )
         assert tensors["labels"].dtype == np.int64 and tensors["labels"].shape == (shard["count"],)
-        for name, label in zip(shard["files"], tensors["labels"].tolist()):
+        for name, label in zip(shard["files"], tensors["labels"].tolist(), strict=True):
             folder_class = (
                 _class_and_frame(name)[0]
                 if shard["split"] != "test"

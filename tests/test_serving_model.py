@@ -192,7 +192,7 @@ def test_batches_of_any_size_and_mode(served: mlflow.pyfunc.PyFuncModel, count: 
 def test_labels_follow_the_class_order(served: mlflow.pyfunc.PyFuncModel) -> None:
     images = [
         _solid(COLOURS[name], height, width)
-        for name, (height, width) in zip("CAB", [(120, 80), (30, 30), (64, 200)])
+        for name, (height, width) in zip("CAB", [(120, 80), (30, 30), (64, 200)], strict=True)
     ]
     assert served.predict(pd.DataFrame({"image": images}))["label"].tolist() == ["C", "A", "B"]
 

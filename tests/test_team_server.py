@@ -95,7 +95,7 @@ def project(server, tmp_path_factory) -> Path:
     project = make_project_copy(tmp_path_factory.mktemp("team-project"), DVC_TINY)
     env = team_env(server)
     sh(project, env, "dvc", "repro")
-    for name, override in zip(QUEUED, ("train.lr=0.002", "gpus=1")):
+    for name, override in zip(QUEUED, ("train.lr=0.002", "gpus=1"), strict=True):
         sh(project, env, "dvc", "exp", "run", "--queue", "-S", override, "-n", name)
     sh(project, env, "dvc", "queue", "start", "-j", "2")
     try:
@@ -164,7 +164,7 @@ def test_repro_puts_every_run_metric_artifact_and_alias_on_the_server(server, pr
 
 def test_two_queued_experiments_ran_at_once_against_the_server(server, project):
     store = client(server)
-    for name, gpus in zip(QUEUED, ("2", "1")):
+    for name, gpus in zip(QUEUED, ("2", "1"), strict=True):
         trained = runs(server, f"tags.dvc_exp_name = '{name}' and tags.stage = 'train'")
         assert sorted(r.info.run_name for r in trained) == [
             f"train-ddp-{gpus}gpu-{name}",

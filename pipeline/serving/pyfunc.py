@@ -312,7 +312,7 @@ class AslClassifier(mlflow.pyfunc.PythonModel):
             )
         images = frame[IMAGE_COLUMN] if IMAGE_COLUMN in frame else pd.Series([None] * len(frame))
         arrays = frame[PIXELS_COLUMN] if PIXELS_COLUMN in frame else pd.Series([None] * len(frame))
-        rows = zip(frame.index, images.tolist(), arrays.tolist())
+        rows = zip(frame.index, images.tolist(), arrays.tolist(), strict=True)
         try:
             prepared = [
                 self._prepare_row(position, label, image, array)
