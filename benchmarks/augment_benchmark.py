@@ -25,17 +25,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere without installing
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import numpy as np
+import torch
+from torch import nn
 
-from pipeline.augment import BatchAugment  # noqa: E402
-from pipeline.config import params_from_dict  # noqa: E402
-from pipeline.feed import tensor_batches  # noqa: E402
-from pipeline.loop import train_one_epoch  # noqa: E402
-from pipeline.serving.imaging import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from pipeline.strategy import Strategy  # noqa: E402
-from pipeline.trainer import TrainingState, step_settings  # noqa: E402
+from pipeline.augment import BatchAugment
+from pipeline.config import params_from_dict
+from pipeline.feed import tensor_batches
+from pipeline.loop import train_one_epoch
+from pipeline.serving.imaging import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.strategy import Strategy
+from pipeline.trainer import TrainingState, step_settings
 
 TARGET = 0.05
 

@@ -40,14 +40,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image
 
-from pipeline.config import DataConfig  # noqa: E402
-from pipeline.preprocess import build_shards  # noqa: E402
-from pipeline.serving.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_image, is_image_name  # noqa: E402
-from pipeline.shards import load_split  # noqa: E402
+from pipeline.config import DataConfig
+from pipeline.preprocess import build_shards
+from pipeline.serving.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_image, is_image_name
+from pipeline.shards import load_split
 
 TRAIN = Path("asl_alphabet_train", "asl_alphabet_train")
 TEST = Path("asl_alphabet_test", "asl_alphabet_test")

@@ -64,18 +64,18 @@ sys.path.insert(0, str(REPO))  # run from anywhere without installing
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
-import torch  # noqa: E402
-import yaml  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+import yaml
+from torch import nn
 
-from pipeline.config import params_from_dict  # noqa: E402
-from pipeline.feed import tensor_batches  # noqa: E402
-from pipeline.loop import train_one_epoch  # noqa: E402
-from pipeline.prefetch import model_input  # noqa: E402
-from pipeline.serving.imaging import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from pipeline.serving.networks import build_model  # noqa: E402
-from pipeline.strategy import make_strategy  # noqa: E402
-from pipeline.trainer import TrainingState, step_settings  # noqa: E402
+from pipeline.config import params_from_dict
+from pipeline.feed import tensor_batches
+from pipeline.loop import train_one_epoch
+from pipeline.prefetch import model_input
+from pipeline.serving.imaging import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.serving.networks import build_model
+from pipeline.strategy import make_strategy
+from pipeline.trainer import TrainingState, step_settings
 
 MODEL = "resnet18"
 SIZE = 64
