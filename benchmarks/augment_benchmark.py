@@ -100,22 +100,26 @@ def main() -> None:
         else f"{processor}, {torch.get_num_threads()} threads"
     )
     print(
-        f"device: {device} ({name}); {args.model} at {size} px, batch {args.batch}, {args.steps} steps x {args.rounds} rounds"
+        f"device: {device} ({name}); {args.model} at {size} px, batch {args.batch}, "
+        f"{args.steps} steps x {args.rounds} rounds"
     )
     print(f"load average before the summary: {os.getloadavg()[0]:.2f}")
     print(f"{'step':<22}{'best ms':>10}{'median ms':>12}")
     for augmented, label in ((False, "without augmentation"), (True, "with augmentation")):
         print(
-            f"{label:<22}{1000 * min(times[augmented]):>10.1f}{1000 * statistics.median(times[augmented]):>12.1f}"
+            f"{label:<22}{1000 * min(times[augmented]):>10.1f}"
+            f"{1000 * statistics.median(times[augmented]):>12.1f}"
         )
     best = min(times[True]) / min(times[False]) - 1
     median = statistics.median(times[True]) / statistics.median(times[False]) - 1
     verdict = "PASS" if best < TARGET else "FAIL"
     print(
-        f"augmentation alone, one batch: best {1000 * min(alone_times):.2f} ms, median {1000 * statistics.median(alone_times):.2f} ms"
+        f"augmentation alone, one batch: best {1000 * min(alone_times):.2f} ms, "
+        f"median {1000 * statistics.median(alone_times):.2f} ms"
     )
     print(
-        f"cost per step: {100 * best:+.1f}% (best), {100 * median:+.1f}% (median); target < {100 * TARGET:.0f}%: {verdict}"
+        f"cost per step: {100 * best:+.1f}% (best), {100 * median:+.1f}% (median); "
+        f"target < {100 * TARGET:.0f}%: {verdict}"
     )
     share = min(alone_times) / min(times[False])
     print(f"augmentation alone / plain step (best): {100 * share:.1f}%")

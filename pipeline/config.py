@@ -261,7 +261,8 @@ class MlflowConfig(_Section):
     """Name of the model in the MLflow model registry."""
     system_metrics: bool = True
     """Record CPU, memory and (on NVIDIA machines) per-GPU utilization and memory in training runs,
-    as MLflow system metrics (`system/...`), sampled every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (10)."""
+    as MLflow system metrics (`system/...`), sampled every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
+    seconds (10)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.experiment.strip()), "mlflow.experiment", self.experiment, "a non-empty name")

@@ -291,7 +291,10 @@ def run_evaluate(params: Params, paths: Paths, strategy: str) -> dict[str, float
     paths.metrics.mkdir(parents=True, exist_ok=True)
     atomic_write_json(paths.eval_metrics(strategy), metrics)
     atomic_write_bytes(paths.eval_predictions(strategy), predictions_csv(val[0], val[1], classes))
-    title = f"{strategy}: validation, {metrics['val_images']} images, accuracy {metrics['val_accuracy']:.3f}, macro F1 {metrics['val_macro_f1']:.3f}"
+    title = (
+        f"{strategy}: validation, {metrics['val_images']} images, accuracy {metrics['val_accuracy']:.3f}, "
+        f"macro F1 {metrics['val_macro_f1']:.3f}"
+    )
     atomic_write_bytes(paths.eval_confusion_png(strategy), confusion_png(val[0], val[1], classes, title))
     report = _report_text(strategy, run_info["run_id"], val_text, test_text, metrics)
     report += "\n" + _external_report_text(external_text, metrics)
@@ -327,8 +330,9 @@ def run_evaluate(params: Params, paths: Paths, strategy: str) -> dict[str, float
 
     print(report)
     print(
-        f"evaluate {strategy}: val accuracy {metrics['val_accuracy']:.4f}, macro F1 {metrics['val_macro_f1']:.4f}, "
-        f"top-3 {metrics['val_top3_accuracy']:.4f} over {metrics['val_images']} images (run {run_info['run_id']})"
+        f"evaluate {strategy}: val accuracy {metrics['val_accuracy']:.4f}, "
+        f"macro F1 {metrics['val_macro_f1']:.4f}, top-3 {metrics['val_top3_accuracy']:.4f} "
+        f"over {metrics['val_images']} images (run {run_info['run_id']})"
     )
     if metrics["external_images"]:
         print(

@@ -67,7 +67,8 @@ def use_store() -> str:
     uri = tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise UserError(
-            f"no MLflow store at {uri.removeprefix('sqlite:///')}: run `dvc repro` first, or set MLFLOW_TRACKING_URI"
+            f"no MLflow store at {uri.removeprefix('sqlite:///')}: "
+            "run `dvc repro` first, or set MLFLOW_TRACKING_URI"
         )
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -125,7 +126,8 @@ def resolve_model(uri_or_dir: str) -> ModelRef:
             uri_or_dir, uri_or_dir
         )  # another MLflow artifact URI (s3://, file:/...): MLflow decides
     raise UserError(
-        f"{uri_or_dir!r} is neither a model folder nor a model URI (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model)"
+        f"{uri_or_dir!r} is neither a model folder nor a model URI "
+        "(models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model)"
     )
 
 

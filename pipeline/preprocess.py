@@ -61,7 +61,8 @@ def scan_train(train_dir: Path) -> list[list[Path]]:
     if empty:
         # Not fatal: a data set may lack a class on purpose; but the model will never predict it.
         print(
-            f"warning: no training images for class(es) {', '.join(empty)} in {train_dir}: the model cannot learn them",
+            f"warning: no training images for class(es) {', '.join(empty)} in {train_dir}: "
+            "the model cannot learn them",
             file=sys.stderr,
         )
     return per_class
@@ -105,7 +106,8 @@ def plan_splits(per_class: list[list[Path]], cfg: DataConfig, seed: int) -> tupl
             continue  # reported by scan_train; the class shows as 0 in the counts
         if len(chosen) < 2:
             raise UserError(
-                f"class {CLASSES[label]} has only {len(chosen)} image: too few to split into training and validation; "
+                f"class {CLASSES[label]} has only {len(chosen)} image: "
+                "too few to split into training and validation; "
                 "add images to its folder, or remove the folder and accept a class the model never sees"
             )
         try:
@@ -374,7 +376,8 @@ def run_preprocess(params: Params, paths: Paths) -> dict:
     counts = ", ".join(f"{split} {info['count']}" for split, info in manifest["splits"].items())
     print(
         f"preprocess: {counts} images at {cfg.image_size}px in {len(manifest['shards'])} shards, "
-        f"{len(manifest['skipped'])} skipped, {manifest['dropped_for_gap']} dropped beside validation blocks, "
+        f"{len(manifest['skipped'])} skipped, "
+        f"{manifest['dropped_for_gap']} dropped beside validation blocks, "
         f"{seconds:.1f}s ({decoded / max(seconds, 1e-9):.0f} images/s)"
     )
     return manifest

@@ -68,7 +68,8 @@ def train_configuration(params: Params, strategy: str, gpus: int, work: Path) ->
     result = subprocess.run(command, cwd=work, env=env)
     if result.returncode != 0:
         raise UserError(
-            f"scaling: training {strategy} on {gpus} GPU(s) failed (exit {result.returncode}); its output is above"
+            f"scaling: training {strategy} on {gpus} GPU(s) failed (exit {result.returncode}); "
+            "its output is above"
         )
     paths = Paths(work)
     figures = json.loads(paths.train_metrics(strategy).read_text())

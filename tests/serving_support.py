@@ -1,9 +1,9 @@
 """What the serving tests share (predict, web page, model server): a registered champion in seconds,
 and starting and stopping a real server process.
 
-The champion is a `small_cnn` trained for a few steps to tell red (A), green (B) and blue (C) apart: accurate on
-those colours, so a test can assert "the right class", and logged exactly as training logs a model
-(`log_pyfunc_model`), registered and given the alias `champion` in a private sqlite store.
+The champion is a `small_cnn` trained for a few steps to tell red (A), green (B) and blue (C) apart:
+accurate on those colours, so a test can assert "the right class", and logged exactly as training logs
+a model (`log_pyfunc_model`), registered and given the alias `champion` in a private sqlite store.
 """
 
 from __future__ import annotations

@@ -140,8 +140,10 @@ def test_no_champion_by_default_is_one_line(champion, images: Path, tmp_path: Pa
     result = _run(str(images / "red.jpg"), "--params", str(params))
     assert result.exit_code == 2
     expected = (
-        f"error: no version of the registered model 'nothing-promoted-yet' has the alias 'champion' in {champion.tracking_uri}: "
-        "run `dvc repro` (its promote stage registers the model and sets `champion`) or `python -m pipeline promote`, or pass --model"
+        "error: no version of the registered model 'nothing-promoted-yet' has the alias 'champion' "
+        f"in {champion.tracking_uri}: "
+        "run `dvc repro` (its promote stage registers the model and sets `champion`) "
+        "or `python -m pipeline promote`, or pass --model"
     )
     assert result.stderr.strip().splitlines() == [expected]
 

@@ -37,7 +37,9 @@ QUEUED = ("team-a", "team-b")
 def _skip_without_postgres() -> None:
     if postgres_bin() is None:
         pytest.skip(
-            "PostgreSQL is not installed (no initdb/pg_ctl in /usr/lib/postgresql/*/bin, $PG_BIN or on PATH): apt-get install postgresql (.ci/run does)"
+            "PostgreSQL is not installed "
+            "(no initdb/pg_ctl in /usr/lib/postgresql/*/bin, $PG_BIN or on PATH): "
+            "apt-get install postgresql (.ci/run does)"
         )
     if importlib.util.find_spec("psycopg") is None:
         pytest.skip("MLflow's PostgreSQL driver psycopg is not installed: pip install -e '.[test]'")
@@ -211,7 +213,8 @@ def test_predict_serve_ui_and_mlflow_models_serve_load_the_champion_from_the_ser
         stop(ui)
 
     port = free_port()
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL}@champion", "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL}@champion",
+               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     served = start_server(command, tmp_path / "serve.log", cwd=tmp_path, env=env)
     try:
         wait_until_up(served, f"http://127.0.0.1:{port}/ping", tmp_path / "serve.log")
@@ -245,7 +248,10 @@ def test_the_server_stopping_mid_training_ends_the_stage_in_one_line_and_the_run
     env = team_env(server, MLFLOW_HTTP_REQUEST_MAX_RETRIES="2", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
     log = tmp_path / "train.log"
     with log.open("w") as out:
-        training = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "dp", "--params", str(tmp_path / "long.yaml")], cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        training = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "train", "dp", "--params", str(tmp_path / "long.yaml")],
+            cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     try:
         deadline = time.monotonic() + 120
         while not (

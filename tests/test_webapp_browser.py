@@ -46,8 +46,8 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 pytestmark = pytest.mark.slow
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
     # a generated test pattern as the webcam, and no permission prompt for it
     "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
 ]  # fmt: skip
@@ -68,7 +68,8 @@ def _ensure_chromium() -> None:
         )
     if not CHROMIUM.exists():
         pytest.skip(
-            f"{CHROMIUM} is missing and `apt-get install chromium` could not install it (needs root, apt and the Debian archive)"
+            f"{CHROMIUM} is missing and `apt-get install chromium` could not install it "
+            "(needs root, apt and the Debian archive)"
         )
 
 
@@ -256,7 +257,9 @@ def test_drag_and_drop(browser: Browser, colour_server) -> None:
             const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
             const transfer = new DataTransfer();
             transfer.items.add(new File([bytes], "dropped.jpg", { type: "image/jpeg" }));
-            document.getElementById("drop-zone").dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true }));
+            document.getElementById("drop-zone").dispatchEvent(
+                new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true })
+            );
         }""",
         data,
     )

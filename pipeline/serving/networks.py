@@ -40,8 +40,9 @@ def _torchvision_model(name: str, pretrained: bool) -> nn.Module:
         return torchvision.models.get_model(name, weights=weights)
     except (OSError, RuntimeError) as err:  # URLError is an OSError; a partial download raises RuntimeError
         raise UserError(
-            f"could not load the pretrained {name} weights ({type(err).__name__}: {err}): connect to the internet once "
-            f"so torchvision can cache them under $TORCH_HOME, or set model.pretrained: false"
+            f"could not load the pretrained {name} weights ({type(err).__name__}: {err}): "
+            "connect to the internet once so torchvision can cache them under $TORCH_HOME, "
+            "or set model.pretrained: false"
         ) from None
 
 

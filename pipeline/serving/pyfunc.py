@@ -303,7 +303,8 @@ class AslClassifier(mlflow.pyfunc.PythonModel):
     def _prepare_batch(self, frame: pd.DataFrame) -> np.ndarray:
         if not isinstance(frame, pd.DataFrame):
             raise MlflowException.invalid_parameter_value(
-                f"expected a DataFrame with a column '{IMAGE_COLUMN}' or '{PIXELS_COLUMN}', got {type(frame).__name__}"
+                f"expected a DataFrame with a column '{IMAGE_COLUMN}' or '{PIXELS_COLUMN}', "
+                f"got {type(frame).__name__}"
             )
         if IMAGE_COLUMN not in frame and PIXELS_COLUMN not in frame:
             raise MlflowException.invalid_parameter_value(
