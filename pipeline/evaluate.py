@@ -180,22 +180,26 @@ def _check_compatible(config: dict, manifest: dict, strategy: str) -> None:
         )
 
 
-def _evaluate_split(network, paths: Paths, manifest: dict, split: str, params: Params, device: torch.device):
-    """Shard by shard, each memory-mapped only while it is scored: any split size fits in memory."""
+def _evaluate_split(
+    network, paths: Paths, manifest: dict, split: str, params: Params, device: torch.device
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(labels, predictions, probabilities) of a split, None if it is empty. Shard by shard, each
+    memory-mapped only while it is scored: any split size fits in memory."""
     shards = split_shards(manifest, split)
     if not shards:
         return None
     verify_shards(paths.shards, manifest, (split,))
-    labels, probabilities = [], []
+    labels: list[np.ndarray] = []
+    per_shard: list[np.ndarray] = []
     # The precision the training validated in: bf16 where asked for and native on the device.
     with autocast(device, precision(device, params.train.bf16)):
         for shard in shards:
             images, shard_labels = open_shard(paths.shards, shard, manifest["image_size"])
-            probabilities.append(class_probabilities(network, images, params.evaluate.batch_size, device))
+            per_shard.append(class_probabilities(network, images, params.evaluate.batch_size, device))
             labels.append(shard_labels.numpy())
             del images
-    y_true, probabilities = np.concatenate(labels), np.concatenate(probabilities)
-    return y_true, probabilities.argmax(axis=1), probabilities
+    probabilities = np.concatenate(per_shard)
+    return np.concatenate(labels), probabilities.argmax(axis=1), probabilities
 
 
 def _evaluate_external(

@@ -18,6 +18,7 @@ from concurrent.futures import Executor, Future
 from dataclasses import asdict
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -316,7 +317,7 @@ def build_shards(
 
 
 def make_manifest(cfg: DataConfig, shards: list[dict], skipped: list[dict], dropped: int) -> dict:
-    splits = {}
+    splits: dict[str, dict[str, Any]] = {}
     for split in ("train", "val", "test", "external"):
         counts: Counter = Counter()
         for shard in (s for s in shards if s["split"] == split):

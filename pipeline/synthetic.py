@@ -358,11 +358,12 @@ def _random_pose(rng: np.random.Generator, name: str, canvas: int) -> _Pose:
 
 def _drift(rng: np.random.Generator, pose: _Pose) -> _Pose:
     """The next video frame: the hand moves a little, it is not posed anew."""
+    x, y = pose.center
     return dataclasses.replace(
         pose,
         angle=pose.angle + rng.normal(0.0, 1.5),
         unit=pose.unit * (1.0 + rng.normal(0.0, 0.01)),
-        center=tuple(c + rng.normal(0.0, pose.unit * 0.03) for c in pose.center),
+        center=(x + rng.normal(0.0, pose.unit * 0.03), y + rng.normal(0.0, pose.unit * 0.03)),
         splay=tuple(s + rng.normal(0.0, 1.5) for s in pose.splay),
     )
 
