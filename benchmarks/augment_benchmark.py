@@ -81,6 +81,7 @@ def main() -> None:
             times[augmented].append(round_(augmented, number + 1))
 
     alone = augment.for_epoch(0, np.arange(args.batch)[None, :])
+    assert alone is not None  # augmentation is on
     x = images[: args.batch].float().contiguous(memory_format=torch.channels_last)
     alone(x, 0)
     alone_times = []

@@ -45,6 +45,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -197,13 +198,13 @@ def part_preprocess(raw: Path, workspace: Path, results: dict) -> None:
     for size, cap in ((224, 20_000), (128, None), (64, None)):  # 64 last: its shards stay for (b) and (c)
         write_params(workspace, {"seed": 0, "data": {**data_params(raw, size), "max_images": cap}})
         run = stage(workspace, "preprocess").check()
-        stage_seconds, rate = map(
-            float, re.search(r"images at \d+px .* ([\d.]+)s \((\d+) images/s\)", run.output).groups()
-        )
+        summary = re.search(r"images at \d+px .* ([\d.]+)s \((\d+) images/s\)", run.output)
+        assert summary is not None, run.output[-2000:]
+        stage_seconds, rate = map(float, summary.groups())
         images = round(stage_seconds * rate)
         pil = plain_pil_rate(sample, size)
         shards = list((workspace / "data" / "shards").glob("*.safetensors"))
-        row = {
+        row: dict[str, Any] = {
             "images": images, "stage_seconds": stage_seconds, "command_seconds": run.seconds,
             "images_per_second": rate, "command_images_per_second": images / run.seconds,
             "plain_pil_one_core": pil, "ratio": rate / pil, "command_ratio": images / run.seconds / pil,

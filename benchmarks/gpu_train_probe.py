@@ -33,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -344,8 +345,9 @@ def run(args) -> None:
         seconds = sum(s.seconds for s in steady)
         images = sum(s.images for s in steady)
         peak = torch.tensor([peak_memory_mb(strategy, getattr(strategy, "gpus", 0))], dtype=torch.float64)
-        digests = [weights_digest(parts.bare)]
-        dtypes_per_rank = [sorted(compute_dtypes)]
+        # all_gather_object fills lists of any objects: one per rank
+        digests: list[Any] = [weights_digest(parts.bare)]
+        dtypes_per_rank: list[Any] = [sorted(compute_dtypes)]
         if strategy.world_size > 1:
             import torch.distributed as dist
 

@@ -58,6 +58,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere without installing
@@ -273,6 +274,7 @@ def ddp_worker(out: Path, steps: int, rounds: int) -> None:
     import contextlib
 
     import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
 
     from pipeline.strategy import DistributedStrategy
 
@@ -290,6 +292,7 @@ def ddp_worker(out: Path, steps: int, rounds: int) -> None:
         order = list(range(steps * batch))
         modes = {"gloo": False, "no_sync": True}
         best = dict.fromkeys(modes, 0.0)
+        assert isinstance(state.model, DistributedDataParallel)  # as DistributedStrategy wraps it
         for round_ in range(rounds + 1):  # the first is a warm-up
             for mode, skip_allreduce in modes.items():
                 context = state.model.no_sync() if skip_allreduce else contextlib.nullcontext()
@@ -489,7 +492,7 @@ def original_epoch(train_dir: Path, files: list[str], raw_root: Path, epochs: in
         step(x, y)
         if i == 1:
             break
-    results = []
+    results: list[dict[str, Any]] = []
     for _ in range(epochs):
         images, waited = 0, 0.0
         started = time.perf_counter()

@@ -8,7 +8,9 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Generator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -74,7 +76,8 @@ def _data(shards: Path, strategy: Strategy | None = None, **train) -> TrainingDa
     )
 
 
-STREAM = {"memory_budget_gb": 0.0012}  # below the tiny splits' 2.1 MB, above what streaming them holds
+# Below the tiny splits' 2.1 MB, above what streaming them holds.
+STREAM: dict[str, Any] = {"memory_budget_gb": 0.0012}
 
 
 # --- memory-mapped shards, checked once ----------------------------------------------------------
@@ -110,9 +113,12 @@ def test_a_good_shard_is_hashed_once_and_a_corrupt_one_refused_every_time(
     _age(out)
     hashed: list[str] = []
     real_sha256 = shards_module.sha256_of
-    monkeypatch.setattr(
-        shards_module, "sha256_of", lambda path: hashed.append(Path(path).name) or real_sha256(path)
-    )
+
+    def counted_sha256(path):
+        hashed.append(Path(path).name)
+        return real_sha256(path)
+
+    monkeypatch.setattr(shards_module, "sha256_of", counted_sha256)
     manifest = read_manifest(out)
     train_files = [shard["file"] for shard in split_shards(manifest, "train")]
 
@@ -330,6 +336,7 @@ def test_an_error_while_gathering_reaches_the_step_and_stops_the_thread() -> Non
 def test_leaving_a_streamed_epoch_early_ends_its_threads(shards: Path) -> None:
     data = _data(shards, **STREAM)
     iterator = iter(data.train_batches(0))
+    assert isinstance(iterator, Generator)  # so that it can be closed
     next(iterator)
     assert _threads() == {"batch-prefetch", "shard-reader"}
     iterator.close()

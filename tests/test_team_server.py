@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -86,6 +87,7 @@ def client(server) -> MlflowClient:
 
 def runs(server, filter_string: str = "") -> list:
     experiment = client(server).get_experiment_by_name(EXPERIMENT)
+    assert experiment is not None
     return client(server).search_runs(
         [experiment.experiment_id], filter_string=filter_string, max_results=1000
     )
@@ -220,7 +222,7 @@ def test_predict_serve_ui_and_mlflow_models_serve_load_the_champion_from_the_ser
         wait_until_up(served, f"http://127.0.0.1:{port}/ping", tmp_path / "serve.log")
         import base64
 
-        body = {
+        body: dict[str, Any] = {
             "dataframe_split": {
                 "columns": ["image"],
                 "data": [[base64.b64encode(image.read_bytes()).decode()]],
@@ -278,7 +280,9 @@ def test_the_server_stopping_mid_training_ends_the_stage_in_one_line_and_the_run
     store = client(server)
     assert store.get_run(left_open.info.run_id).info.status == "RUNNING"
     # A run whose process lives (as a queued experiment's would) must survive the clean-up.
-    experiment_id = store.get_experiment_by_name(EXPERIMENT).experiment_id
+    experiment = store.get_experiment_by_name(EXPERIMENT)
+    assert experiment is not None
+    experiment_id = experiment.experiment_id
     from pipeline.abandoned_runs import owner_tags
 
     alive = store.create_run(experiment_id, tags={"stage": "train", **owner_tags("FAILED")}).info.run_id

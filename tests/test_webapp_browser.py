@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -74,7 +75,7 @@ def _ensure_chromium() -> None:
 
 
 @pytest.fixture(scope="module")
-def browser() -> Browser:
+def browser() -> Iterator[Browser]:
     _ensure_chromium()
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(
@@ -134,8 +135,8 @@ def pipeline_champion(tmp_path_factory, tiny_data):
             validation = plan_splits(scan_train(paths.raw_train), params.data, params.seed)[0]["val"]
             yield workspace, tracking_uri, validation[len(validation) // 2][0]
         finally:
-            mlflow.set_tracking_uri(None)
-            mlflow.set_registry_uri(None)
+            mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None: back to the default
+            mlflow.set_registry_uri(None)  # type: ignore[arg-type]  # None: back to the default
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +181,7 @@ def test_the_page_shows_what_the_champion_predicts(
             pd.DataFrame({"image": [image.read_bytes()]})
         )
     finally:
-        mlflow.set_tracking_uri(None)
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None: back to the default
     page = _open(browser, pipeline_server)
     expect(page.locator("#model-version")).to_have_text("model: asl-classifier v1")
     _upload(page, image)
