@@ -25,17 +25,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere without installing
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import numpy as np
+import torch
+from torch import nn
 
-from pipeline.augment import BatchAugment  # noqa: E402
-from pipeline.config import params_from_dict  # noqa: E402
-from pipeline.feed import tensor_batches  # noqa: E402
-from pipeline.loop import train_one_epoch  # noqa: E402
-from pipeline.serving.imaging import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from pipeline.strategy import Strategy  # noqa: E402
-from pipeline.trainer import TrainingState, step_settings  # noqa: E402
+from pipeline.augment import BatchAugment
+from pipeline.config import params_from_dict
+from pipeline.feed import tensor_batches
+from pipeline.loop import train_one_epoch
+from pipeline.serving.imaging import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.strategy import Strategy
+from pipeline.trainer import TrainingState, step_settings
 
 TARGET = 0.05
 
@@ -81,6 +81,7 @@ def main() -> None:
             times[augmented].append(round_(augmented, number + 1))
 
     alone = augment.for_epoch(0, np.arange(args.batch)[None, :])
+    assert alone is not None  # augmentation is on
     x = images[: args.batch].float().contiguous(memory_format=torch.channels_last)
     alone(x, 0)
     alone_times = []
@@ -100,22 +101,26 @@ def main() -> None:
         else f"{processor}, {torch.get_num_threads()} threads"
     )
     print(
-        f"device: {device} ({name}); {args.model} at {size} px, batch {args.batch}, {args.steps} steps x {args.rounds} rounds"
+        f"device: {device} ({name}); {args.model} at {size} px, batch {args.batch}, "
+        f"{args.steps} steps x {args.rounds} rounds"
     )
     print(f"load average before the summary: {os.getloadavg()[0]:.2f}")
     print(f"{'step':<22}{'best ms':>10}{'median ms':>12}")
     for augmented, label in ((False, "without augmentation"), (True, "with augmentation")):
         print(
-            f"{label:<22}{1000 * min(times[augmented]):>10.1f}{1000 * statistics.median(times[augmented]):>12.1f}"
+            f"{label:<22}{1000 * min(times[augmented]):>10.1f}"
+            f"{1000 * statistics.median(times[augmented]):>12.1f}"
         )
     best = min(times[True]) / min(times[False]) - 1
     median = statistics.median(times[True]) / statistics.median(times[False]) - 1
     verdict = "PASS" if best < TARGET else "FAIL"
     print(
-        f"augmentation alone, one batch: best {1000 * min(alone_times):.2f} ms, median {1000 * statistics.median(alone_times):.2f} ms"
+        f"augmentation alone, one batch: best {1000 * min(alone_times):.2f} ms, "
+        f"median {1000 * statistics.median(alone_times):.2f} ms"
     )
     print(
-        f"cost per step: {100 * best:+.1f}% (best), {100 * median:+.1f}% (median); target < {100 * TARGET:.0f}%: {verdict}"
+        f"cost per step: {100 * best:+.1f}% (best), {100 * median:+.1f}% (median); "
+        f"target < {100 * TARGET:.0f}%: {verdict}"
     )
     share = min(alone_times) / min(times[False])
     print(f"augmentation alone / plain step (best): {100 * share:.1f}%")

@@ -45,6 +45,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -102,7 +103,7 @@ class Watched:
     def __init__(self, command: list[str], cwd: Path, env: dict, log: Path, limit: float | None = None):
         self.peak_pss = self.peak_rss = 0
         self.cpu_seconds = 0.0
-        """User + system CPU of the tree's processes, as last seen alive (a busy machine barely changes it)."""
+        """User + system CPU of the tree's processes as last seen alive (a busy machine barely changes it)."""
         self.rank0_started: float | None = None
         self._cpu: dict[int, float] = {}
         self.started = time.time()
@@ -198,23 +199,26 @@ def part_preprocess(raw: Path, workspace: Path, results: dict) -> None:
     for size, cap in ((224, 20_000), (128, None), (64, None)):  # 64 last: its shards stay for (b) and (c)
         write_params(workspace, {"seed": 0, "data": {**data_params(raw, size), "max_images": cap}})
         run = stage(workspace, "preprocess").check()
-        stage_seconds, rate = map(
-            float, re.search(r"images at \d+px .* ([\d.]+)s \((\d+) images/s\)", run.output).groups()
-        )
+        summary = re.search(r"images at \d+px .* ([\d.]+)s \((\d+) images/s\)", run.output)
+        assert summary is not None, run.output[-2000:]
+        stage_seconds, rate = map(float, summary.groups())
         images = round(stage_seconds * rate)
         pil = plain_pil_rate(sample, size)
         shards = list((workspace / "data" / "shards").glob("*.safetensors"))
-        row = {
-            "images": images, "stage_seconds": stage_seconds, "command_seconds": run.seconds, "images_per_second": rate,
-            "command_images_per_second": images / run.seconds, "plain_pil_one_core": pil, "ratio": rate / pil,
-            "command_ratio": images / run.seconds / pil, "peak_pss_mb": run.peak_pss / 2**20, "peak_rss_mb": run.peak_rss / 2**20,
-            "shards": len(shards), "shard_mb": max(p.stat().st_size for p in shards) / 2**20, "load": load(),
+        row: dict[str, Any] = {
+            "images": images, "stage_seconds": stage_seconds, "command_seconds": run.seconds,
+            "images_per_second": rate, "command_images_per_second": images / run.seconds,
+            "plain_pil_one_core": pil, "ratio": rate / pil, "command_ratio": images / run.seconds / pil,
+            "peak_pss_mb": run.peak_pss / 2**20, "peak_rss_mb": run.peak_rss / 2**20, "shards": len(shards),
+            "shard_mb": max(p.stat().st_size for p in shards) / 2**20, "load": load(),
         }  # fmt: skip
         results[f"preprocess_{size}" + (f"_max{cap}" if cap else "")] = row
         verdict = "PASS" if row["ratio"] >= TARGET_PREPROCESS else "FAIL"
         print(
-            f"preprocess {size}px: {images} images in {stage_seconds:.1f}s ({rate:.0f}/s; command {run.seconds:.1f}s), plain PIL 1 core "
-            f"{pil:.0f}/s -> {row['ratio']:.2f}x ({verdict}, target {TARGET_PREPROCESS}x), peak PSS {row['peak_pss_mb']:.0f} MiB, "
+            f"preprocess {size}px: {images} images in {stage_seconds:.1f}s ({rate:.0f}/s; "
+            f"command {run.seconds:.1f}s), plain PIL 1 core "
+            f"{pil:.0f}/s -> {row['ratio']:.2f}x ({verdict}, target {TARGET_PREPROCESS}x), "
+            f"peak PSS {row['peak_pss_mb']:.0f} MiB, "
             f"{len(shards)} shards of <= {row['shard_mb']:.0f} MiB ({load()})"
         )
 
@@ -243,12 +247,14 @@ def part_memory(raw: Path, workspace: Path, results: dict, before: Path | None) 
             "images_per_second": figures["images_per_second"], "load": load(),
         }  # fmt: skip
         print(
-            f"train ddp gpus={gpus}: peak PSS {run.peak_pss / 2**20:.0f} MiB, first batch after {_startup(run)}s, {run.seconds:.0f}s in all ({load()})"
+            f"train ddp gpus={gpus}: peak PSS {run.peak_pss / 2**20:.0f} MiB, "
+            f"first batch after {_startup(run)}s, {run.seconds:.0f}s in all ({load()})"
         )
     ratio = runs[2].peak_pss / runs[1].peak_pss
     results["memory_ratio"] = ratio
     print(
-        f"train ddp PSS gpus=2 / gpus=1: {ratio:.2f}x ({'PASS' if ratio <= TARGET_MEMORY else 'FAIL'}, target <= {TARGET_MEMORY}x)"
+        f"train ddp PSS gpus=2 / gpus=1: {ratio:.2f}x ({'PASS' if ratio <= TARGET_MEMORY else 'FAIL'}, "
+        f"target <= {TARGET_MEMORY}x)"
     )
     if before is None:
         return
@@ -262,7 +268,8 @@ def part_memory(raw: Path, workspace: Path, results: dict, before: Path | None) 
         old[gpus] = stage(workspace, "train", "ddp", code=before, limit=120)
         results[f"before_train_ddp_{gpus}"] = {"peak_pss_mb": old[gpus].peak_pss / 2**20, "load": load()}
         print(
-            f"before: train ddp gpus={gpus}: peak PSS {old[gpus].peak_pss / 2**20:.0f} MiB in its first 120 s ({load()})"
+            f"before: train ddp gpus={gpus}: peak PSS {old[gpus].peak_pss / 2**20:.0f} MiB "
+            f"in its first 120 s ({load()})"
         )
     results["before_memory_ratio"] = old[2].peak_pss / old[1].peak_pss
     print(f"before: PSS gpus=2 / gpus=1: {results['before_memory_ratio']:.2f}x")
@@ -310,7 +317,8 @@ def part_stream(raw: Path, workspace: Path, results: dict, rounds: int, budget_g
             peaks[mode].append(run.peak_rss)
             print(
                 f"train dp small_cnn {mode}: {figures['images_per_second']:.0f} images/s, "
-                f"{cpu_per_image[mode][-1] * 1e3:.2f} CPU ms/image, data wait {figures['data_wait_fraction']:.1%}, "
+                f"{cpu_per_image[mode][-1] * 1e3:.2f} CPU ms/image, "
+                f"data wait {figures['data_wait_fraction']:.1%}, "
                 f"peak RSS {run.peak_rss / 2**20:.0f} MiB ({load()})"
             )
     ratio = max(rates["streamed"]) / max(rates["mapped"])
@@ -319,17 +327,20 @@ def part_stream(raw: Path, workspace: Path, results: dict, rounds: int, budget_g
     peak = max(peaks["streamed"])
     results["stream"] = {
         "split_gb": split_gb, "budget_gb": budget_gb, "rates": rates, "cpu_per_image": cpu_per_image,
-        "peak_rss_mb": {k: [p / 2**20 for p in v] for k, v in peaks.items()}, "ratio": ratio, "cpu_ratio": cpu_ratio,
+        "peak_rss_mb": {k: [p / 2**20 for p in v] for k, v in peaks.items()},
+        "ratio": ratio, "cpu_ratio": cpu_ratio,
         "overhead_mb": overhead / 2**20, "peak_minus_overhead_mb": (peak - overhead) / 2**20,
     }  # fmt: skip
     verdict = "PASS" if ratio >= TARGET_STREAM else "FAIL"
     print(
-        f"streamed / memory-mapped images/s (best of {rounds} each): {ratio:.2f} ({verdict}, target >= {TARGET_STREAM})"
+        f"streamed / memory-mapped images/s (best of {rounds} each): {ratio:.2f} ({verdict}, "
+        f"target >= {TARGET_STREAM})"
     )
     print(f"memory-mapped / streamed CPU seconds per image (best of {rounds} each): {cpu_ratio:.2f}")
     within = "PASS" if peak - overhead <= budget_gb * 1e9 else "FAIL"
     print(
-        f"splits {split_gb:.2f} GB, budget {budget_gb} GB; streamed peak RSS {peak / 2**20:.0f} MiB = {overhead / 2**20:.0f} MiB "
+        f"splits {split_gb:.2f} GB, budget {budget_gb} GB; streamed peak RSS {peak / 2**20:.0f} MiB = "
+        f"{overhead / 2**20:.0f} MiB "
         f"of process overhead + {(peak - overhead) / 2**20:.0f} MiB ({within}: under the budget)"
     )
 
@@ -348,7 +359,8 @@ def process_overhead(workspace: Path) -> int:
         stage(workspace, "preprocess").check()
     run = stage(workspace, "train", "dp").check()
     print(
-        f"process overhead: train dp small_cnn on the default 2,900-image set: peak RSS {run.peak_rss / 2**20:.0f} MiB ({load()})"
+        "process overhead: train dp small_cnn on the default 2,900-image set: "
+        f"peak RSS {run.peak_rss / 2**20:.0f} MiB ({load()})"
     )
     return run.peak_rss
 
@@ -367,7 +379,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/work/bench-data/fullsize_benchmark.json"))
     args = parser.parse_args()
     print(
-        f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; {load()}"
+        f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB; {load()}"
     )
     raw = ensure_jpegs(args.data)
     workspace = args.data / "workspace"

@@ -1,4 +1,4 @@
-"""Training throughput of the pipeline's own loop under dp or ddp, without MLflow: the driver that
+r"""Training throughput of the pipeline's own loop under dp or ddp, without MLflow: the driver that
 benchmarks/gpu_check.sh runs on a lent GPU machine (and, tiny, on CPU to test its logic).
 
     python benchmarks/gpu_train_probe.py --prepare DIR [--images-per-class N] [--size S]
@@ -6,7 +6,8 @@ benchmarks/gpu_check.sh runs on a lent GPU machine (and, tiny, on CPU to test it
         DIR/data.json, when PIL/yaml/tqdm are missing on the machine)
     python benchmarks/gpu_train_probe.py --strategy dp --gpus N --data DIR --json OUT.json
         [--data-on-device false] [--memory-budget-gb G]   (data kept on the host / streamed, forced)
-    torchrun --standalone --nproc-per-node=N benchmarks/gpu_train_probe.py --strategy ddp --data DIR --json OUT.json
+    torchrun --standalone --nproc-per-node=N benchmarks/gpu_train_probe.py --strategy ddp --data DIR \
+        --json OUT.json
     python benchmarks/gpu_train_probe.py --table OUT1.json OUT2.json ...
     options: --batch-size B (global), --min-steps N (an epoch passes over the training split until it
     has N steps: large batches on many GPUs), --sync-debug (epochs after the first under
@@ -32,12 +33,13 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
 CLASSES = 29
 
@@ -115,7 +117,8 @@ def load_data(root: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tor
 
 
 def build(strategy, args, steps_per_epoch: int):
-    """Model, optimizer, schedule and StepSettings as pipeline.trainer builds them; and the params that place the data."""
+    """Model, optimizer, schedule and StepSettings as pipeline.trainer builds them, and the params that
+    place the data."""
     values = {
         "gpus": max(1, args.gpus),
         "model": {"name": args.model},
@@ -342,8 +345,9 @@ def run(args) -> None:
         seconds = sum(s.seconds for s in steady)
         images = sum(s.images for s in steady)
         peak = torch.tensor([peak_memory_mb(strategy, getattr(strategy, "gpus", 0))], dtype=torch.float64)
-        digests = [weights_digest(parts.bare)]
-        dtypes_per_rank = [sorted(compute_dtypes)]
+        # all_gather_object fills lists of any objects: one per rank
+        digests: list[Any] = [weights_digest(parts.bare)]
+        dtypes_per_rank: list[Any] = [sorted(compute_dtypes)]
         if strategy.world_size > 1:
             import torch.distributed as dist
 
@@ -446,7 +450,8 @@ def table(paths: list[Path]) -> str:
             f"{r['data_wait_fraction']:>9.1%} {r['peak_memory_mb']:>12,.0f} {r['ranks_agree']!s:>11} "
             f"{dtypes:<9}  {r['epochs']!s:<24} "
             f"{r['model']} {r['image_size']}px, channels_last={r['channels_last']} "
-            f"data={r.get('data_placement', r['data_on_device'])} sync_debug={r.get('sync_debug', False)}, {r['data']}"
+            f"data={r.get('data_placement', r['data_on_device'])} sync_debug={r.get('sync_debug', False)}, "
+            f"{r['data']}"
         )
     lines.append(
         "DataParallel rows: replicas compute in the run's precision (compute column) but lose channels_last "

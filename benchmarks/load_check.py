@@ -167,7 +167,8 @@ def report(tally: Tally, elapsed: float, clients: int, url: str, model: str, ima
     print(f"image    {image_name}")
     print(f"machine  {os.cpu_count()} cores, {platform.machine()}, load average {os.getloadavg()[0]:.2f}")
     print(
-        f"clients  {clients}  requests {done} in {elapsed:.1f} s  ->  {done / elapsed:.1f} requests/s ({len(latencies) / elapsed:.1f} ok/s)"
+        f"clients  {clients}  requests {done} in {elapsed:.1f} s  ->  {done / elapsed:.1f} requests/s "
+        f"({len(latencies) / elapsed:.1f} ok/s)"
     )
     if len(latencies):
         p50, p90, p99 = np.percentile(latencies, [50, 90, 99])

@@ -40,14 +40,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image
 
-from pipeline.config import DataConfig  # noqa: E402
-from pipeline.preprocess import build_shards  # noqa: E402
-from pipeline.serving.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_image, is_image_name  # noqa: E402
-from pipeline.shards import load_split  # noqa: E402
+from pipeline.config import DataConfig
+from pipeline.preprocess import build_shards
+from pipeline.serving.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_image, is_image_name
+from pipeline.shards import load_split
 
 TRAIN = Path("asl_alphabet_train", "asl_alphabet_train")
 TEST = Path("asl_alphabet_test", "asl_alphabet_test")
@@ -160,7 +160,8 @@ def _synthetic(raw: Path, images: int) -> None:
     started = time.perf_counter()
     written = generate_synthetic_dataset(raw, images_per_class=per_class, frames_per_run=10, seed=0, size=200)
     print(
-        f"generated {written} synthetic 200x200 JPEGs ({per_class} per class) in {time.perf_counter() - started:.1f}s"
+        f"generated {written} synthetic 200x200 JPEGs ({per_class} per class) in "
+        f"{time.perf_counter() - started:.1f}s"
     )
 
 
@@ -184,7 +185,8 @@ def main() -> None:
     torch.set_num_threads(1)  # the ImageFolder baseline (num_workers=0) and the shard epoch both on one core
     print(f"machine: {platform.machine()}, {cores} usable CPU cores (os.cpu_count()={os.cpu_count()})")
     print(
-        f"python {platform.python_version()}, torch {torch.__version__}, pillow {Image.__version__}; best of {args.repeat} runs"
+        f"python {platform.python_version()}, torch {torch.__version__}, pillow {Image.__version__}; "
+        f"best of {args.repeat} runs"
     )
     load_before = os.getloadavg()[0]
 
@@ -197,7 +199,8 @@ def main() -> None:
         files = sorted(p for p in (raw / TRAIN).rglob("*") if p.is_file() and is_image_name(p.name))
         with Image.open(files[0]) as first:
             print(
-                f"data: {raw} ({len(files)} training images, e.g. {first.size[0]}x{first.size[1]} {first.format})"
+                f"data: {raw} ({len(files)} training images, e.g. {first.size[0]}x{first.size[1]} "
+                f"{first.format})"
             )
         for path in files:  # page cache: every measurement reads warm files
             path.read_bytes()
@@ -263,11 +266,14 @@ def main() -> None:
     for name, rate, ratio in rows:
         print(f"{name:<{width}}  {rate:>10,.0f}  {ratio}")
     print(
-        f"\n(b) {decoded} images decoded in {seconds:.2f}s ({manifest['dropped_for_gap']} gap frames not decoded); "
-        f"(c) shard epoch {shard_images} images in {shard_seconds:.3f}s, ImageFolder epoch {folder_images} images in {folder_seconds:.2f}s"
+        f"\n(b) {decoded} images decoded in {seconds:.2f}s "
+        f"({manifest['dropped_for_gap']} gap frames not decoded); "
+        f"(c) shard epoch {shard_images} images in {shard_seconds:.3f}s, "
+        f"ImageFolder epoch {folder_images} images in {folder_seconds:.2f}s"
     )
     print(
-        f"CPU per image: plain PIL {1e6 / plain_cpu:.0f} us, decode_image {1e6 * CPU_SECONDS['pipeline_decode'] / len(files):.0f} us, "
+        f"CPU per image: plain PIL {1e6 / plain_cpu:.0f} us, "
+        f"decode_image {1e6 * CPU_SECONDS['pipeline_decode'] / len(files):.0f} us, "
         f"build_shards {1e6 * CPU_SECONDS['build_shards'] / decoded:.0f} us (workers and parent together)"
     )
     busy = (

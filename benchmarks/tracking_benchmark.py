@@ -9,9 +9,9 @@ Each measurement is a `dvc repro` of the whole pipeline in a fresh copy of the p
 files only, like `tests/test_dvc_pipeline.py`; a fresh sqlite store each time), so every stage
 runs. The server is started once, before the first measurement (`pipeline.team_server`, what
 `python -m pipeline team-server` runs), on a free loopback port, and one tiny-profile `dvc repro`
-against each store warms both up unreported. In every stage process a `sitecustomize` hook times the calls into
-MLflow's stores and artifact repositories (tracking, registry, artifact upload) made on the main
-thread: that is the stage's logging time. Model saving and pickling, which do not depend on the
+against each store warms both up unreported. In every stage process a `sitecustomize` hook times the
+calls into MLflow's stores and artifact repositories (tracking, registry, artifact upload) made on the
+main thread: that is the stage's logging time. Model saving and pickling, which do not depend on the
 store, are not in it, nor is the system-metrics sampler, which runs on its own thread. Prints one
 table per measurement and the overhead of the server; figures go to docs/benchmarks.md by hand.
 """
@@ -91,7 +91,10 @@ sys.meta_path.insert(0, _Finder())
 
 @atexit.register
 def _report():
-    line = {"argv": sys.argv, "pid": os.getpid(), "wall": time.perf_counter() - _started, "mlflow": _spent[0], "calls": _calls[0]}
+    line = {
+        "argv": sys.argv, "pid": os.getpid(), "wall": time.perf_counter() - _started,
+        "mlflow": _spent[0], "calls": _calls[0],
+    }
     with open(os.environ["TRACKING_TIMINGS"], "a") as out:
         out.write(json.dumps(line) + "\n")
 """
@@ -135,7 +138,10 @@ def measure(project: Path, hook_dir: Path, tracking_uri: str | None) -> dict:
     # schema (seconds, once per store) before the measurement, and report that on its own.
     schema = 0.0
     if tracking_uri is None:
-        create = "import time; t = time.perf_counter(); from pipeline.tracking import configure; configure('asl-alphabet'); print(time.perf_counter() - t)"
+        create = (
+            "import time; t = time.perf_counter(); from pipeline.tracking import configure; "
+            "configure('asl-alphabet'); print(time.perf_counter() - t)"
+        )
         schema = float(
             subprocess.run(
                 [sys.executable, "-c", create],
@@ -175,7 +181,8 @@ def report(label: str, figures: dict) -> None:
     logging = sum(e["mlflow"] for e in figures["stages"].values())
     runs = len(figures["stages"])
     print(
-        f"  logging in all {runs} stage runs: {logging:.2f} s ({logging / runs:.2f} s per run, {100 * logging / figures['total']:.1f}% of the repro)"
+        f"  logging in all {runs} stage runs: {logging:.2f} s ({logging / runs:.2f} s per run, "
+        f"{100 * logging / figures['total']:.1f}% of the repro)"
     )
 
 
@@ -208,7 +215,8 @@ def main() -> None:
         platform.processor(),
     )
     print(
-        f"{cpu}, {os.cpu_count()} cores; profile {args.profile}; load average before: {os.getloadavg()[0]:.2f}"
+        f"{cpu}, {os.cpu_count()} cores; profile {args.profile}; load average before: "
+        f"{os.getloadavg()[0]:.2f}"
     )
     work = Path(tempfile.mkdtemp(prefix="asl-tracking-benchmark-"))
     work.chmod(0o711)  # PostgreSQL may run as another user
@@ -229,10 +237,10 @@ def main() -> None:
                 project = project_copy(work / f"project-{n}", args.profile)
                 figures = measure(project, hook_dir, server.url if backend == "server" else None)
                 results[backend].append(figures)
-                report(
-                    f"{backend} ({'sqlite:///.../mlruns/mlflow.db' if backend == 'sqlite' else server.url + ', PostgreSQL'})",
-                    figures,
+                store = (
+                    "sqlite:///.../mlruns/mlflow.db" if backend == "sqlite" else server.url + ", PostgreSQL"
                 )
+                report(f"{backend} ({store})", figures)
                 shutil.rmtree(project, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -243,10 +251,16 @@ def main() -> None:
     total = {b: mean(b, lambda f: f["total"]) for b in results}
     logging = {b: mean(b, lambda f: sum(e["mlflow"] for e in f["stages"].values())) for b in results}
     runs = len(results["sqlite"][0]["stages"])
-    print(f"\nmean of {args.repeat}: dvc repro sqlite {total['sqlite']:.1f} s, server {total['server']:.1f} s "
-          f"({total['server'] - total['sqlite']:+.1f} s, {100 * (total['server'] / total['sqlite'] - 1):+.1f}%)")  # fmt: skip
-    print(f"logging per stage run: sqlite {logging['sqlite'] / runs:.2f} s, server {logging['server'] / runs:.2f} s "
-          f"({(logging['server'] - logging['sqlite']) / runs:+.2f} s); load average after: {os.getloadavg()[0]:.2f}")  # fmt: skip
+    print(
+        f"\nmean of {args.repeat}: dvc repro sqlite {total['sqlite']:.1f} s, server {total['server']:.1f} s "
+        f"({total['server'] - total['sqlite']:+.1f} s, "
+        f"{100 * (total['server'] / total['sqlite'] - 1):+.1f}%)"
+    )
+    print(
+        f"logging per stage run: sqlite {logging['sqlite'] / runs:.2f} s, "
+        f"server {logging['server'] / runs:.2f} s ({(logging['server'] - logging['sqlite']) / runs:+.2f} s); "
+        f"load average after: {os.getloadavg()[0]:.2f}"
+    )
 
 
 if __name__ == "__main__":

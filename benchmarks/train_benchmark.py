@@ -58,24 +58,25 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere without installing
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
-import torch  # noqa: E402
-import yaml  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+import yaml
+from torch import nn
 
-from pipeline.config import params_from_dict  # noqa: E402
-from pipeline.feed import tensor_batches  # noqa: E402
-from pipeline.loop import train_one_epoch  # noqa: E402
-from pipeline.prefetch import model_input  # noqa: E402
-from pipeline.serving.imaging import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from pipeline.serving.networks import build_model  # noqa: E402
-from pipeline.strategy import make_strategy  # noqa: E402
-from pipeline.trainer import TrainingState, step_settings  # noqa: E402
+from pipeline.config import params_from_dict
+from pipeline.feed import tensor_batches
+from pipeline.loop import train_one_epoch
+from pipeline.prefetch import model_input
+from pipeline.serving.imaging import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.serving.networks import build_model
+from pipeline.strategy import make_strategy
+from pipeline.trainer import TrainingState, step_settings
 
 MODEL = "resnet18"
 SIZE = 64
@@ -119,7 +120,8 @@ def flops_per_image() -> float:
 
 
 def batches_of(images: torch.Tensor, labels: torch.Tensor, order: list[int], batch: int, settings):
-    """The loop's input: `order` in batches of `batch` (a last incomplete one dropped), fed as pipeline.feed feeds training."""
+    """The loop's input: `order` in batches of `batch` (a last incomplete one dropped), fed as
+    pipeline.feed feeds training."""
     import numpy as np
 
     steps = [
@@ -211,7 +213,7 @@ def step_phases(
         state.scheduler.step()
         t4 = time.perf_counter()
         if step:
-            for key, seconds in zip(totals, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            for key, seconds in zip(totals, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
                 totals[key] = min(totals[key], seconds * 1e3)  # best step of each phase
     return totals
 
@@ -272,6 +274,7 @@ def ddp_worker(out: Path, steps: int, rounds: int) -> None:
     import contextlib
 
     import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
 
     from pipeline.strategy import DistributedStrategy
 
@@ -289,6 +292,7 @@ def ddp_worker(out: Path, steps: int, rounds: int) -> None:
         order = list(range(steps * batch))
         modes = {"gloo": False, "no_sync": True}
         best = dict.fromkeys(modes, 0.0)
+        assert isinstance(state.model, DistributedDataParallel)  # as DistributedStrategy wraps it
         for round_ in range(rounds + 1):  # the first is a warm-up
             for mode, skip_allreduce in modes.items():
                 context = state.model.no_sync() if skip_allreduce else contextlib.nullcontext()
@@ -398,7 +402,7 @@ def write_params(workspace: Path, images_per_class: int, epochs: int, freeze_bac
 
 
 def run_stage(workspace: Path, strategy: str, timeout: float) -> dict:
-    """`python -m pipeline train <strategy>` in the workspace; the figures of its fastest epoch after the first."""
+    """`python -m pipeline train <strategy>` in the workspace; its fastest epoch's figures after the first."""
     env = {
         k: v
         for k, v in os.environ.items()
@@ -422,7 +426,8 @@ def run_stage(workspace: Path, strategy: str, timeout: float) -> dict:
     wall = time.perf_counter() - started
     if result.returncode:
         raise RuntimeError(
-            f"train {strategy} failed ({result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+            f"train {strategy} failed ({result.returncode}):"
+            f"\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
         )
     with open(workspace / "metrics" / f"curves_{strategy}.csv") as handle:
         rows = list(csv.DictReader(handle))
@@ -487,7 +492,7 @@ def original_epoch(train_dir: Path, files: list[str], raw_root: Path, epochs: in
         step(x, y)
         if i == 1:
             break
-    results = []
+    results: list[dict[str, Any]] = []
     for _ in range(epochs):
         images, waited = 0, 0.0
         started = time.perf_counter()
@@ -701,7 +706,8 @@ def main() -> None:
         print(f"total {time.perf_counter() - begun:.0f}s; load average (1 min, with this benchmark): {load}")
         return
     print(
-        f"model {MODEL} at {SIZE} px, {CLASSES} classes, global batch {BATCH}; (b) best of {args.repeat} rounds of {args.steps} steps per configuration"
+        f"model {MODEL} at {SIZE} px, {CLASSES} classes, global batch {BATCH}; "
+        f"(b) best of {args.repeat} rounds of {args.steps} steps per configuration"
     )
     load_before = os.getloadavg()[0]
     begun = time.perf_counter()
@@ -710,7 +716,8 @@ def main() -> None:
     gflops = matmul_gflops(repeat=10)
     per_image = flops_per_image()
     print(
-        f"(a) fp32 matmul {gflops:.1f} GFLOP/s; {MODEL} forward+backward {per_image / 1e9:.3f} GFLOP per image",
+        f"(a) fp32 matmul {gflops:.1f} GFLOP/s; "
+        f"{MODEL} forward+backward {per_image / 1e9:.3f} GFLOP per image",
         flush=True,
     )
 
@@ -745,7 +752,8 @@ def main() -> None:
     for config in configs:
         rates = ", ".join(f"{r:.0f}" for r in config.rates)
         print(
-            f"(b) {config.label:<40} {config.optimizer_name:<18} best {config.best:6.1f} images/s (rounds: {rates})",
+            f"(b) {config.label:<40} {config.optimizer_name:<18} "
+            f"best {config.best:6.1f} images/s (rounds: {rates})",
             flush=True,
         )
     ours, nchw, before = configs
@@ -759,7 +767,8 @@ def main() -> None:
         + f" = {step_ms:.0f} ms ({BATCH / step_ms * 1e3:.0f} images/s)"
     )
     print(
-        f"(b) optimizer step: {ours.optimizer_name} {phases['optimizer']:.1f} ms, {before.optimizer_name} {phases_before['optimizer']:.1f} ms (best of 5)"
+        f"(b) optimizer step: {ours.optimizer_name} {phases['optimizer']:.1f} ms, "
+        f"{before.optimizer_name} {phases_before['optimizer']:.1f} ms (best of 5)"
     )
     profiled = sum(groups.values())
     conv_rate = per_image * BATCH / (groups["convolution"] / 1e3) / 1e9 if groups["convolution"] else 0.0
@@ -768,7 +777,8 @@ def main() -> None:
         + ", ".join(f"{k} {v:.0f} ms ({v / profiled:.0%})" for k, v in groups.items())
     )
     print(
-        f"(b) convolutions alone run at {conv_rate:.0f} GFLOP/s = {conv_rate / gflops:.0%} of the matmul rate (counted FLOPs: conv + fc)"
+        f"(b) convolutions alone run at {conv_rate:.0f} GFLOP/s = {conv_rate / gflops:.0%} "
+        "of the matmul rate (counted FLOPs: conv + fc)"
     )
     print("(b) top ops (ms per step): " + ", ".join(f"{name} {ms:.0f}" for name, ms in top), flush=True)
     ddp = ddp_steps(
@@ -776,7 +786,8 @@ def main() -> None:
     )  # as `train ddp` with gpus=2 in (c)
     ddp_rates = ddp["images_per_second"]
     print(
-        f"(b) our DDP step, {ddp['world_size']} processes x {ddp['threads_per_rank']} thread(s), images/s: gradients averaged "
+        f"(b) our DDP step, {ddp['world_size']} processes x {ddp['threads_per_rank']} thread(s), images/s: "
+        "gradients averaged "
         f"over gloo {ddp_rates['gloo']:.1f}, not at all (no_sync) {ddp_rates['no_sync']:.1f}; "
         f"gloo all-reduce of {ddp['gradient_mb']:.0f} MiB alone {ddp['gloo_allreduce_ms']:.0f} ms",
         flush=True,
@@ -837,7 +848,8 @@ def main() -> None:
                 name for shard in manifest["shards"] if shard["split"] == "train" for name in shard["files"]
             ]
             print(
-                f"(c) {args.images_per_class * CLASSES} synthetic JPEGs generated in {generated:.1f}s, preprocessed in {preprocessed:.1f}s; "
+                f"(c) {args.images_per_class * CLASSES} synthetic JPEGs generated in {generated:.1f}s, "
+                f"preprocessed in {preprocessed:.1f}s; "
                 f"training split {len(train_files)} images",
                 flush=True,
             )
@@ -862,7 +874,9 @@ def main() -> None:
                             epochs=max(1, args.epochs - 1),
                         )
                         print(
-                            f"(c) original loop: epochs {figures['epochs']} s, best {figures['images_per_second']:.1f} img/s, data wait {figures['data_wait_fraction']:.0%}",
+                            f"(c) original loop: epochs {figures['epochs']} s, "
+                            f"best {figures['images_per_second']:.1f} img/s, "
+                            f"data wait {figures['data_wait_fraction']:.0%}",
                             flush=True,
                         )
                     else:
@@ -870,7 +884,8 @@ def main() -> None:
                         write_params(workspace, args.images_per_class, args.epochs, freeze_backbone=frozen)
                         figures = run_stage(workspace, strategy, timeout=900)
                         print(
-                            f"(c) train {name}: epochs {figures['epochs']} s, best after the first {figures['images_per_second']:.1f} img/s, "
+                            f"(c) train {name}: epochs {figures['epochs']} s, "
+                            f"best after the first {figures['images_per_second']:.1f} img/s, "
                             f"command wall {figures['wall_seconds']:.0f}s",
                             flush=True,
                         )
@@ -888,7 +903,10 @@ def main() -> None:
             ("(c) frozen backbone: train dp, 1 process", dp_frozen),
             (f"(c) frozen backbone: train ddp, {ddp_frozen['world_size']} procs", ddp_frozen),
         ):
-            result = f"{figures['images']} images in {figures['epoch_seconds']:.1f}s, data wait {figures['data_wait_fraction']:.0%}"
+            result = (
+                f"{figures['images']} images in {figures['epoch_seconds']:.1f}s, "
+                f"data wait {figures['data_wait_fraction']:.0%}"
+            )
             rows.append((label, f"{figures['images_per_second']:.1f} img/s", result))
         speedup = dp_run["images_per_second"] / original["images_per_second"]
         ddp_ratio = ddp_run["images_per_second"] / dp_run["images_per_second"]
@@ -925,7 +943,8 @@ def main() -> None:
         else ""
     )
     print(
-        f"total {time.perf_counter() - begun:.0f}s; load average (1 min, includes this benchmark): {load_before:.2f} before, "
+        f"total {time.perf_counter() - begun:.0f}s; load average (1 min, includes this benchmark): "
+        f"{load_before:.2f} before, "
         f"{load_after:.2f} after, on {n_cores} cores{busy}"
     )
 

@@ -97,7 +97,8 @@ def close_abandoned_runs(client: Any, experiment_id: str, closing_stage: str) ->
         )
         when = time.strftime("%Y-%m-%d %H:%M:%S %z")
         note = (
-            f"process {tags['pid']} on {host} ended with this run still open (killed, or it lost the tracking server); "
+            f"process {tags['pid']} on {host} ended with this run still open "
+            "(killed, or it lost the tracking server); "
             f"marked {status} on {when} by the next `{closing_stage}` stage run on that machine"
         )
         client.set_tag(run.info.run_id, ABANDONED_TAG, note)

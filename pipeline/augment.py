@@ -52,11 +52,13 @@ class BatchAugment:
 
         def augment(images: torch.Tensor, step: int) -> torch.Tensor:
             if images.device not in on_device:  # drawn once per epoch, copied once per device
-                host = (self.draws(epoch), torch.from_numpy(np.ascontiguousarray(step_indices)))
+                host_draws = self.draws(epoch)
+                host_indices = torch.from_numpy(np.ascontiguousarray(step_indices))
                 if images.device.type == "cuda":  # pinned and non-blocking: no step waits for the copy
-                    host = tuple(tensor.pin_memory() for tensor in host)
-                on_device[images.device] = tuple(
-                    tensor.to(images.device, non_blocking=True) for tensor in host
+                    host_draws, host_indices = host_draws.pin_memory(), host_indices.pin_memory()
+                on_device[images.device] = (
+                    host_draws.to(images.device, non_blocking=True),
+                    host_indices.to(images.device, non_blocking=True),
                 )
             draws, indices = on_device[images.device]
             return self.apply(images, draws[indices[step]])

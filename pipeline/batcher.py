@@ -107,5 +107,5 @@ class Batcher:
             for _, answer in batch:
                 answer.set_exception(err)
             return
-        for row, (_, answer) in zip(probabilities, batch):
+        for row, (_, answer) in zip(probabilities, batch, strict=True):
             answer.set_result(row)

@@ -122,7 +122,7 @@ def evaluate(
     ],
     params_file: ParamsFile = Path("params.yaml"),
 ) -> None:
-    """Measure models/<strategy> on the validation split and the test folder; log into its training's MLflow run."""
+    """Measure models/<strategy> on the validation split and test sets; log into its training's MLflow run."""
     from pipeline.evaluate import run_evaluate
 
     run_evaluate(*_load(params_file), strategy)
@@ -157,7 +157,8 @@ def predict(
         str | None,
         typer.Option(
             "--model",
-            help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a model folder [default: the champion]",
+            help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a model folder "
+            "[default: the champion]",
         ),
     ] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="classes to show per image")] = 5,

@@ -1,6 +1,7 @@
-"""A node's own params file for a multi-node `ddp` training that a cluster launches (SLURM, Kubernetes).
+r"""A node's own params file for a multi-node `ddp` training that a cluster launches (SLURM, Kubernetes).
 
-    python -m pipeline node-params --nnodes 2 --node-rank 1 --rdzv-endpoint node-a:29500 --out /tmp/params.node1.yaml
+    python -m pipeline node-params --nnodes 2 --node-rank 1 --rdzv-endpoint node-a:29500 \
+        --out /tmp/params.node1.yaml
     python -m pipeline train ddp --params /tmp/params.node1.yaml
 
 The train command reads only a params file, but the nodes of one job differ in

@@ -261,7 +261,8 @@ class MlflowConfig(_Section):
     """Name of the model in the MLflow model registry."""
     system_metrics: bool = True
     """Record CPU, memory and (on NVIDIA machines) per-GPU utilization and memory in training runs,
-    as MLflow system metrics (`system/...`), sampled every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (10)."""
+    as MLflow system metrics (`system/...`), sampled every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
+    seconds (10)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.experiment.strip()), "mlflow.experiment", self.experiment, "a non-empty name")
@@ -338,7 +339,7 @@ def _section_keys(cls: type, prefix: str = "") -> dict[type, str]:
     """`{DataConfig: 'data.', SyntheticConfig: 'data.synthetic.', ...}`: where each section sits."""
     keys = {cls: prefix}
     for name, info in cls.__pydantic_fields__.items():  # type: ignore[attr-defined]
-        if dataclasses.is_dataclass(info.annotation):
+        if isinstance(info.annotation, type) and dataclasses.is_dataclass(info.annotation):
             keys |= _section_keys(info.annotation, f"{prefix}{name}.")
     return keys
 
@@ -357,7 +358,7 @@ def _config_error(cls: type, values: Any, error: ErrorDetails) -> ConfigError:
     if not error["loc"]:
         return ConfigError(prefix.rstrip(".") or "<top level>", error["input"], "a mapping")
     name = error["loc"][0]
-    given = (values.kwargs or {}) if isinstance(values, ArgsKwargs) else {}
+    given: dict[Any, Any] = (values.kwargs or {}) if isinstance(values, ArgsKwargs) else {}
     return ConfigError(f"{prefix}{name}", given.get(name, error["input"]), _allowed(cls, error))
 
 

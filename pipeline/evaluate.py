@@ -161,7 +161,8 @@ def predictions_csv(y_true, y_pred, classes: list[str]) -> bytes:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["actual", "predicted"])
     writer.writerows(
-        (classes[t], classes[p]) for t, p in zip(np.asarray(y_true).tolist(), np.asarray(y_pred).tolist())
+        (classes[t], classes[p])
+        for t, p in zip(np.asarray(y_true).tolist(), np.asarray(y_pred).tolist(), strict=True)
     )
     return buffer.getvalue().encode()
 
@@ -179,22 +180,26 @@ def _check_compatible(config: dict, manifest: dict, strategy: str) -> None:
         )
 
 
-def _evaluate_split(network, paths: Paths, manifest: dict, split: str, params: Params, device: torch.device):
-    """Shard by shard, each memory-mapped only while it is scored: any split size fits in memory."""
+def _evaluate_split(
+    network, paths: Paths, manifest: dict, split: str, params: Params, device: torch.device
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(labels, predictions, probabilities) of a split, None if it is empty. Shard by shard, each
+    memory-mapped only while it is scored: any split size fits in memory."""
     shards = split_shards(manifest, split)
     if not shards:
         return None
     verify_shards(paths.shards, manifest, (split,))
-    labels, probabilities = [], []
+    labels: list[np.ndarray] = []
+    per_shard: list[np.ndarray] = []
     # The precision the training validated in: bf16 where asked for and native on the device.
     with autocast(device, precision(device, params.train.bf16)):
         for shard in shards:
             images, shard_labels = open_shard(paths.shards, shard, manifest["image_size"])
-            probabilities.append(class_probabilities(network, images, params.evaluate.batch_size, device))
+            per_shard.append(class_probabilities(network, images, params.evaluate.batch_size, device))
             labels.append(shard_labels.numpy())
             del images
-    y_true, probabilities = np.concatenate(labels), np.concatenate(probabilities)
-    return y_true, probabilities.argmax(axis=1), probabilities
+    probabilities = np.concatenate(per_shard)
+    return np.concatenate(labels), probabilities.argmax(axis=1), probabilities
 
 
 def _evaluate_external(
@@ -290,7 +295,10 @@ def run_evaluate(params: Params, paths: Paths, strategy: str) -> dict[str, float
     paths.metrics.mkdir(parents=True, exist_ok=True)
     atomic_write_json(paths.eval_metrics(strategy), metrics)
     atomic_write_bytes(paths.eval_predictions(strategy), predictions_csv(val[0], val[1], classes))
-    title = f"{strategy}: validation, {metrics['val_images']} images, accuracy {metrics['val_accuracy']:.3f}, macro F1 {metrics['val_macro_f1']:.3f}"
+    title = (
+        f"{strategy}: validation, {metrics['val_images']} images, accuracy {metrics['val_accuracy']:.3f}, "
+        f"macro F1 {metrics['val_macro_f1']:.3f}"
+    )
     atomic_write_bytes(paths.eval_confusion_png(strategy), confusion_png(val[0], val[1], classes, title))
     report = _report_text(strategy, run_info["run_id"], val_text, test_text, metrics)
     report += "\n" + _external_report_text(external_text, metrics)
@@ -326,8 +334,9 @@ def run_evaluate(params: Params, paths: Paths, strategy: str) -> dict[str, float
 
     print(report)
     print(
-        f"evaluate {strategy}: val accuracy {metrics['val_accuracy']:.4f}, macro F1 {metrics['val_macro_f1']:.4f}, "
-        f"top-3 {metrics['val_top3_accuracy']:.4f} over {metrics['val_images']} images (run {run_info['run_id']})"
+        f"evaluate {strategy}: val accuracy {metrics['val_accuracy']:.4f}, "
+        f"macro F1 {metrics['val_macro_f1']:.4f}, top-3 {metrics['val_top3_accuracy']:.4f} "
+        f"over {metrics['val_images']} images (run {run_info['run_id']})"
     )
     if metrics["external_images"]:
         print(

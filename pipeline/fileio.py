@@ -62,7 +62,7 @@ def swap_in(staging: Path, target: Path) -> None:
 
 
 def remove_leftovers(target: Path) -> None:
-    """Delete the staging and old copies beside `target` left by a swap that was killed (SIGKILL skips cleanup)."""
+    """Delete the staging and old copies beside `target` left by a killed swap (SIGKILL skips cleanup)."""
     for pattern in (".tmp-*", ".old-*"):
         for leftover in glob.glob(glob.escape(str(target)) + pattern):
             _remove(Path(leftover))

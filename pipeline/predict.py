@@ -67,7 +67,8 @@ def use_store() -> str:
     uri = tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise UserError(
-            f"no MLflow store at {uri.removeprefix('sqlite:///')}: run `dvc repro` first, or set MLFLOW_TRACKING_URI"
+            f"no MLflow store at {uri.removeprefix('sqlite:///')}: "
+            "run `dvc repro` first, or set MLFLOW_TRACKING_URI"
         )
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -125,7 +126,8 @@ def resolve_model(uri_or_dir: str) -> ModelRef:
             uri_or_dir, uri_or_dir
         )  # another MLflow artifact URI (s3://, file:/...): MLflow decides
     raise UserError(
-        f"{uri_or_dir!r} is neither a model folder nor a model URI (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model)"
+        f"{uri_or_dir!r} is neither a model folder nor a model URI "
+        "(models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model)"
     )
 
 
@@ -188,7 +190,7 @@ def classify(model: Any, images: list[bytes]) -> list[np.ndarray | str]:
                 raise
             results[pending.pop(row)] = str(getattr(err, "reason", err))
             continue
-        for index, probabilities in zip(pending, frame["probabilities"]):
+        for index, probabilities in zip(pending, frame["probabilities"], strict=True):
             results[index] = np.asarray(probabilities, dtype=np.float64)
         break
     return results
@@ -224,7 +226,7 @@ def predict_files(loaded: LoadedModel, files: Sequence[Path], k: int) -> list[di
         chunk = files[start : start + _BATCH]
         contents = [_read(path) for path in chunk]
         readable = {i: data for i, data in enumerate(contents) if isinstance(data, bytes)}
-        answers = dict(zip(readable, classify(loaded.model, list(readable.values()))))
+        answers = dict(zip(readable, classify(loaded.model, list(readable.values())), strict=True))
         for i, path in enumerate(chunk):
             answer = answers.get(i, contents[i])
             results.append(_result(str(path), answer, loaded.classes, k))

@@ -18,6 +18,7 @@ from concurrent.futures import Executor, Future
 from dataclasses import asdict
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -57,11 +58,12 @@ def scan_train(train_dir: Path) -> list[list[Path]]:
         raise UserError(
             f"{train_dir} holds no images in class folders ({', '.join(CLASSES[:3])}, ...): check data.source"
         )
-    empty = [name for name, files in zip(CLASSES, per_class) if not files]
+    empty = [name for name, files in zip(CLASSES, per_class, strict=True) if not files]
     if empty:
         # Not fatal: a data set may lack a class on purpose; but the model will never predict it.
         print(
-            f"warning: no training images for class(es) {', '.join(empty)} in {train_dir}: the model cannot learn them",
+            f"warning: no training images for class(es) {', '.join(empty)} in {train_dir}: "
+            "the model cannot learn them",
             file=sys.stderr,
         )
     return per_class
@@ -99,13 +101,14 @@ def plan_splits(per_class: list[list[Path]], cfg: DataConfig, seed: int) -> tupl
     kept = stratified_cap([len(files) for files in per_class], cfg.max_images, rng)
     plan: dict[str, list[Job]] = {"train": [], "val": []}
     dropped = 0
-    for label, (files, positions) in enumerate(zip(per_class, kept)):
+    for label, (files, positions) in enumerate(zip(per_class, kept, strict=True)):
         chosen = [files[i] for i in positions]
         if not chosen:
             continue  # reported by scan_train; the class shows as 0 in the counts
         if len(chosen) < 2:
             raise UserError(
-                f"class {CLASSES[label]} has only {len(chosen)} image: too few to split into training and validation; "
+                f"class {CLASSES[label]} has only {len(chosen)} image: "
+                "too few to split into training and validation; "
                 "add images to its folder, or remove the folder and accept a class the model never sees"
             )
         try:
@@ -314,7 +317,7 @@ def build_shards(
 
 
 def make_manifest(cfg: DataConfig, shards: list[dict], skipped: list[dict], dropped: int) -> dict:
-    splits = {}
+    splits: dict[str, dict[str, Any]] = {}
     for split in ("train", "val", "test", "external"):
         counts: Counter = Counter()
         for shard in (s for s in shards if s["split"] == split):
@@ -374,7 +377,8 @@ def run_preprocess(params: Params, paths: Paths) -> dict:
     counts = ", ".join(f"{split} {info['count']}" for split, info in manifest["splits"].items())
     print(
         f"preprocess: {counts} images at {cfg.image_size}px in {len(manifest['shards'])} shards, "
-        f"{len(manifest['skipped'])} skipped, {manifest['dropped_for_gap']} dropped beside validation blocks, "
+        f"{len(manifest['skipped'])} skipped, "
+        f"{manifest['dropped_for_gap']} dropped beside validation blocks, "
         f"{seconds:.1f}s ({decoded / max(seconds, 1e-9):.0f} images/s)"
     )
     return manifest

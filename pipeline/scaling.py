@@ -68,7 +68,8 @@ def train_configuration(params: Params, strategy: str, gpus: int, work: Path) ->
     result = subprocess.run(command, cwd=work, env=env)
     if result.returncode != 0:
         raise UserError(
-            f"scaling: training {strategy} on {gpus} GPU(s) failed (exit {result.returncode}); its output is above"
+            f"scaling: training {strategy} on {gpus} GPU(s) failed (exit {result.returncode}); "
+            "its output is above"
         )
     paths = Paths(work)
     figures = json.loads(paths.train_metrics(strategy).read_text())
@@ -106,7 +107,7 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
         ("images_per_second", "images per second"),
         ("efficiency", "scaling efficiency"),
     ]
-    for axis, (key, label) in zip(axes, panels):
+    for axis, (key, label) in zip(axes, panels, strict=True):
         for strategy, marker in (("dp", "o"), ("ddp", "s")):
             mine = sorted((r for r in rows if r["strategy"] == strategy), key=lambda r: r["gpus"])
             if mine:

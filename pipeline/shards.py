@@ -7,6 +7,7 @@ are read memory-mapped, so every process on a machine shares the page cache's on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -128,10 +129,9 @@ def _read_record(path: Path) -> dict | None:
 
 
 def _write_record(path: Path, identity: dict) -> None:
-    try:
+    # A read-only data folder is fine: the check then runs on every load, which is slower, not wrong.
+    with contextlib.suppress(OSError):
         atomic_write_json(path, identity)  # atomic: ranks checking at once never leave a torn record
-    except OSError:
-        pass  # a read-only data folder: the check then runs on every load, which is slower, not wrong
 
 
 # --- reading ------------------------------------------------------------------------------------------
@@ -210,7 +210,7 @@ class ShardedSplit:
 
     def shard_slices(self) -> Iterator[tuple[int, torch.Tensor]]:
         """(global index of the first image, images) of each shard."""
-        return zip(self.offsets, self.images)
+        return zip(self.offsets, self.images, strict=True)
 
 
 def open_split(shards_dir: Path, split: str, manifest: dict | None = None) -> ShardedSplit:

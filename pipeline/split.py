@@ -46,7 +46,7 @@ def stratified_cap(
     if max_images is None or max_images >= total:
         return [np.arange(n) for n in counts]
     keep = [max(2, math.floor(n * max_images / total)) for n in counts]
-    return [np.sort(rng.choice(n, size=min(k, n), replace=False)) for n, k in zip(counts, keep)]
+    return [np.sort(rng.choice(n, size=min(k, n), replace=False)) for n, k in zip(counts, keep, strict=True)]
 
 
 def block_split(

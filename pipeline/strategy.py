@@ -94,7 +94,7 @@ class Strategy:
         # with N replicas each rank takes every N-th index of that same permutation. So the union
         # of the ranks' k-th batches is exactly the one-process k-th batch.
         return DistributedSampler(
-            range(dataset_size),
+            range(dataset_size),  # type: ignore[arg-type]  # torch says Dataset; it needs only len()
             num_replicas=self.world_size,
             rank=self.rank,
             shuffle=True,

@@ -164,7 +164,7 @@ def generate_synthetic_dataset(
     if workers == 1:
         return sum(_write_class(*job) for job in jobs)
     with process_pool(workers, preload=[__name__]) as pool:
-        return sum(pool.map(_write_class, *zip(*jobs)))
+        return sum(pool.map(_write_class, *zip(*jobs, strict=True)))
 
 
 def _write_class(
@@ -206,7 +206,7 @@ def generate_external_set(
     if workers == 1:
         return sum(_write_external_class(*job) for job in jobs)
     with process_pool(workers, preload=[__name__]) as pool:
-        return sum(pool.map(_write_external_class, *zip(*jobs)))
+        return sum(pool.map(_write_external_class, *zip(*jobs, strict=True)))
 
 
 def _write_external_class(root: Path, class_index: int, images_per_class: int, seed: int, size: int) -> int:
@@ -358,11 +358,12 @@ def _random_pose(rng: np.random.Generator, name: str, canvas: int) -> _Pose:
 
 def _drift(rng: np.random.Generator, pose: _Pose) -> _Pose:
     """The next video frame: the hand moves a little, it is not posed anew."""
+    x, y = pose.center
     return dataclasses.replace(
         pose,
         angle=pose.angle + rng.normal(0.0, 1.5),
         unit=pose.unit * (1.0 + rng.normal(0.0, 0.01)),
-        center=tuple(c + rng.normal(0.0, pose.unit * 0.03) for c in pose.center),
+        center=(x + rng.normal(0.0, pose.unit * 0.03), y + rng.normal(0.0, pose.unit * 0.03)),
         splay=tuple(s + rng.normal(0.0, 1.5) for s in pose.splay),
     )
 

@@ -40,8 +40,9 @@ def postgres_bin() -> Path | None:
     if _DEBIAN_POSTGRES.is_dir():
         versions = [p for p in _DEBIAN_POSTGRES.iterdir() if p.name.isdigit()]
         candidates += [p / "bin" for p in sorted(versions, key=lambda p: int(p.name), reverse=True)]
-    if shutil.which("pg_ctl"):
-        candidates.append(Path(shutil.which("pg_ctl")).parent)
+    pg_ctl = shutil.which("pg_ctl")
+    if pg_ctl:
+        candidates.append(Path(pg_ctl).parent)
     return next((c for c in candidates if (c / "initdb").is_file() and (c / "pg_ctl").is_file()), None)
 
 
@@ -53,7 +54,8 @@ def postgres_user() -> pwd.struct_passwd:
         return pwd.getpwnam("postgres")
     except KeyError:
         raise UserError(
-            "PostgreSQL refuses to run as root and there is no `postgres` user: create one (useradd -r postgres) or run as another user"
+            "PostgreSQL refuses to run as root and there is no `postgres` user: "
+            "create one (useradd -r postgres) or run as another user"
         ) from None
 
 
@@ -67,7 +69,8 @@ def _check_reachable(folder: Path, user: pwd.struct_passwd) -> None:
             and not (mode.st_gid == user.pw_gid and mode.st_mode & 0o010)
         ):
             raise UserError(
-                f"PostgreSQL runs as the user {user.pw_name}, who cannot enter {each}: use a folder it can reach (--folder) or `chmod o+x {each}`"
+                f"PostgreSQL runs as the user {user.pw_name}, who cannot enter {each}: "
+                f"use a folder it can reach (--folder) or `chmod o+x {each}`"
             )
 
 
@@ -163,13 +166,15 @@ class Postgres:
             [self.bin / "pg_ctl", "-D", self.data, "-l", log, "-w", "-t", "60", "-o", options, "start"]
         )
         exists = subprocess.run(
-            [self.bin / "psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", DB_USER, "-d", "postgres", "-tAc",
-             f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'"],
+            [self.bin / "psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", DB_USER, "-d", "postgres",
+             "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'"],
             env=self.client_env(), capture_output=True, text=True, timeout=60, check=True,
         ).stdout.strip()  # fmt: skip
         if exists != "1":
-            subprocess.run([self.bin / "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", DB_USER, DATABASE],
-                           env=self.client_env(), capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+            subprocess.run(
+                [self.bin / "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", DB_USER, DATABASE],
+                env=self.client_env(), capture_output=True, text=True, timeout=60, check=True,
+            )  # fmt: skip
 
     def stop(self) -> None:
         stopped = self._as_owner(
@@ -186,7 +191,8 @@ class Postgres:
 def mlflow_server_command(host: str, port: int, artifacts: Path, workers: int) -> list[str]:
     """MLflow's own server; the backend store URI comes from the environment (MLFLOW_BACKEND_STORE_URI)."""
     return [
-        sys.executable, "-m", "mlflow", "server", "--serve-artifacts", "--artifacts-destination", str(artifacts),
+        sys.executable, "-m", "mlflow", "server",
+        "--serve-artifacts", "--artifacts-destination", str(artifacts),
         "--host", host, "--port", str(port), "--workers", str(workers),
     ]  # fmt: skip
 
@@ -220,11 +226,13 @@ class MlflowServer:
         self.wait_until_up(timeout)
 
     def wait_until_up(self, timeout: float) -> None:
+        assert self.process is not None, "start() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise UserError(
-                    f"mlflow server exited with code {self.process.returncode}; its log {self.log} ends:\n{self.log.read_text()[-2000:]}"
+                    f"mlflow server exited with code {self.process.returncode}; "
+                    f"its log {self.log} ends:\n{self.log.read_text()[-2000:]}"
                 )
             with (
                 contextlib.suppress(OSError),
@@ -260,7 +268,8 @@ def team_server(
     bin_dir = postgres_bin()
     if bin_dir is None:
         raise UserError(
-            "PostgreSQL is not installed (no initdb/pg_ctl): `apt-get install postgresql`, or set PG_BIN to its bin folder"
+            "PostgreSQL is not installed (no initdb/pg_ctl): "
+            "`apt-get install postgresql`, or set PG_BIN to its bin folder"
         )
     if importlib.util.find_spec("psycopg") is None:
         raise UserError("MLflow needs the PostgreSQL driver psycopg: pip install -e '.[team]'")
@@ -298,12 +307,15 @@ def run_team_server(folder: Path, host: str, port: int, workers: int) -> None:
     try:
         with team_server(folder, host, port, workers) as server:
             print(
-                f"MLflow tracking server on {server.url} (PostgreSQL store and artifacts under {folder.resolve()}; log {server.log})"
+                f"MLflow tracking server on {server.url} "
+                f"(PostgreSQL store and artifacts under {folder.resolve()}; log {server.log})"
             )
             print(
-                f"in another shell: export MLFLOW_TRACKING_URI={server.url}   then dvc repro, dvc queue start, ...; Ctrl-C stops it",
+                f"in another shell: export MLFLOW_TRACKING_URI={server.url}   "
+                "then dvc repro, dvc queue start, ...; Ctrl-C stops it",
                 flush=True,
             )
+            assert server.process is not None  # started by team_server()
             server.process.wait()
             raise UserError(f"mlflow server exited with code {server.process.returncode}: see {server.log}")
     except KeyboardInterrupt:

@@ -71,12 +71,14 @@ def configure(experiment: str) -> str:
             try:
                 location = store_dir().as_uri() if local else None
                 experiment_id = mlflow.create_experiment(experiment, artifact_location=location)
-            except (
-                MlflowException
-            ) as err:  # a remote server's experiment, created meanwhile by another client
+            except MlflowException as err:
                 if unreachable(err):
                     raise
-                experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
+                # A remote server's experiment, created meanwhile by another client.
+                created = mlflow.get_experiment_by_name(experiment)
+                if created is None:
+                    raise
+                experiment_id = created.experiment_id
         else:
             experiment_id = found.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
@@ -114,20 +116,22 @@ def default_run_name(stage: str) -> str:
 # 5xx answers) into an MlflowException with this message and no error code of its own.
 _TRANSPORT_FAILURE = re.compile(r"API request to \S+ failed with (timeout )?exception")
 _REASONS = re.compile(
-    r"Connection refused|Connection reset by peer|Name or service not known|Temporary failure in name resolution|"
-    r"No route to host|Remote end closed connection without response|timed out|too many \d+ error responses"
+    r"Connection refused|Connection reset by peer|Name or service not known|"
+    r"Temporary failure in name resolution|No route to host|Remote end closed connection without response|"
+    r"timed out|too many \d+ error responses"
 )
 
 
 def unreachable(err: BaseException) -> bool:
-    """Whether `err` (or what it was raised from) says the tracking server could not be reached or kept failing."""
+    """Whether `err` (or what it was raised from) says the tracking server was unreachable or kept failing."""
     import requests
 
     seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
         if isinstance(
-            err,
+            cause,
             (
                 requests.exceptions.ConnectionError,
                 requests.exceptions.Timeout,
@@ -135,9 +139,9 @@ def unreachable(err: BaseException) -> bool:
             ),
         ):
             return True
-        if isinstance(err, MlflowException) and _TRANSPORT_FAILURE.match(err.message):
+        if isinstance(cause, MlflowException) and _TRANSPORT_FAILURE.match(cause.message):
             return True
-        err = err.__cause__
+        cause = cause.__cause__
     return False
 
 
@@ -152,9 +156,10 @@ def unreachable_error(err: BaseException, run: mlflow.ActiveRun | None = None) -
         else ""
     )
     return UserError(
-        f"the MLflow tracking server {mlflow.get_tracking_uri()} stopped answering ({reason}; {retries} retries){left_open}: "
-        "start it again (`python -m pipeline team-server`, or ask whoever runs it) or point MLFLOW_TRACKING_URI at one that answers, "
-        "then run the stage again"
+        f"the MLflow tracking server {mlflow.get_tracking_uri()} stopped answering "
+        f"({reason}; {retries} retries){left_open}: "
+        "start it again (`python -m pipeline team-server`, or ask whoever runs it) "
+        "or point MLFLOW_TRACKING_URI at one that answers, then run the stage again"
     )
 
 

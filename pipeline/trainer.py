@@ -15,6 +15,7 @@ import random
 import resource
 from dataclasses import asdict
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -68,7 +69,8 @@ class TrainingState:
         wrapped = strategy.wrap(model, precision(strategy.device, params.train.bf16))
         self.bare = strategy.unwrap(wrapped)  # what checkpoints and the exported model hold
         self.eval_model = strategy.eval_model(wrapped)
-        self.model = torch.compile(wrapped) if params.train.compile else wrapped
+        # For a Module, torch.compile returns an OptimizedModule (a Module); torch annotates a callable.
+        self.model = cast(nn.Module, torch.compile(wrapped)) if params.train.compile else wrapped
         trainable = [p for p in self.bare.parameters() if p.requires_grad]
         # The fused kernel updates every tensor in one pass; on CPU the default is a for-loop.
         self.optimizer = torch.optim.AdamW(
@@ -270,9 +272,11 @@ def log_epoch(record: dict, params: Params) -> None:
     epoch = record["epoch"]
     mlflow.log_metrics({k: v for k, v in record.items() if k not in ("epoch", "images")}, step=epoch)
     print(
-        f"epoch {epoch + 1}/{params.train.epochs}: loss {record['train_loss']:.3f} acc {record['train_accuracy']:.3f} | "
-        f"val loss {record['val_loss']:.3f} acc {record['val_accuracy']:.3f} | {record['epoch_seconds']:.1f}s "
-        f"{record['images_per_second']:.0f} img/s, data wait {record['data_wait_fraction']:.1%}",
+        f"epoch {epoch + 1}/{params.train.epochs}: "
+        f"loss {record['train_loss']:.3f} acc {record['train_accuracy']:.3f} | "
+        f"val loss {record['val_loss']:.3f} acc {record['val_accuracy']:.3f} | "
+        f"{record['epoch_seconds']:.1f}s {record['images_per_second']:.0f} img/s, "
+        f"data wait {record['data_wait_fraction']:.1%}",
         flush=True,
     )
 
@@ -359,6 +363,7 @@ def finish(params: Params, paths: Paths, strategy: Strategy, state: TrainingStat
     mlflow.log_artifact(str(paths.train_curve(strategy.name)))
     info = log_pyfunc_model(model_dir, name="model")
     run = mlflow.active_run()
+    assert run is not None  # the training's run, opened by tracked_run
     atomic_write_json(
         model_dir / "run.json",
         {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "model_uri": info.model_uri},
@@ -366,6 +371,7 @@ def finish(params: Params, paths: Paths, strategy: Strategy, state: TrainingStat
     # Finished: nothing left to resume, and a later `train.resume: true` must not pick this up.
     checkpoint_path(paths.root, strategy.name).unlink(missing_ok=True)
     print(
-        f"train {strategy.name}: {figures['train_seconds']:.1f}s, {figures['images_per_second']:.0f} img/s, val accuracy {figures['val_accuracy']:.3f} (run {run.info.run_id})"
+        f"train {strategy.name}: {figures['train_seconds']:.1f}s, {figures['images_per_second']:.0f} img/s, "
+        f"val accuracy {figures['val_accuracy']:.3f} (run {run.info.run_id})"
     )
     return figures

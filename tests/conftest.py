@@ -60,8 +60,8 @@ def mlflow_store(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     yield uri
-    mlflow.set_tracking_uri(None)
-    mlflow.set_registry_uri(None)
+    mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None: back to the default
+    mlflow.set_registry_uri(None)  # type: ignore[arg-type]  # None: back to the default
 
 
 @pytest.fixture(scope="session")

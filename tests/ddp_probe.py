@@ -40,7 +40,7 @@ def main(out_dir: Path) -> None:
         settings = StepSettings(device=strategy.device, channels_last=False, bf16=False)
         seen = []
         for epoch in range(EPOCHS):
-            # The pipeline's own order and share: a shuffle buffer smaller than the split, over three "shards".
+            # The pipeline's own order and share: a shuffle buffer smaller than the split, three "shards".
             order = epoch_order([40, 40, 16], shuffle_buffer=24, seed=SEED, epoch=epoch).order
             mine = rank_batches(order, GLOBAL_BATCH, strategy.world_size, strategy.rank)
             seen.append(mine.ravel().tolist())

@@ -1,9 +1,9 @@
 """What the serving tests share (predict, web page, model server): a registered champion in seconds,
 and starting and stopping a real server process.
 
-The champion is a `small_cnn` trained for a few steps to tell red (A), green (B) and blue (C) apart: accurate on
-those colours, so a test can assert "the right class", and logged exactly as training logs a model
-(`log_pyfunc_model`), registered and given the alias `champion` in a private sqlite store.
+The champion is a `small_cnn` trained for a few steps to tell red (A), green (B) and blue (C) apart:
+accurate on those colours, so a test can assert "the right class", and logged exactly as training logs
+a model (`log_pyfunc_model`), registered and given the alias `champion` in a private sqlite store.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -115,6 +116,7 @@ def register_champion(model_dir: Path, name: str, artifacts: Path) -> int:
     )
     with mlflow.start_run(experiment_id=experiment.experiment_id):
         info = log_pyfunc_model(model_dir, registered_model_name=name)
+    assert info.registered_model_version is not None  # registered_model_name was given
     version = int(info.registered_model_version)
     MlflowClient().set_registered_model_alias(name, "champion", str(version))
     return version
@@ -137,8 +139,8 @@ def pinned_store(root: Path) -> Iterator[str]:
         try:
             yield uri
         finally:
-            mlflow.set_tracking_uri(None)
-            mlflow.set_registry_uri(None)
+            mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None: back to the default
+            mlflow.set_registry_uri(None)  # type: ignore[arg-type]  # None: back to the default
 
 
 @contextlib.contextmanager
@@ -196,7 +198,7 @@ def stop(process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def app_in_thread(app: object) -> Iterator[str]:
+def app_in_thread(app: Callable[..., Any]) -> Iterator[str]:
     """`app` served by a real uvicorn on a free loopback port, in a thread of this process (so that
     a test can look inside the app); yields the base URL."""
     import uvicorn

@@ -4,6 +4,7 @@ do not depend on which batch, rank or strategy an image lands in."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,7 +38,9 @@ def augmenter(seed: int = 0, **changes) -> BatchAugment:
 
 def augmented(augment: BatchAugment, epoch: int, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """`x` (images `index` of the split) as the loop's step 0 of `epoch` augments it."""
-    return augment.for_epoch(epoch, index.numpy()[None, :])(x, 0)
+    step = augment.for_epoch(epoch, index.numpy()[None, :])
+    assert step is not None, "augmentation is on"
+    return step(x, 0)
 
 
 def test_the_same_seed_and_epoch_give_the_same_images_and_others_do_not():
@@ -91,7 +94,7 @@ def test_no_flip_by_default_and_flips_when_asked():
     """Handedness carries meaning in ASL: the default never mirrors an image."""
     x = torch.zeros(IMAGES, 3, 32, 32)
     x[..., :16] = 2.0  # left half bright
-    plain = {
+    plain: dict[str, Any] = {
         "crop_scale": 1.0,
         "rotation_degrees": 0.0,
         "brightness": 0.0,

@@ -52,7 +52,7 @@ def _run_together(batcher: Batcher, images: list[np.ndarray]) -> list[np.ndarray
         for request in decoding:
             request.enter_context(batcher.coming())
         answers = []
-        for image, request in zip(images, decoding):
+        for image, request in zip(images, decoding, strict=True):
             answers.append(batcher.submit(image))
             request.close()  # this request's decode is over: it submitted
     return [answer.result(timeout=60) for answer in answers]

@@ -28,7 +28,8 @@ SRUN = """#!/bin/bash
 while [[ "$1" == --* ]]; do shift; done
 hosts=($FAKE_SLURM_HOSTS)
 for i in "${!hosts[@]}"; do
-    SLURM_NODEID=$i SLURM_PROCID=$i SLURM_LOCALID=0 SLURM_NNODES=${#hosts[@]} SLURMD_NODENAME=${hosts[$i]} "$@" || exit $?
+    SLURM_NODEID=$i SLURM_PROCID=$i SLURM_LOCALID=0 SLURM_NNODES=${#hosts[@]} \\
+        SLURMD_NODENAME=${hosts[$i]} "$@" || exit $?
 done
 """
 SCONTROL = """#!/bin/bash
@@ -56,8 +57,8 @@ def cluster_env(tmp_path) -> dict[str, str]:
         (stubs / name).write_text(script)
         (stubs / name).chmod(0o755)
     return {
-        **os.environ, "PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(REPO), "REAL_PYTHON": sys.executable,
-        "RECORD_DIR": str(records), "TMPDIR": str(tmp_path),
+        **os.environ, "PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(REPO),
+        "REAL_PYTHON": sys.executable, "RECORD_DIR": str(records), "TMPDIR": str(tmp_path),
     }  # fmt: skip
 
 

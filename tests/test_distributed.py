@@ -68,7 +68,9 @@ def test_ddp_matches_one_process_on_the_same_global_batch(probe_results):
 
 def test_ranks_see_disjoint_halves_of_each_epoch(probe_results):
     rank0, rank1, single = probe_results
-    for epoch, (mine, theirs, whole) in enumerate(zip(rank0["seen"], rank1["seen"], single["seen"])):
+    for epoch, (mine, theirs, whole) in enumerate(
+        zip(rank0["seen"], rank1["seen"], single["seen"], strict=True)
+    ):
         assert not set(mine) & set(theirs), f"epoch {epoch}: ranks overlap"
         assert len(mine) == len(theirs) == len(whole) // 2
         assert sorted(mine + theirs) == sorted(whole) == list(range(len(whole)))

@@ -88,7 +88,8 @@ def test_shipped_params_file_holds_every_declared_param():
 PLUMBING = {
     f"pipeline/{name}.py"
     for name in (
-        "__init__", "errors", "paths", "config", "tracking", "abandoned_runs", "cli", "fileio", "devices", "workers",
+        "__init__", "errors", "paths", "config", "tracking", "abandoned_runs", "cli", "fileio", "devices",
+        "workers",
     )
 }  # fmt: skip
 

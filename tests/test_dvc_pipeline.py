@@ -154,7 +154,7 @@ def _wait_for_queue(project: Path, names: list[str], timeout: float = 900) -> No
 @pytest.mark.parametrize("workers", [1, 2])
 def test_queued_experiments_land_in_the_real_store(project, workers):
     names = [f"q{workers}-gpus{g}" for g in (1, 2)]
-    for gpus, name in zip((1, 2), names):
+    for gpus, name in zip((1, 2), names, strict=True):
         # A learning rate of its own makes each experiment new to DVC, while fetch and preprocess
         # still come from the cache: only the training half of the pipeline runs again.
         sh(
@@ -173,7 +173,7 @@ def test_queued_experiments_land_in_the_real_store(project, workers):
     sh(project, "dvc", "queue", "start", "-j", str(workers))
     _wait_for_queue(project, names)
     sh(project, "dvc", "queue", "stop", "--kill")
-    for gpus, name in zip((1, 2), names):
+    for gpus, name in zip((1, 2), names, strict=True):
         runs = runs_of(project, f"tags.dvc_exp_name = '{name}' and tags.stage = 'train'")
         assert sorted(r.data.tags["strategy"] for r in runs) == ["ddp", "dp"], name
         assert {r.data.params["gpus"] for r in runs} == {str(gpus)}

@@ -122,7 +122,7 @@ def run_id(workspace: Path, strategy: str) -> str:
     return json.loads((workspace / "models" / strategy / "run.json").read_text())["run_id"]
 
 
-def registry_state(model: str) -> tuple[list[tuple[int, str]], dict[str, int]]:
+def registry_state(model: str) -> tuple[list[tuple[int, str | None]], dict[str, int]]:
     client = MlflowClient()
     versions = sorted((int(v.version), v.run_id) for v in client.search_model_versions(f"name='{model}'"))
     aliases = {alias: int(version) for alias, version in client.get_registered_model(model).aliases.items()}
@@ -252,6 +252,7 @@ def test_training_and_evaluation_record_their_data_as_mlflow_datasets(ws):
 
     manifest = read_manifest(ws / "data" / "shards")
     run = MlflowClient().get_run(run_id(ws, "dp"))
+    assert run.inputs is not None
     contexts = {}
     for given in run.inputs.dataset_inputs:
         tags = {t.key: t.value for t in given.tags}
@@ -317,7 +318,7 @@ def test_mlflow_validation_is_the_gate(candidate, min_improvement, passes):
     failure = validate(candidate, champion, "val_macro_f1", "external_macro_f1", min_improvement)
     assert (failure is None) == passes, failure
     if not passes:
-        assert "failed" in failure  # MLflow's own words for what failed
+        assert failure is not None and "failed" in failure  # MLflow's own words for what failed
 
 
 def test_first_model_becomes_champion_and_a_rerun_changes_nothing(ws):
@@ -443,7 +444,7 @@ def test_champion_alias_serves_the_evaluated_predictions_from_raw_pixels(ws):
     reference = class_probabilities(network, images, 64, torch.device("cpu"))
     np.testing.assert_allclose(np.stack(served["probabilities"].to_numpy()), reference, atol=2e-3)
     classes = config["classes"]
-    for row, (label, expected) in enumerate(zip(served["label"], evaluated)):
+    for row, (label, expected) in enumerate(zip(served["label"], evaluated, strict=True)):
         if label != expected:
             gap = reference[row, classes.index(expected)] - reference[row, classes.index(label)]
             assert abs(gap) < 2e-3, f"row {row}: served {label}, evaluated {expected} (gap {gap})"

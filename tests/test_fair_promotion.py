@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pandas as pd
@@ -37,7 +38,7 @@ from conftest import REPO, write_params
 
 pytestmark = pytest.mark.slow  # three trainings, and a race between two real processes
 
-WORKSPACES = {
+WORKSPACES: dict[str, dict[str, Any]] = {
     "honest": {},
     "leaky": {"data": {"split": "random"}},
     "resized": {"data": {"image_size": 40}},
@@ -78,8 +79,8 @@ def store(tmp_path_factory, tiny_data):
         patch.chdir(root)
         workspaces = {name: _prepare(root, tiny_data, name) for name in WORKSPACES}
         yield workspaces
-    mlflow.set_tracking_uri(None)
-    mlflow.set_registry_uri(None)
+    mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None: back to the default
+    mlflow.set_registry_uri(None)  # type: ignore[arg-type]  # None: back to the default
 
 
 def promote(workspace: Path, model: str, name: str, **overrides) -> dict:
@@ -109,6 +110,7 @@ def test_runs_record_the_data_they_saw_and_other_data_shows_as_other(store):
     for name, workspace in store.items():
         manifest = read_manifest(workspace / "data" / "shards")
         run = client.get_run(run_of(workspace))
+        assert run.inputs is not None, name
         inputs = {i.dataset.name.rsplit("-", 1)[1]: i for i in run.inputs.dataset_inputs}
         assert set(inputs) == {"train", "val", "test", "external"}, name
         for split, given in inputs.items():

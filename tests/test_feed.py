@@ -8,7 +8,9 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Generator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -74,7 +76,8 @@ def _data(shards: Path, strategy: Strategy | None = None, **train) -> TrainingDa
     )
 
 
-STREAM = {"memory_budget_gb": 0.0012}  # below the tiny splits' 2.1 MB, above what streaming them holds
+# Below the tiny splits' 2.1 MB, above what streaming them holds.
+STREAM: dict[str, Any] = {"memory_budget_gb": 0.0012}
 
 
 # --- memory-mapped shards, checked once ----------------------------------------------------------
@@ -110,9 +113,12 @@ def test_a_good_shard_is_hashed_once_and_a_corrupt_one_refused_every_time(
     _age(out)
     hashed: list[str] = []
     real_sha256 = shards_module.sha256_of
-    monkeypatch.setattr(
-        shards_module, "sha256_of", lambda path: hashed.append(Path(path).name) or real_sha256(path)
-    )
+
+    def counted_sha256(path):
+        hashed.append(Path(path).name)
+        return real_sha256(path)
+
+    monkeypatch.setattr(shards_module, "sha256_of", counted_sha256)
     manifest = read_manifest(out)
     train_files = [shard["file"] for shard in split_shards(manifest, "train")]
 
@@ -207,7 +213,7 @@ def test_a_stream_plan_holds_each_image_until_its_step_and_no_longer(world_size:
         read = 0
         for step, images in enumerate(batches):
             while read < len(plan.shard_order) and plan.load_step[read] <= step:
-                for image, slot in zip(plan.rows[read].tolist(), plan.row_slots[read].tolist()):
+                for image, slot in zip(plan.rows[read].tolist(), plan.row_slots[read].tolist(), strict=True):
                     assert slot not in held, "a slot is reused only once its image was trained on"
                     held[slot] = image
                 read += 1
@@ -246,11 +252,13 @@ def test_streamed_and_memory_mapped_training_see_the_same_batches_and_end_with_t
     assert (mapped.mode, streamed.mode) == ("mapped", "streamed")
     seen_mapped, weights_mapped, val_mapped = _train(mapped, _params())
     seen_streamed, weights_streamed, val_streamed = _train(streamed, _params(**STREAM))
-    for epoch, (a, b) in enumerate(zip(seen_mapped, seen_streamed)):
-        assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b)), (
+    for epoch, (a, b) in enumerate(zip(seen_mapped, seen_streamed, strict=True)):
+        assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), (
             f"epoch {epoch}: other batches"
         )
-    assert not all(torch.equal(x, y) for x, y in zip(seen_mapped[0], seen_mapped[1])), "each epoch reshuffles"
+    assert not all(torch.equal(x, y) for x, y in zip(seen_mapped[0], seen_mapped[1], strict=True)), (
+        "each epoch reshuffles"
+    )
     for name, tensor in weights_mapped.items():
         assert torch.equal(tensor, weights_streamed[name]), name
     assert val_mapped == val_streamed
@@ -328,6 +336,7 @@ def test_an_error_while_gathering_reaches_the_step_and_stops_the_thread() -> Non
 def test_leaving_a_streamed_epoch_early_ends_its_threads(shards: Path) -> None:
     data = _data(shards, **STREAM)
     iterator = iter(data.train_batches(0))
+    assert isinstance(iterator, Generator)  # so that it can be closed
     next(iterator)
     assert _threads() == {"batch-prefetch", "shard-reader"}
     iterator.close()

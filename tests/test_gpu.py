@@ -155,7 +155,8 @@ def test_dataparallel_threads_run_the_replica_in_bf16_even_on_one_gpu():
     devices = [index for index in range(gpus) for _ in range(2)]
     model = build_model("resnet18", 29).cuda().eval()
     seen: list[torch.dtype] = []
-    model.conv1.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    first_conv = model.get_submodule("conv1")
+    first_conv.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
     replica = AutocastForward(model, torch.device("cuda"), "bf16")
     inputs = [(torch.randn(4, 3, 64, 64, device="cuda"),) for _ in devices]
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -315,6 +316,7 @@ def test_augmentation_on_the_gpu_matches_the_cpu():
 
     steps = torch.randperm(64, generator=torch.Generator().manual_seed(1)).numpy().reshape(2, 32)
     augment = BatchAugment(AugmentConfig(), 0, 64, IMAGENET_MEAN, IMAGENET_STD).for_epoch(3, steps)
+    assert augment is not None  # augmentation is on by default
     images = torch.randn(32, 3, 64, 64, generator=torch.Generator().manual_seed(0)).contiguous(
         memory_format=torch.channels_last
     )

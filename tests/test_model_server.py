@@ -47,8 +47,8 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("model-server")
     with colour_champion(root) as champion:
         port, log = free_port(), root / "server.log"
-        command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", champion.uri, "--env-manager", "local",
-                   "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+        command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", champion.uri,
+                   "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
         env = {
             **os.environ,
             "MLFLOW_TRACKING_URI": champion.tracking_uri,

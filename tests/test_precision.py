@@ -55,8 +55,9 @@ def _conv_dtype_of_a_training_step(bf16_wanted: bool) -> torch.dtype:
     )
     strategy = make_strategy("dp", 1)
     state = TrainingState(params, strategy, 29, steps_per_epoch=2)
-    seen = []
-    state.bare.features[0].register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    seen: list[torch.dtype] = []
+    first_conv = state.bare.get_submodule("features.0")
+    first_conv.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
     images, labels = torch.randn(16, 3, 32, 32).half(), torch.randint(0, 29, (16,))
     settings = step_settings(params, strategy)
     batches = tensor_batches(images, labels, [np.arange(0, 8), np.arange(8, 16)], settings)

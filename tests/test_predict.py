@@ -76,7 +76,7 @@ def test_json_is_the_models_answer(params: Path, images: Path, champion) -> None
     assert [r["file"] for r in results] == [str(path) for path in files]
     assert [r["label"] for r in results] == expected["label"].tolist() == ["A", "C"]
     classes = model.metadata.metadata["classes"]
-    for result, row in zip(results, expected["probabilities"]):
+    for result, row in zip(results, expected["probabilities"], strict=True):
         order = np.argsort(-np.asarray(row), kind="stable")[:4]
         assert [item["label"] for item in result["top_k"]] == [classes[i] for i in order]
         np.testing.assert_allclose([item["probability"] for item in result["top_k"]], np.asarray(row)[order])
@@ -140,8 +140,10 @@ def test_no_champion_by_default_is_one_line(champion, images: Path, tmp_path: Pa
     result = _run(str(images / "red.jpg"), "--params", str(params))
     assert result.exit_code == 2
     expected = (
-        f"error: no version of the registered model 'nothing-promoted-yet' has the alias 'champion' in {champion.tracking_uri}: "
-        "run `dvc repro` (its promote stage registers the model and sets `champion`) or `python -m pipeline promote`, or pass --model"
+        "error: no version of the registered model 'nothing-promoted-yet' has the alias 'champion' "
+        f"in {champion.tracking_uri}: "
+        "run `dvc repro` (its promote stage registers the model and sets `champion`) "
+        "or `python -m pipeline promote`, or pass --model"
     )
     assert result.stderr.strip().splitlines() == [expected]
 

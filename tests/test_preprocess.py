@@ -71,6 +71,13 @@ def _class_and_frame(name: str) -> tuple[str, int | None]:
     return path.parent.name, frame_number(path.stem)
 
 
+def _class_and_numbered_frame(name: str) -> tuple[str, int]:
+    """Of a training image: every one has a frame number."""
+    folder, frame = _class_and_frame(name)
+    assert frame is not None, name
+    return folder, frame
+
+
 def _denormalize(chw: torch.Tensor) -> np.ndarray:
     """float16 3xSxS (normalized) -> float HxWx3 in 0..255."""
     pixels = chw.float().numpy().transpose(1, 2, 0) * np.asarray(IMAGENET_STD) + np.asarray(IMAGENET_MEAN)
@@ -134,7 +141,7 @@ def test_manifest_adds_up_and_matches_the_shards(built: tuple[Path, dict]) -> No
             32,
         )
         assert tensors["labels"].dtype == np.int64 and tensors["labels"].shape == (shard["count"],)
-        for name, label in zip(shard["files"], tensors["labels"].tolist()):
+        for name, label in zip(shard["files"], tensors["labels"].tolist(), strict=True):
             folder_class = (
                 _class_and_frame(name)[0]
                 if shard["split"] != "test"
@@ -297,7 +304,8 @@ def test_load_split_without_shards_says_to_preprocess(built: tuple[Path, dict], 
 
 def _membership(manifest: dict) -> dict[str, set[tuple[str, int]]]:
     return {
-        split: {_class_and_frame(name) for name in split_files(manifest, split)} for split in ("train", "val")
+        split: {_class_and_numbered_frame(name) for name in split_files(manifest, split)}
+        for split in ("train", "val")
     }
 
 
@@ -386,7 +394,9 @@ def test_max_images_is_a_stratified_cap(raw: Path, tmp_path: Path) -> None:
             manifest["splits"]["train"]["per_class"][name] > 0
             and manifest["splits"]["val"]["per_class"][name] > 0
         ), name
-    frames = [_class_and_frame(f)[1] for split in ("train", "val") for f in split_files(manifest, split)]
+    frames = [
+        _class_and_numbered_frame(f)[1] for split in ("train", "val") for f in split_files(manifest, split)
+    ]
     assert max(frames) > 15, "a sample across the frames, not the first ones"
     assert manifest["splits"]["test"]["count"] == 28, "the cap applies to the training folder only"
 
@@ -637,6 +647,7 @@ def test_run_preprocess_logs_an_mlflow_run(
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("preprocess-test")
+    assert experiment is not None
     (run,) = client.search_runs([experiment.experiment_id])
 
     assert run.info.status == "FINISHED"
@@ -672,7 +683,9 @@ def test_run_preprocess_failure_marks_the_run_failed(
     with pytest.raises(UserError, match="fetch"):
         run_preprocess(params, Paths(tmp_path / "ws"))  # no data/raw at all
     client = MlflowClient(uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("preprocess-fail").experiment_id])
+    experiment = client.get_experiment_by_name("preprocess-fail")
+    assert experiment is not None
+    (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FAILED" and run.data.tags["stage"] == "preprocess"
 
 
@@ -702,6 +715,7 @@ def test_workers_end_when_the_stage_is_killed(tmp_path: Path) -> None:
         text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
+    assert stage.stdout is not None
     try:
         assert stage.stdout.readline().strip() == "ready"
         descendants = psutil.Process(stage.pid).children(recursive=True)

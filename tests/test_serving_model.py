@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 import torch
 from mlflow.exceptions import MlflowException
-from mlflow.pyfunc import PythonModelContext
+from mlflow.pyfunc import PyFuncModel, PythonModelContext
 from mlflow.pyfunc.scoring_server import invocations
 from PIL import Image
 from safetensors.torch import load_file
@@ -105,7 +105,7 @@ def logged(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
-def served(logged) -> mlflow.pyfunc.PyFuncModel:
+def served(logged) -> PyFuncModel:
     info, _ = logged
     return mlflow.pyfunc.load_model(info.model_uri)
 
@@ -178,8 +178,9 @@ def _direct_forward(model_dir: Path, images: list[bytes]) -> np.ndarray:
 
 
 @pytest.mark.parametrize("count", [1, 3, 5])
-def test_batches_of_any_size_and_mode(served: mlflow.pyfunc.PyFuncModel, count: int) -> None:
+def test_batches_of_any_size_and_mode(served: PyFuncModel, count: int) -> None:
     result = served.predict(pd.DataFrame({"image": _mixed_images()[:count]}))
+    assert isinstance(result, pd.DataFrame)
     assert list(result.columns) == ["label", "probability", "probabilities"]
     assert len(result) == count
     probabilities = _probabilities(result)
@@ -189,15 +190,17 @@ def test_batches_of_any_size_and_mode(served: mlflow.pyfunc.PyFuncModel, count: 
     np.testing.assert_allclose(result["probability"], probabilities.max(axis=1))
 
 
-def test_labels_follow_the_class_order(served: mlflow.pyfunc.PyFuncModel) -> None:
+def test_labels_follow_the_class_order(served: PyFuncModel) -> None:
     images = [
         _solid(COLOURS[name], height, width)
-        for name, (height, width) in zip("CAB", [(120, 80), (30, 30), (64, 200)])
+        for name, (height, width) in zip("CAB", [(120, 80), (30, 30), (64, 200)], strict=True)
     ]
-    assert served.predict(pd.DataFrame({"image": images}))["label"].tolist() == ["C", "A", "B"]
+    result = served.predict(pd.DataFrame({"image": images}))
+    assert isinstance(result, pd.DataFrame) and result["label"].tolist() == ["C", "A", "B"]
 
 
-def test_classes_travel_with_the_model(served: mlflow.pyfunc.PyFuncModel, model_files: Path) -> None:
+def test_classes_travel_with_the_model(served: PyFuncModel, model_files: Path) -> None:
+    assert served.metadata.metadata is not None
     assert served.metadata.metadata["classes"] == list(CLASSES)
     config = json.loads((model_files / "artifacts" / CONFIG_FILE).read_text())
     assert config["classes"] == list(CLASSES)
@@ -210,9 +213,7 @@ def test_classes_travel_with_the_model(served: mlflow.pyfunc.PyFuncModel, model_
 # --- (ii) the preprocessing is the training one -------------------------------------------------
 
 
-def test_matches_a_direct_forward_pass(
-    served: mlflow.pyfunc.PyFuncModel, model_dir: Path, monkeypatch
-) -> None:
+def test_matches_a_direct_forward_pass(served: PyFuncModel, model_dir: Path, monkeypatch) -> None:
     """In fp32 to float rounding; in bf16 (the default where the CPU computes it natively) to bf16's."""
     images = _mixed_images()
     expected = _direct_forward(model_dir, images)
@@ -252,7 +253,7 @@ def test_precision_follows_the_environment(model_dir: Path, monkeypatch) -> None
 # --- (iii) raw pixels --------------------------------------------------------------------------
 
 
-def test_raw_pixels_match_encoded_png(served: mlflow.pyfunc.PyFuncModel) -> None:
+def test_raw_pixels_match_encoded_png(served: PyFuncModel) -> None:
     arrays = [_random_pixels(200, 200, 11), _random_pixels(64, 48, 12), _random_pixels(31, 90, 13)]
     pngs = [_encode(Image.fromarray(array), "PNG") for array in arrays]
     from_png = _probabilities(served.predict(pd.DataFrame({"image": pngs})))
@@ -264,7 +265,7 @@ def test_raw_pixels_match_encoded_png(served: mlflow.pyfunc.PyFuncModel) -> None
     np.testing.assert_allclose(from_lists, from_png, atol=1e-6)
 
 
-def test_a_batch_may_mix_bytes_and_pixels(served: mlflow.pyfunc.PyFuncModel) -> None:
+def test_a_batch_may_mix_bytes_and_pixels(served: PyFuncModel) -> None:
     array = _random_pixels(40, 70, 21)
     png = _encode(Image.fromarray(array), "PNG")
     mixed = pd.DataFrame({"image": [png, None], "pixels": [None, array]})
@@ -275,14 +276,14 @@ def test_a_batch_may_mix_bytes_and_pixels(served: mlflow.pyfunc.PyFuncModel) -> 
 # --- (iv) errors name the row ------------------------------------------------------------------
 
 
-def test_non_image_bytes_name_the_row(served: mlflow.pyfunc.PyFuncModel) -> None:
+def test_non_image_bytes_name_the_row(served: PyFuncModel) -> None:
     images = [_solid((1, 2, 3), 20, 20), b"this is not an image, just some text"]
     with pytest.raises(ValueError, match=r"image at row 1: not an image format") as caught:
         served.predict(pd.DataFrame({"image": images}))
     assert isinstance(caught.value, MlflowException) and caught.value.get_http_status_code() == 400
 
 
-def test_truncated_image_names_the_row(served: mlflow.pyfunc.PyFuncModel) -> None:
+def test_truncated_image_names_the_row(served: PyFuncModel) -> None:
     good = _encode(Image.fromarray(_random_pixels(60, 60, 31)), "PNG")
     with pytest.raises(ValueError, match=r"image at row 2: unreadable or truncated"):
         served.predict(pd.DataFrame({"image": [good, good, good[: len(good) // 2]]}))
@@ -297,12 +298,12 @@ def test_truncated_image_names_the_row(served: mlflow.pyfunc.PyFuncModel) -> Non
         ([[1, 2, 3], [4, 5]], "not a rectangular array"),
     ],
 )
-def test_bad_pixels_name_the_row(served: mlflow.pyfunc.PyFuncModel, cell: object, message: str) -> None:
+def test_bad_pixels_name_the_row(served: PyFuncModel, cell: object, message: str) -> None:
     with pytest.raises(ValueError, match=rf"image at row 1: .*{message}"):
         served.predict(pd.DataFrame({"pixels": [np.zeros((8, 8, 3), np.uint8), cell]}))
 
 
-def test_a_row_needs_exactly_one_source(served: mlflow.pyfunc.PyFuncModel) -> None:
+def test_a_row_needs_exactly_one_source(served: PyFuncModel) -> None:
     with pytest.raises(ValueError, match=r"image at row 0: fill exactly one"):
         served.predict(pd.DataFrame({"image": [None], "pixels": [None]}))
     with pytest.raises(ValueError, match=r"image at row 1: 'image' is empty"):
@@ -326,7 +327,7 @@ def test_over_limit_pixels_are_refused(model_dir: Path, tmp_path: Path) -> None:
         classifier.predict(None, pd.DataFrame({"pixels": [np.zeros((40, 40, 3), np.uint8)]}))
 
 
-def test_a_decompression_bomb_names_the_models_limit(served: mlflow.pyfunc.PyFuncModel) -> None:
+def test_a_decompression_bomb_names_the_models_limit(served: PyFuncModel) -> None:
     """PIL refuses 20000x20000 itself (over twice its own limit); the message names the model's limit."""
     bomb = _encode(Image.new("1", (20000, 20000)), "PNG")
     limit = served.unwrap_python_model().max_pixels
@@ -356,7 +357,7 @@ def test_the_decode_budget_is_the_processs_sized_from_the_environment(model_dir:
 # --- (v) the scoring server's JSON -------------------------------------------------------------
 
 
-def _invoke(model: mlflow.pyfunc.PyFuncModel, body: dict) -> list[dict]:
+def _invoke(model: PyFuncModel, body: dict) -> list[dict]:
     """What `mlflow models serve` does with a POST to /invocations, minus the HTTP."""
     response = invocations(json.dumps(body), "application/json", model, model.metadata.get_input_schema())
     assert response.status == 200, response.response
@@ -367,11 +368,12 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def test_json_dataframe_split_with_base64(served: mlflow.pyfunc.PyFuncModel) -> None:
+def test_json_dataframe_split_with_base64(served: PyFuncModel) -> None:
     images = _mixed_images()
     body = {"dataframe_split": {"columns": ["image"], "data": [[_b64(image)] for image in images]}}
     predictions = _invoke(served, body)
     expected = served.predict(pd.DataFrame({"image": images}))
+    assert isinstance(expected, pd.DataFrame)
     assert [p["label"] for p in predictions] == expected["label"].tolist()
     np.testing.assert_allclose([p["probabilities"] for p in predictions], _probabilities(expected), atol=1e-7)
     assert set(predictions[0]) == {"label", "probability", "probabilities"}
@@ -397,7 +399,7 @@ def test_json_dataframe_split_with_base64(served: mlflow.pyfunc.PyFuncModel) -> 
         "inputs-pixels",
     ],
 )
-def test_every_json_format_gives_the_same_answer(served: mlflow.pyfunc.PyFuncModel, body: dict) -> None:
+def test_every_json_format_gives_the_same_answer(served: PyFuncModel, body: dict) -> None:
     array = _random_pixels(30, 50, 41)
     png = _encode(Image.fromarray(array), "PNG")
     filled = json.loads(
@@ -412,13 +414,14 @@ def test_every_json_format_gives_the_same_answer(served: mlflow.pyfunc.PyFuncMod
         np.testing.assert_allclose(prediction["probabilities"], expected, atol=1e-6)
 
 
-def test_base64_text_works_in_process_too(served: mlflow.pyfunc.PyFuncModel) -> None:
+def test_base64_text_works_in_process_too(served: PyFuncModel) -> None:
     png = _solid(COLOURS["B"], 30, 60)
     result = served.predict(pd.DataFrame({"image": [_b64(png), base64.encodebytes(png)]}))
+    assert isinstance(result, pd.DataFrame)
     assert result["label"].tolist() == ["B", "B"]
 
 
-def test_json_errors_are_400_and_name_the_row(served: mlflow.pyfunc.PyFuncModel) -> None:
+def test_json_errors_are_400_and_name_the_row(served: PyFuncModel) -> None:
     body = {
         "dataframe_split": {
             "columns": ["image"],
@@ -431,9 +434,7 @@ def test_json_errors_are_400_and_name_the_row(served: mlflow.pyfunc.PyFuncModel)
     assert "image at row 1: not an image format" in caught.value.message
 
 
-def test_no_room_to_decode_is_503_from_the_scoring_server(
-    served: mlflow.pyfunc.PyFuncModel, monkeypatch
-) -> None:
+def test_no_room_to_decode_is_503_from_the_scoring_server(served: PyFuncModel, monkeypatch) -> None:
     """`mlflow models serve`'s own app: with the decode budget taken and no room to wait, 503."""
     from fastapi.testclient import TestClient
     from mlflow.pyfunc import scoring_server
@@ -450,9 +451,7 @@ def test_no_room_to_decode_is_503_from_the_scoring_server(
         assert client.post("/invocations", json=body).status_code == 200
 
 
-def test_logged_serving_example_is_a_batch_that_serves(
-    served: mlflow.pyfunc.PyFuncModel, model_files: Path
-) -> None:
+def test_logged_serving_example_is_a_batch_that_serves(served: PyFuncModel, model_files: Path) -> None:
     example = json.loads((model_files / "serving_input_example.json").read_text())
     assert len(example["dataframe_split"]["data"]) == 2
     assert len(_invoke(served, example)) == 2
@@ -472,7 +471,9 @@ def test_logging_needs_an_active_run(model_dir: Path, tmp_path: Path) -> None:
 def test_a_folder_that_cannot_serve_is_not_logged(logged, model_dir: Path, tmp_path: Path) -> None:
     """MLflow only warns when the input example fails; log_pyfunc_model must refuse outright."""
     broken = write_model_dir(tmp_path / "broken", build_model("small_cnn", 3))  # 3-class head, 29 classes
-    experiment = mlflow.get_experiment_by_name("serving-test").experiment_id
+    found = mlflow.get_experiment_by_name("serving-test")
+    assert found is not None
+    experiment = found.experiment_id
     with mlflow.start_run(experiment_id=experiment):
         with pytest.raises(RuntimeError, match="size mismatch"):
             log_pyfunc_model(broken)

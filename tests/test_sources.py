@@ -10,6 +10,7 @@ import struct
 import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -494,7 +495,7 @@ def test_folder_file_growing_after_the_scan_is_stopped(
     grows = tmp_path / "src" / TRAIN / "A" / "A1.jpg"
     checked = sources._check_sizes
 
-    def check_then_grow(*args: object) -> None:  # something still writing to the source folder
+    def check_then_grow(*args: Any) -> None:  # something still writing to the source folder
         checked(*args)
         with grows.open("ab") as out:
             out.write(b"x" * 100)

@@ -53,7 +53,7 @@ def _conv_dtype_in_thread(module: nn.Module, probe: nn.Module, thread_autocast) 
 )
 def test_a_dataparallel_replica_runs_the_run_precision_in_its_own_thread(thread_autocast):
     model = build_model("small_cnn", 29)
-    conv = model.features[0]
+    conv = model.get_submodule("features.0")
     assert _conv_dtype_in_thread(model, conv, thread_autocast) != torch.bfloat16, (
         "the hazard: the thread's own autocast wins"
     )

@@ -35,7 +35,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _frame(root: Path, name: str, number: int, size: int | None = None) -> np.ndarray:
-    image = Image.open(root / TRAIN_DIR / name / f"{name}{number}.jpg")
+    image: Image.Image = Image.open(root / TRAIN_DIR / name / f"{name}{number}.jpg")
     if size is not None:
         image = image.resize((size, size), Image.Resampling.BOX)
     return np.asarray(image, dtype=np.float32)

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -37,7 +38,9 @@ QUEUED = ("team-a", "team-b")
 def _skip_without_postgres() -> None:
     if postgres_bin() is None:
         pytest.skip(
-            "PostgreSQL is not installed (no initdb/pg_ctl in /usr/lib/postgresql/*/bin, $PG_BIN or on PATH): apt-get install postgresql (.ci/run does)"
+            "PostgreSQL is not installed "
+            "(no initdb/pg_ctl in /usr/lib/postgresql/*/bin, $PG_BIN or on PATH): "
+            "apt-get install postgresql (.ci/run does)"
         )
     if importlib.util.find_spec("psycopg") is None:
         pytest.skip("MLflow's PostgreSQL driver psycopg is not installed: pip install -e '.[test]'")
@@ -84,6 +87,7 @@ def client(server) -> MlflowClient:
 
 def runs(server, filter_string: str = "") -> list:
     experiment = client(server).get_experiment_by_name(EXPERIMENT)
+    assert experiment is not None
     return client(server).search_runs(
         [experiment.experiment_id], filter_string=filter_string, max_results=1000
     )
@@ -95,7 +99,7 @@ def project(server, tmp_path_factory) -> Path:
     project = make_project_copy(tmp_path_factory.mktemp("team-project"), DVC_TINY)
     env = team_env(server)
     sh(project, env, "dvc", "repro")
-    for name, override in zip(QUEUED, ("train.lr=0.002", "gpus=1")):
+    for name, override in zip(QUEUED, ("train.lr=0.002", "gpus=1"), strict=True):
         sh(project, env, "dvc", "exp", "run", "--queue", "-S", override, "-n", name)
     sh(project, env, "dvc", "queue", "start", "-j", "2")
     try:
@@ -164,7 +168,7 @@ def test_repro_puts_every_run_metric_artifact_and_alias_on_the_server(server, pr
 
 def test_two_queued_experiments_ran_at_once_against_the_server(server, project):
     store = client(server)
-    for name, gpus in zip(QUEUED, ("2", "1")):
+    for name, gpus in zip(QUEUED, ("2", "1"), strict=True):
         trained = runs(server, f"tags.dvc_exp_name = '{name}' and tags.stage = 'train'")
         assert sorted(r.info.run_name for r in trained) == [
             f"train-ddp-{gpus}gpu-{name}",
@@ -211,13 +215,14 @@ def test_predict_serve_ui_and_mlflow_models_serve_load_the_champion_from_the_ser
         stop(ui)
 
     port = free_port()
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL}@champion", "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL}@champion",
+               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     served = start_server(command, tmp_path / "serve.log", cwd=tmp_path, env=env)
     try:
         wait_until_up(served, f"http://127.0.0.1:{port}/ping", tmp_path / "serve.log")
         import base64
 
-        body = {
+        body: dict[str, Any] = {
             "dataframe_split": {
                 "columns": ["image"],
                 "data": [[base64.b64encode(image.read_bytes()).decode()]],
@@ -245,7 +250,10 @@ def test_the_server_stopping_mid_training_ends_the_stage_in_one_line_and_the_run
     env = team_env(server, MLFLOW_HTTP_REQUEST_MAX_RETRIES="2", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
     log = tmp_path / "train.log"
     with log.open("w") as out:
-        training = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "dp", "--params", str(tmp_path / "long.yaml")], cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        training = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "train", "dp", "--params", str(tmp_path / "long.yaml")],
+            cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     try:
         deadline = time.monotonic() + 120
         while not (
@@ -272,7 +280,9 @@ def test_the_server_stopping_mid_training_ends_the_stage_in_one_line_and_the_run
     store = client(server)
     assert store.get_run(left_open.info.run_id).info.status == "RUNNING"
     # A run whose process lives (as a queued experiment's would) must survive the clean-up.
-    experiment_id = store.get_experiment_by_name(EXPERIMENT).experiment_id
+    experiment = store.get_experiment_by_name(EXPERIMENT)
+    assert experiment is not None
+    experiment_id = experiment.experiment_id
     from pipeline.abandoned_runs import owner_tags
 
     alive = store.create_run(experiment_id, tags={"stage": "train", **owner_tags("FAILED")}).info.run_id

@@ -120,8 +120,10 @@ def test_a_stage_reopening_a_finished_run_would_leave_it_finished(mlflow_store):
 
 def test_a_lost_server_inside_a_stage_is_one_line_naming_the_run(mlflow_store):
     lost = mlflow.exceptions.MlflowException(
-        "API request to http://127.0.0.1:1/api/2.0/mlflow/runs/log-batch failed with exception HTTPConnectionPool(host='127.0.0.1', port=1): "
-        "Max retries exceeded with url: /api/2.0/mlflow/runs/log-batch (Caused by NewConnectionError('Failed to establish a new connection: "
+        "API request to http://127.0.0.1:1/api/2.0/mlflow/runs/log-batch failed with exception "
+        "HTTPConnectionPool(host='127.0.0.1', port=1): "
+        "Max retries exceeded with url: /api/2.0/mlflow/runs/log-batch "
+        "(Caused by NewConnectionError('Failed to establish a new connection: "
         "[Errno 111] Connection refused'))"
     )
     assert unreachable(lost) and not unreachable(

@@ -13,6 +13,7 @@ import tempfile
 import threading
 import time
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import pytest
 import requests
 import torch
 import yaml
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
@@ -52,7 +54,7 @@ def loaded(champion) -> LoadedModel:
 
 
 @pytest.fixture(scope="module")
-def client(loaded) -> TestClient:
+def client(loaded) -> Iterator[TestClient]:
     with TestClient(create_app(loaded, SERVE)) as test_client:
         yield test_client
 
@@ -143,6 +145,7 @@ def test_raw_body_works_too(client: TestClient) -> None:
 
 
 def test_the_models_decode_limit_follows_the_serve_limit(client: TestClient) -> None:
+    assert isinstance(client.app, FastAPI)  # TestClient types it as any ASGI app
     assert client.app.state.classifier.max_pixels == MAX_PIXELS
 
 
@@ -338,6 +341,7 @@ def test_a_full_server_answers_503_with_retry_after(loaded: LoadedModel) -> None
 def test_no_room_to_decode_is_503_with_retry_after(loaded: LoadedModel) -> None:
     """The decode budget is taken (here: held by the test) and nobody may wait for it."""
     with TestClient(create_app(loaded, ServeConfig())) as app:
+        assert isinstance(app.app, FastAPI)
         budget = app.app.state.classifier.budget = MemoryBudget(64 * MIB, max_waiting=0)
         with budget.reserve(60 * MIB):
             response = _upload(app, solid(COLOURS["A"]))

@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -46,8 +47,8 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 pytestmark = pytest.mark.slow
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
     # a generated test pattern as the webcam, and no permission prompt for it
     "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
 ]  # fmt: skip
@@ -68,12 +69,13 @@ def _ensure_chromium() -> None:
         )
     if not CHROMIUM.exists():
         pytest.skip(
-            f"{CHROMIUM} is missing and `apt-get install chromium` could not install it (needs root, apt and the Debian archive)"
+            f"{CHROMIUM} is missing and `apt-get install chromium` could not install it "
+            "(needs root, apt and the Debian archive)"
         )
 
 
 @pytest.fixture(scope="module")
-def browser() -> Browser:
+def browser() -> Iterator[Browser]:
     _ensure_chromium()
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(
@@ -133,8 +135,8 @@ def pipeline_champion(tmp_path_factory, tiny_data):
             validation = plan_splits(scan_train(paths.raw_train), params.data, params.seed)[0]["val"]
             yield workspace, tracking_uri, validation[len(validation) // 2][0]
         finally:
-            mlflow.set_tracking_uri(None)
-            mlflow.set_registry_uri(None)
+            mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None: back to the default
+            mlflow.set_registry_uri(None)  # type: ignore[arg-type]  # None: back to the default
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +181,7 @@ def test_the_page_shows_what_the_champion_predicts(
             pd.DataFrame({"image": [image.read_bytes()]})
         )
     finally:
-        mlflow.set_tracking_uri(None)
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None: back to the default
     page = _open(browser, pipeline_server)
     expect(page.locator("#model-version")).to_have_text("model: asl-classifier v1")
     _upload(page, image)
@@ -256,7 +258,9 @@ def test_drag_and_drop(browser: Browser, colour_server) -> None:
             const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
             const transfer = new DataTransfer();
             transfer.items.add(new File([bytes], "dropped.jpg", { type: "image/jpeg" }));
-            document.getElementById("drop-zone").dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true }));
+            document.getElementById("drop-zone").dispatchEvent(
+                new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true })
+            );
         }""",
         data,
     )

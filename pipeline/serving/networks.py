@@ -40,16 +40,20 @@ def _torchvision_model(name: str, pretrained: bool) -> nn.Module:
         return torchvision.models.get_model(name, weights=weights)
     except (OSError, RuntimeError) as err:  # URLError is an OSError; a partial download raises RuntimeError
         raise UserError(
-            f"could not load the pretrained {name} weights ({type(err).__name__}: {err}): connect to the internet once "
-            f"so torchvision can cache them under $TORCH_HOME, or set model.pretrained: false"
+            f"could not load the pretrained {name} weights ({type(err).__name__}: {err}): "
+            "connect to the internet once so torchvision can cache them under $TORCH_HOME, "
+            "or set model.pretrained: false"
         ) from None
 
 
 def _replace_head(model: nn.Module, num_classes: int) -> nn.Module:
-    if isinstance(getattr(model, "fc", None), nn.Linear):  # resnets
-        model.fc = nn.Linear(model.fc.in_features, num_classes)
-        return model.fc
+    fc = getattr(model, "fc", None)
+    if isinstance(fc, nn.Linear):  # resnets
+        head = nn.Linear(fc.in_features, num_classes)
+        model.fc = head
+        return head
     classifier = model.classifier  # mobilenet_v3: the last Linear of the classifier Sequential
+    assert isinstance(classifier, nn.Sequential) and isinstance(classifier[-1], nn.Linear)
     classifier[-1] = nn.Linear(classifier[-1].in_features, num_classes)
     return classifier
 
@@ -65,8 +69,9 @@ def build_model(
             raise UserError(
                 "model.pretrained: true needs a torchvision model: small_cnn has no pretrained weights"
             )
-        model: nn.Module = SmallCNN(num_classes)
-        head: nn.Module = model.fc
+        small = SmallCNN(num_classes)
+        model: nn.Module = small
+        head: nn.Module = small.fc
     else:
         model = _torchvision_model(name, pretrained)
         head = _replace_head(model, num_classes)

@@ -32,6 +32,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
+from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Schema
 from PIL import Image
 from safetensors.torch import load_file
@@ -241,14 +242,14 @@ def inference_network(network: nn.Module, precision_: str) -> nn.Module:
 # --- the pyfunc --------------------------------------------------------------------------------
 
 
-class AslClassifier(mlflow.pyfunc.PythonModel):
+class AslClassifier(PythonModel):
     """Raw images in, class probabilities out; see the module docstring for the formats.
 
     The web page calls `prepare_image` and `probabilities` directly, from its own threads: both are
     safe to call concurrently. `max_pixels`, `budget` and `precision` may be changed after loading.
     """
 
-    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+    def load_context(self, context: PythonModelContext) -> None:
         config = read_model_config(Path(context.artifacts["config"]))
         self.classes: list[str] = list(config["classes"])
         self.image_size = int(config["image_size"])
@@ -303,7 +304,8 @@ class AslClassifier(mlflow.pyfunc.PythonModel):
     def _prepare_batch(self, frame: pd.DataFrame) -> np.ndarray:
         if not isinstance(frame, pd.DataFrame):
             raise MlflowException.invalid_parameter_value(
-                f"expected a DataFrame with a column '{IMAGE_COLUMN}' or '{PIXELS_COLUMN}', got {type(frame).__name__}"
+                f"expected a DataFrame with a column '{IMAGE_COLUMN}' or '{PIXELS_COLUMN}', "
+                f"got {type(frame).__name__}"
             )
         if IMAGE_COLUMN not in frame and PIXELS_COLUMN not in frame:
             raise MlflowException.invalid_parameter_value(
@@ -312,7 +314,7 @@ class AslClassifier(mlflow.pyfunc.PythonModel):
             )
         images = frame[IMAGE_COLUMN] if IMAGE_COLUMN in frame else pd.Series([None] * len(frame))
         arrays = frame[PIXELS_COLUMN] if PIXELS_COLUMN in frame else pd.Series([None] * len(frame))
-        rows = zip(frame.index, images.tolist(), arrays.tolist())
+        rows = zip(frame.index, images.tolist(), arrays.tolist(), strict=True)
         try:
             prepared = [
                 self._prepare_row(position, label, image, array)
@@ -403,7 +405,7 @@ def log_pyfunc_model(
         raise MlflowException("log_pyfunc_model logs into the active MLflow run, and none is active")
     example = _example_frame(input_example_images)
     classifier = AslClassifier()
-    classifier.load_context(mlflow.pyfunc.PythonModelContext(artifacts, None))
+    classifier.load_context(PythonModelContext(artifacts, None))
     classifier.predict(None, example)
     with tempfile.TemporaryDirectory(prefix="asl-model-code-") as tmp:
         return mlflow.pyfunc.log_model(
