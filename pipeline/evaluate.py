@@ -135,7 +135,10 @@ def confusion_png(y_true, y_pred, classes: list[str], title: str) -> bytes:
     import matplotlib.pyplot as plt
     from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 
-    matrix = confusion_matrix(y_true, y_pred, labels=list(range(len(classes))))
+    if len(y_true):
+        matrix = confusion_matrix(y_true, y_pred, labels=list(range(len(classes))))
+    else:  # no images (no external test set): an empty plot, which scikit-learn refuses to count
+        matrix = np.zeros((len(classes), len(classes)), dtype=np.int64)
     side = max(6.0, 0.42 * len(classes) + 2.5)
     figure, axes = plt.subplots(figsize=(side + 1.5, side), dpi=110)
     try:

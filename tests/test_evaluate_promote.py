@@ -284,6 +284,22 @@ def test_missing_run_json_is_one_line(tiny_workspace):
     assert result.exit_code == 2 and "evaluate@dp" in result.stderr and result.stderr.strip().count("\n") == 0
 
 
+def test_without_an_external_test_set_evaluate_still_writes_every_declared_output(tiny_workspace):
+    """data.external_test: null: no external figures to report, yet DVC's declared plots exist."""
+    from pipeline.preprocess import build_shards
+    from pipeline.train import run_train
+
+    params = load_params(write_params(tiny_workspace, {"data": {"external_test": None}}))
+    paths = workspace_paths()
+    shutil.rmtree(paths.shards)
+    build_shards(params.data, params.seed, paths.raw, paths.raw_train, paths.raw_test, paths.shards)
+    assert run_train(params, paths, "dp", Path("params.yaml")) == 0
+    figures = run_evaluate(params, paths, "dp")
+    assert figures["external_images"] == 0 and figures["val_images"] > 0
+    assert paths.external_confusion_png("dp").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert paths.external_predictions("dp").read_text() == "actual,predicted\n"
+
+
 # --- promote ---------------------------------------------------------------------------------------
 
 

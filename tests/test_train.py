@@ -385,8 +385,9 @@ def test_224_px_images_preprocess_train_evaluate_and_serve(tiny_workspace):
     )
     paths = Paths(tiny_workspace)
     manifest = build_shards(
-        params.data, params.seed, paths.raw, paths.raw_train, paths.raw_test, paths.shards
-    )
+        params.data, params.seed, paths.raw, paths.raw_train, paths.raw_test, paths.shards,
+        external_dir=paths.raw_external,
+    )  # fmt: skip
     assert manifest["image_size"] == 224
     train_shards = [shard for shard in manifest["shards"] if shard["split"] == "train"]
     # The automatic shard size (about 64 MiB) spreads 224 px training images over several shards.
