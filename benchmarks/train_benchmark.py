@@ -3,7 +3,8 @@ original study's loop compare on the same images?
 
     python benchmarks/train_benchmark.py            # ~5 minutes on 2 quiet cores
     python benchmarks/train_benchmark.py --quick    # ~2 minutes: fewer images, epochs and rounds
-    python benchmarks/train_benchmark.py --precision  # ~5 minutes: bf16 against fp32, see below
+    python benchmarks/train_benchmark.py --precision  # ~3 minutes: bf16 against fp32, see below
+    python benchmarks/train_benchmark.py --precision --seeds 3  # and two more seeds each: ~6 minutes
 
 Measures, in one run, for resnet18 at 64 px (29 classes, global batch 64):
 
@@ -53,6 +54,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -564,9 +566,10 @@ def default_data_workspace(work: Path) -> Path:
     return workspace
 
 
-def write_bf16(workspace: Path, bf16: bool) -> None:
+def write_bf16(workspace: Path, bf16: bool, seed: int = 0) -> None:
     values = yaml.safe_load((REPO / "params.yaml").read_text())
     values["train"]["bf16"] = bf16
+    values["seed"] = seed  # the data stays as made (seed 0): only the training's own draws change
     (workspace / "params.yaml").write_text(yaml.safe_dump(values))
 
 
@@ -628,6 +631,8 @@ def precision_end_to_end(args: argparse.Namespace, native: bool) -> list[tuple[s
                 )
                 if name not in best or run["images_per_second"] > best[name]["images_per_second"]:
                     best[name] = run
+        seed_0 = {name: run["val_accuracy"] for name, run in best.items()}
+        seed_rows = seed_spread(workspace, args.seeds, seed_0) if args.seeds > 1 else []
     rows = []
     for name, run in best.items():
         wanted = f"train.bf16={name == 'bf16'}"
@@ -641,6 +646,26 @@ def precision_end_to_end(args: argparse.Namespace, native: bool) -> list[tuple[s
     gap = abs(best["bf16"]["val_accuracy"] - best["fp32"]["val_accuracy"]) * 100
     result = f"{'PASS' if gap <= 1 else 'FAIL'} (target <= 1)"
     rows.append(("(c) validation accuracy, |bf16 - fp32|", f"{gap:.2f} points", result))
+    return rows + seed_rows
+
+
+def seed_spread(workspace: Path, seeds: int, seed_0: dict[str, float]) -> list[tuple[str, str, str]]:
+    """Validation accuracy of each precision over training seeds 0..seeds-1: how far apart two
+    fp32 trainings land is the yardstick for the bf16 - fp32 gap of one seed."""
+    accuracy = {name: [value] for name, value in seed_0.items()}
+    for seed in range(1, seeds):
+        for name in ("fp32", "bf16"):
+            write_bf16(workspace, name == "bf16", seed)
+            accuracy[name].append(run_stage(workspace, "dp", timeout=1200)["val_accuracy"])
+            print(f"(d) seed {seed}, {name}: val accuracy {accuracy[name][-1]:.4f}", flush=True)
+    rows = []
+    for name, values in accuracy.items():
+        figures = ", ".join(f"{v:.4f}" for v in values)
+        mean = f"{statistics.mean(values):.4f}"
+        rows.append((f"(d) val accuracy, {name}, seeds 0-{seeds - 1}", mean, figures))
+    gap = (statistics.mean(accuracy["bf16"]) - statistics.mean(accuracy["fp32"])) * 100
+    spread = (max(accuracy["fp32"]) - min(accuracy["fp32"])) * 100
+    rows.append(("(d) mean bf16 - mean fp32", f"{gap:+.2f} points", f"fp32 alone spans {spread:.2f} points"))
     return rows
 
 
@@ -678,6 +703,9 @@ def main() -> None:
     )
     parser.add_argument("--skip-end-to-end", action="store_true", help="only (a) and (b)")
     parser.add_argument("--precision", action="store_true", help="compare bf16 with fp32 instead (see above)")
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="--precision: also train seeds 1..N-1 in each precision (d)"
+    )
     parser.add_argument("--workdir", type=Path, help="where to put data and workspace (default: a temp dir)")
     parser.add_argument(
         "--ddp-worker", type=Path, help=argparse.SUPPRESS
