@@ -337,11 +337,14 @@ def part_stream(raw: Path, workspace: Path, results: dict, rounds: int, budget_g
         f"target >= {TARGET_STREAM})"
     )
     print(f"memory-mapped / streamed CPU seconds per image (best of {rounds} each): {cpu_ratio:.2f}")
-    within = "PASS" if peak - overhead <= budget_gb * 1e9 else "FAIL"
+    # The stated overhead beyond the process's own: the shard being read, mapped while its rows are copied.
+    shard_bytes = max(s["count"] for s in manifest["shards"] if s["split"] == "train") * 3 * 64 * 64 * 2
+    results["stream"]["shard_mb"] = shard_bytes / 2**20
+    within = "PASS" if peak - overhead <= budget_gb * 1e9 + shard_bytes else "FAIL"
     print(
         f"splits {split_gb:.2f} GB, budget {budget_gb} GB; streamed peak RSS {peak / 2**20:.0f} MiB = "
-        f"{overhead / 2**20:.0f} MiB "
-        f"of process overhead + {(peak - overhead) / 2**20:.0f} MiB ({within}: under the budget)"
+        f"{overhead / 2**20:.0f} MiB of process overhead + {(peak - overhead) / 2**20:.0f} MiB ({within}: "
+        f"under the budget + the one {shard_bytes / 2**20:.0f} MiB shard mapped while it is read)"
     )
 
 
