@@ -1,7 +1,7 @@
 """The data path at the Kaggle set's size: 87,000 synthetic 200x200 JPEGs (3,000 per class).
 
     python benchmarks/fullsize_benchmark.py                      # everything: about 1 hour on 2 quiet cores
-    python benchmarks/fullsize_benchmark.py --parts preprocess   # or: memory, stream (comma-separated)
+    python benchmarks/fullsize_benchmark.py --parts preprocess   # or memory, stream, stream-memory
     python benchmarks/fullsize_benchmark.py --before DIR         # also today's code (a checkout of
                                                                  # pipeline/ at an older commit) for (b)
 
@@ -348,6 +348,49 @@ def part_stream(raw: Path, workspace: Path, results: dict, rounds: int, budget_g
     )
 
 
+def _status_mib(pid: int) -> dict[str, int]:
+    """RssAnon (the process's own memory) and RssFile (pages of mapped files: libraries, shards), MiB."""
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {line.split(":")[0]: int(line.split()[1]) // 1024 for line in lines if line.startswith("Rss")}
+
+
+def part_stream_memory(workspace: Path, results: dict, budget_gb: float) -> None:
+    """(c) again, one run each, sampling the process's anonymous and file-backed memory every 0.2 s:
+    the slots show as anonymous memory, the shards' pages as file-backed. The memory-mapped run
+    touches every page of both splits, so its file-backed peak less their size is the libraries'."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{workspace / 'mlruns' / 'mlflow.db'}"
+    values = yaml.safe_load((workspace / "params.yaml").read_text())
+    peaks = {}
+    for mode, budget in (("mapped", None), ("streamed", budget_gb)):
+        values["train"]["memory_budget_gb"] = budget
+        write_params(workspace, values)
+        command = [sys.executable, "-m", "pipeline", "train", "dp"]
+        process = subprocess.Popen(command, cwd=workspace, env=env, stdout=subprocess.DEVNULL)
+        peak = {"RssAnon": 0, "RssFile": 0}
+        while process.poll() is None:
+            try:
+                now = _status_mib(process.pid)
+            except (FileNotFoundError, ProcessLookupError):
+                break
+            peak = {key: max(value, now.get(key, 0)) for key, value in peak.items()}  # none once a zombie
+            time.sleep(0.2)
+        peaks[mode] = peak
+        print(f"train dp {mode}: peak anonymous {peak['RssAnon']} MiB, file-backed {peak['RssFile']} MiB")
+    manifest = json.loads((workspace / "data" / "shards" / "manifest.json").read_text())
+    split_mib = sum(manifest["splits"][s]["count"] for s in ("train", "val")) * 3 * 64 * 64 * 2 // 2**20
+    libraries = peaks["mapped"]["RssFile"] - split_mib
+    slots = peaks["streamed"]["RssAnon"] - peaks["mapped"]["RssAnon"]
+    pages = peaks["streamed"]["RssFile"] - libraries
+    results["stream_memory"] = {"peaks": peaks, "libraries_mib": libraries, "slots_mib": slots}
+    results["stream_memory"]["shard_pages_mib"] = pages
+    print(
+        f"streamed data held: {slots} MiB more anonymous memory than memory-mapped (the slots) + {pages} "
+        f"MiB of shard pages = {slots + pages} MiB; budget {budget_gb * 1e9 / 2**20:.0f} MiB + one shard "
+        "mapped while it is read"
+    )
+
+
 def process_overhead(workspace: Path) -> int:
     """Peak RSS of the same training on the default synthetic set (2,900 images, 71 MB of shards at
     64 px, memory-mapped): the runtime, model and batches, i.e. what a process takes besides data."""
@@ -399,6 +442,9 @@ def main() -> None:
         args.out.write_text(json.dumps(results, indent=2))
     if "stream" in parts:
         part_stream(raw, args.data / "workspace-stream", results, args.rounds, args.budget_gb)
+        args.out.write_text(json.dumps(results, indent=2))
+    if "stream-memory" in parts:
+        part_stream_memory(args.data / "workspace-stream", results, args.budget_gb)
         args.out.write_text(json.dumps(results, indent=2))
     print(f"figures: {args.out}")
 
