@@ -2,7 +2,7 @@
 #   make repro       run the whole pipeline (dvc repro) on the built-in synthetic data
 #   make test        run the whole test suite
 # And for everyday work:
-#   make test-fast   the tests that start no DVC, torchrun, server or browser (about a minute)
+#   make test-fast   the tests that start no DVC, torchrun, server or browser (under 90 s on two cores)
 #   make lint        ruff (lint and format) and mypy, as CI runs them
 VENV := .venv
 BIN := $(VENV)/bin
