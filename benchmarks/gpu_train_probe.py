@@ -56,7 +56,7 @@ def prepare(
     try:
         from pipeline.config import params_from_dict
         from pipeline.paths import Paths
-        from pipeline.preprocess import build_shards
+        from pipeline.preprocess import shard_workspace
         from pipeline.synthetic import generate_synthetic_dataset
 
         small = images_per_class < 50  # validation blocks of 10 frames (+1 gap) need more frames than that
@@ -72,9 +72,7 @@ def prepare(
         generate_synthetic_dataset(
             paths.raw, images_per_class=images_per_class, frames_per_run=10, seed=seed, size=200
         )
-        manifest = build_shards(
-            params.data, params.seed, paths.raw, paths.raw_train, paths.raw_test, paths.shards
-        )
+        manifest = shard_workspace(params, paths)
         info = {
             "kind": "shards",
             "shards": str(paths.shards),

@@ -367,7 +367,7 @@ def make_workspace(work: Path, images_per_class: int, epochs: int) -> tuple[Path
     """A workspace with data/raw, data/shards, dvc.yaml and params.yaml; returns it, the manifest
     and the seconds spent generating and preprocessing."""
     from pipeline.paths import Paths
-    from pipeline.preprocess import build_shards
+    from pipeline.preprocess import shard_workspace
     from pipeline.synthetic import generate_synthetic_dataset
 
     workspace = work / "ws"
@@ -381,9 +381,7 @@ def make_workspace(work: Path, images_per_class: int, epochs: int) -> tuple[Path
     )
     generated = time.perf_counter() - started
     started = time.perf_counter()
-    manifest = build_shards(
-        params.data, params.seed, paths.raw, paths.raw_train, paths.raw_test, paths.shards
-    )
+    manifest = shard_workspace(params, paths)
     return workspace, manifest, generated, time.perf_counter() - started
 
 
@@ -554,7 +552,7 @@ def default_data_workspace(work: Path) -> Path:
     from pipeline.config import load_params
     from pipeline.fetch import fetch_raw
     from pipeline.paths import Paths
-    from pipeline.preprocess import build_shards
+    from pipeline.preprocess import shard_workspace
 
     workspace = work / "default"
     workspace.mkdir(parents=True)
@@ -562,7 +560,7 @@ def default_data_workspace(work: Path) -> Path:
         shutil.copy(REPO / name, workspace / name)
     params, paths = load_params(workspace / "params.yaml"), Paths(workspace)
     fetch_raw(params, paths)
-    build_shards(params.data, params.seed, paths.raw, paths.raw_train, paths.raw_test, paths.shards)
+    shard_workspace(params, paths)
     return workspace
 
 

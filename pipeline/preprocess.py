@@ -316,6 +316,14 @@ def build_shards(
     return manifest
 
 
+def shard_workspace(params: Params, paths: Paths) -> dict:
+    """`build_shards` on a workspace's own data/raw and data/external, as the stage runs it."""
+    return build_shards(
+        params.data, params.seed, paths.raw, paths.raw_train, paths.raw_test, paths.shards,
+        external_dir=paths.raw_external,
+    )  # fmt: skip
+
+
 def make_manifest(cfg: DataConfig, shards: list[dict], skipped: list[dict], dropped: int) -> dict:
     splits: dict[str, dict[str, Any]] = {}
     for split in ("train", "val", "test", "external"):
@@ -351,15 +359,7 @@ def run_preprocess(params: Params, paths: Paths) -> dict:
         params.mlflow.experiment, "preprocess", params={"seed": params.seed, **to_flat_dict(cfg, "data.")}
     ):
         started = time.perf_counter()
-        manifest = build_shards(
-            cfg,
-            params.seed,
-            paths.raw,
-            paths.raw_train,
-            paths.raw_test,
-            paths.shards,
-            external_dir=paths.raw_external,
-        )
+        manifest = shard_workspace(params, paths)
         seconds = time.perf_counter() - started
         decoded = sum(split["count"] for split in manifest["splits"].values())
         mlflow.log_metrics(

@@ -70,17 +70,14 @@ def tiny_data(tmp_path_factory) -> Path:
     from pipeline.config import params_from_dict
     from pipeline.fetch import fetch_external, fetch_raw
     from pipeline.paths import Paths
-    from pipeline.preprocess import build_shards
+    from pipeline.preprocess import shard_workspace
 
     root = tmp_path_factory.mktemp("tiny-data")
     params = params_from_dict(TINY_PARAMS)
     paths = Paths(root)
     fetch_raw(params, paths)
     fetch_external(params, paths)
-    raw, external = paths.raw, paths.raw_external
-    build_shards(
-        params.data, params.seed, raw, paths.raw_train, paths.raw_test, paths.shards, external_dir=external
-    )
+    shard_workspace(params, paths)
     return root
 
 

@@ -29,7 +29,7 @@ from pipeline.config import load_params
 from pipeline.evaluate import run_evaluate
 from pipeline.lineage import MANIFEST_ARTIFACT, fingerprint_tag, split_files, split_fingerprint
 from pipeline.paths import Paths
-from pipeline.preprocess import build_shards
+from pipeline.preprocess import shard_workspace
 from pipeline.promote import _decision, run_promote
 from pipeline.shards import read_manifest
 from pipeline.train import run_train
@@ -53,15 +53,7 @@ def _prepare(root: Path, tiny_data: Path, name: str) -> Path:
     shutil.copy(REPO / "dvc.yaml", workspace / "dvc.yaml")
     write_params(workspace, WORKSPACES[name])
     params, paths = load_params(workspace / "params.yaml"), Paths(workspace)
-    build_shards(
-        params.data,
-        params.seed,
-        paths.raw,
-        paths.raw_train,
-        paths.raw_test,
-        paths.shards,
-        external_dir=paths.raw_external,
-    )
+    shard_workspace(params, paths)
     assert run_train(params, paths, "dp", workspace / "params.yaml") == 0
     run_evaluate(params, paths, "dp")
     return workspace

@@ -193,7 +193,7 @@ def test_batches_from_the_host_arrive_on_the_gpu_as_they_left(tmp_path, budget):
     from pipeline.feed import open_training_data
     from pipeline.fetch import fetch_raw
     from pipeline.paths import Paths
-    from pipeline.preprocess import build_shards
+    from pipeline.preprocess import shard_workspace
     from pipeline.shards import load_split, read_manifest
     from pipeline.strategy import DataParallelStrategy
     from pipeline.trainer import step_settings
@@ -206,7 +206,7 @@ def test_batches_from_the_host_arrive_on_the_gpu_as_they_left(tmp_path, budget):
     )
     paths = Paths(tmp_path)
     fetch_raw(params, paths)
-    build_shards(params.data, params.seed, paths.raw, paths.raw_train, paths.raw_test, paths.shards)
+    shard_workspace(params, paths)
     strategy = DataParallelStrategy(1)
     settings = step_settings(params, strategy)
     data = open_training_data(params, paths.shards, read_manifest(paths.shards), strategy, settings)

@@ -376,7 +376,7 @@ def test_streamed_ddp_matches_streamed_dp_on_a_model_without_batchnorm(tiny_work
 def test_224_px_images_preprocess_train_evaluate_and_serve(tiny_workspace):
     """The size pretrained ResNets are trained at, end to end (small_cnn, so that it takes seconds)."""
     from pipeline.evaluate import run_evaluate
-    from pipeline.preprocess import build_shards
+    from pipeline.preprocess import shard_workspace
 
     params = load_params(
         write_params(
@@ -384,10 +384,7 @@ def test_224_px_images_preprocess_train_evaluate_and_serve(tiny_workspace):
         )
     )
     paths = Paths(tiny_workspace)
-    manifest = build_shards(
-        params.data, params.seed, paths.raw, paths.raw_train, paths.raw_test, paths.shards,
-        external_dir=paths.raw_external,
-    )  # fmt: skip
+    manifest = shard_workspace(params, paths)
     assert manifest["image_size"] == 224
     train_shards = [shard for shard in manifest["shards"] if shard["split"] == "train"]
     # The automatic shard size (about 64 MiB) spreads 224 px training images over several shards.
