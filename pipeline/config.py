@@ -104,7 +104,9 @@ class DataConfig(_Section):
     """Training frames dropped on each side of a validation block, so no neighbours straddle the split."""
     shard_size: Annotated[int | None, Field(ge=1)] = None
     """Images per tensor shard (null: as many as fit in 64 MiB of float16, 2730 at 64 px, 222 at
-    224 px). Bounds the memory preprocessing needs and the unit that streamed training reads."""
+    224 px; a split smaller than eight such shards is cut into eight of at least 256 images, so that
+    every preprocessing worker has some to make). Bounds the memory of each preprocessing worker and
+    the unit that streamed training reads."""
     max_skipped_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.05
     """Above this fraction of unreadable files preprocessing fails: the data set is clearly wrong."""
     workers: Annotated[int | None, Field(ge=1)] = None

@@ -2,8 +2,9 @@
 
     python -m pipeline preprocess
 
-Images are decoded and resized once, in parallel, streaming: memory holds a shard per split, not
-the data set. Unreadable files are skipped and reported; too many of them is an error.
+Images are decoded and resized once, in parallel: each worker makes whole shards, so memory holds
+a shard per worker, not the data set. Unreadable files are skipped and reported; too many of them
+is an error.
 """
 
 from __future__ import annotations
@@ -12,11 +13,8 @@ import os
 import shutil
 import sys
 import time
-from collections import Counter, deque
-from collections.abc import Iterable, Iterator
-from concurrent.futures import Executor, Future
-from dataclasses import asdict
-from itertools import islice
+from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ from pipeline.errors import UserError
 from pipeline.fileio import atomic_write_json
 from pipeline.paths import Paths
 from pipeline.serving.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_image, is_image_name, normalize
-from pipeline.shards import auto_shard_size, write_shard
+from pipeline.shards import split_shard_size, write_shard
 from pipeline.split import block_split, frame_order, random_split, stratified_cap
 from pipeline.workers import process_pool
 
@@ -127,41 +125,6 @@ def plan_splits(per_class: list[list[Path]], cfg: DataConfig, seed: int) -> tupl
     return plan, dropped
 
 
-DecodeTask = tuple[int, str, int, int]  # (index in the stream, image file, image size, pixel limit)
-Decoded = tuple[int, np.ndarray | None, str]  # (index, HxWx3 uint8 pixels or None, why not)
-
-
-def _decode_job(job: DecodeTask) -> Decoded:
-    index, path, size, max_pixels = job
-    try:
-        return index, decode_image(path, size, max_pixels), ""
-    except Exception as err:  # noqa: BLE001 -- any decoder failure means "skip this file", with the reason
-        return index, None, f"{type(err).__name__}: {err}"
-
-
-def _decode_chunk(jobs: list[DecodeTask]) -> list[Decoded]:
-    return [_decode_job(job) for job in jobs]
-
-
-def decode_in_order(
-    pool: Executor, tasks: Iterable[DecodeTask], chunk_size: int, window: int
-) -> Iterator[Decoded]:
-    """The decoded tasks, in order, with at most `window` chunks of `chunk_size` in the pool.
-
-    Like `pool.map(_decode_job, tasks, chunksize=chunk_size)`, but Executor.map submits every task
-    up front: whenever the parent fell behind (a slow disk during a shard write), decoded images
-    would pile up in memory with no bound but the data set.
-    """
-    tasks = iter(tasks)  # islice must consume it: a list would start over every time
-    in_flight: deque[Future] = deque()
-    for chunk in iter(lambda: list(islice(tasks, chunk_size)), []):
-        in_flight.append(pool.submit(_decode_chunk, chunk))
-        if len(in_flight) >= window:
-            yield from in_flight.popleft().result()
-    while in_flight:
-        yield from in_flight.popleft().result()
-
-
 def float16_levels(mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
     """(3, 256): what `normalize(...).astype(float16)` makes of each uint8 level of each channel.
 
@@ -171,97 +134,98 @@ def float16_levels(mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
     return normalize(levels, mean, std).astype(np.float16)[:, 0, :]
 
 
-_NORMALIZE_BLOCK = 64  # images per np.take call when normalizing a shard
+_LEVELS = float16_levels()
+_NORMALIZE_BLOCK = 64  # images normalized together: np.take's int64 index temporary stays in cache
 
 
-class ShardWriter:
-    """Collects decoded images of one split and writes a shard every `shard_size` images."""
-
-    def __init__(self, out_dir: Path, split: str, image_size: int, shard_size: int, source_root: Path):
-        self.out_dir, self.split, self.shard_size, self.source_root = out_dir, split, shard_size, source_root
-        self._prefix = str(source_root) + os.sep
-        self.pixels = np.empty((shard_size, image_size, image_size, 3), dtype=np.uint8)
-        self.images = np.empty(
-            (shard_size, 3, image_size, image_size), dtype=np.float16
-        )  # reused by every flush
-        self.levels = float16_levels()
-        self.labels: list[int] = []
-        self.files: list[str] = []
-        self.shards: list[dict] = []
-
-    def add(self, pixels: np.ndarray, label: int, path: Path) -> None:
-        self.pixels[len(self.labels)] = pixels
-        self.labels.append(label)
-        self.files.append(self.relative_name(path))
-        if len(self.labels) == self.shard_size:
-            self.flush()
-
-    def relative_name(self, path: Path) -> str:
-        """`path.relative_to(source_root).as_posix()`, without pathlib's cost on every image."""
-        text = str(path)
-        if os.sep == "/" and text.startswith(self._prefix):
-            return text[len(self._prefix) :]
-        return path.relative_to(self.source_root).as_posix()
-
-    def flush(self) -> None:
-        count = len(self.labels)
-        if count == 0:
-            return
-        name = f"{self.split}-{len(self.shards):05d}.safetensors"
-        images = self.images[:count]
-        # = normalize(self.pixels[:count]).astype(np.float16), see float16_levels. In blocks, because
-        # np.take makes an int64 temporary of its indices: a block's stays in cache, a shard's would not.
-        for begin in range(0, count, _NORMALIZE_BLOCK):
-            end = min(begin + _NORMALIZE_BLOCK, count)
-            for channel in range(3):
-                np.take(
-                    self.levels[channel],
-                    self.pixels[begin:end, :, :, channel],
-                    out=images[begin:end, channel],
-                    mode="clip",
-                )
-        sha256 = write_shard(self.out_dir / name, images, np.asarray(self.labels))
-        per_class = Counter(CLASSES[label] for label in self.labels)
-        self.shards.append(
-            {
-                "file": name,
-                "split": self.split,
-                "count": count,
-                "sha256": sha256,
-                "per_class": dict(per_class),
-                "files": self.files,
-            }
-        )
-        self.labels, self.files = [], []
+def normalize_into(pixels: np.ndarray, out: np.ndarray) -> None:
+    """out = normalize(pixels).astype(float16), for uint8 N x S x S x 3 pixels: see float16_levels."""
+    for channel in range(3):
+        np.take(_LEVELS[channel], pixels[..., channel], out=out[:, channel], mode="clip")
 
 
-def decode_into_shards(
-    pool: Executor,
-    plan: dict[str, list[Job]],
-    writers: dict[str, ShardWriter],
-    cfg: DataConfig,
-    progress: tqdm,
-    workers: int,
-) -> list[dict]:
-    """Decode every split's jobs, in order, feeding each split's writer; returns the skipped files.
+@dataclass(frozen=True)
+class ShardTask:
+    """One shard for a worker to make: its images, in order, as (file, label, name in the manifest)."""
 
-    One stream for all splits, and each split's last shard written as soon as its last image
-    arrives: the workers go on decoding the next split meanwhile instead of waiting for the parent."""
-    jobs = [(split, path, label) for split, split_jobs in plan.items() for path, label in split_jobs]
-    last_job = {split: index for index, (split, _, _) in enumerate(jobs)}
-    tasks = ((i, str(path), cfg.image_size, cfg.max_image_pixels) for i, (_, path, _) in enumerate(jobs))
+    path: Path
+    split: str
+    jobs: list[tuple[str, int, str]]
+    image_size: int
+    max_pixels: int | None
+
+
+def make_shard(task: ShardTask) -> tuple[dict | None, list[dict]]:
+    """Decode, normalize and write one shard (in a worker); returns its manifest entry (None when
+    none of its images could be read, and then no file) and the files skipped, with the reason.
+
+    Each worker makes whole shards: the stage's process does no per-image work, and a worker holds
+    one shard (and the copy safetensors writes from), whatever the data set's size."""
+    size = task.image_size
+    images = np.empty((len(task.jobs), 3, size, size), dtype=np.float16)
+    block = np.empty((_NORMALIZE_BLOCK, size, size, 3), dtype=np.uint8)
+    labels: list[int] = []
+    files: list[str] = []
     skipped = []
-    # Two chunks per worker: one it decodes, one waiting, so no worker idles while the parent catches up.
-    for index, pixels, reason in decode_in_order(pool, tasks, chunk_size=64, window=2 * workers):
-        split, path, label = jobs[index]
-        if pixels is None:
-            skipped.append({"file": writers[split].relative_name(path), "reason": reason})
-        else:
-            writers[split].add(pixels, label, path)
-        if index == last_job[split]:
-            writers[split].flush()
-        progress.update(1)
-    return skipped
+    for file, label, name in task.jobs:
+        try:
+            block[len(labels) % _NORMALIZE_BLOCK] = decode_image(file, size, task.max_pixels)
+        except Exception as err:  # noqa: BLE001 -- any decoder failure means "skip this file", with the reason
+            skipped.append({"file": name, "reason": f"{type(err).__name__}: {err}"})
+            continue
+        labels.append(label)
+        files.append(name)
+        if len(labels) % _NORMALIZE_BLOCK == 0:
+            normalize_into(block, images[len(labels) - _NORMALIZE_BLOCK : len(labels)])
+    pending = len(labels) % _NORMALIZE_BLOCK
+    normalize_into(block[:pending], images[len(labels) - pending : len(labels)])
+    if not labels:
+        return None, skipped
+    sha256 = write_shard(task.path, images[: len(labels)], np.asarray(labels))
+    return {
+        "file": task.path.name,
+        "split": task.split,
+        "count": len(labels),
+        "sha256": sha256,
+        "per_class": dict(Counter(CLASSES[label] for label in labels)),
+        "files": files,
+    }, skipped
+
+
+def shard_tasks(
+    plan: dict[str, list[Job]], roots: dict[str, Path], out_dir: Path, cfg: DataConfig
+) -> list[ShardTask]:
+    """Every split's jobs cut into shards (of `data.shard_size`, or see split_shard_size), in order;
+    names as in the manifest, relative to the split's root folder."""
+    tasks = []
+    for split, jobs in plan.items():
+        shard_size = cfg.shard_size or split_shard_size(cfg.image_size, len(jobs))
+        prefix = str(roots[split]) + os.sep
+        for number, begin in enumerate(range(0, len(jobs), shard_size)):
+            chunk = jobs[begin : begin + shard_size]
+            named = [(str(path), label, _relative(path, prefix)) for path, label in chunk]
+            path = out_dir / f"{split}-{number:05d}.safetensors"
+            tasks.append(ShardTask(path, split, named, cfg.image_size, cfg.max_image_pixels))
+    return tasks
+
+
+def _relative(path: Path, prefix: str) -> str:
+    """`path.relative_to(root).as_posix()` for `prefix` = root + separator, without pathlib's cost
+    on every one of 87,000 images."""
+    text = str(path)
+    if os.sep == "/" and text.startswith(prefix):
+        return text[len(prefix) :]
+    return path.relative_to(prefix).as_posix()
+
+
+def _renumber(out_dir: Path, shards: list[dict]) -> None:
+    """Number each split's shards 0, 1, 2, ... again where a shard none of whose images could be
+    read left a gap (it has no file)."""
+    for number, shard in enumerate(shards):
+        name = f"{shard['split']}-{number:05d}.safetensors"
+        if shard["file"] != name:
+            os.replace(out_dir / shard["file"], out_dir / name)  # in order: `name` is free by now
+            shard["file"] = name
 
 
 def build_shards(
@@ -287,22 +251,26 @@ def build_shards(
     out_dir.mkdir(parents=True)
 
     workers = cfg.workers or os.cpu_count() or 1
-    shard_size = cfg.shard_size or auto_shard_size(cfg.image_size)
     roots = {split: external_dir if split == "external" and external_dir else raw_dir for split in plan}
-    writers = {
-        split: ShardWriter(out_dir, split, cfg.image_size, min(shard_size, max(1, len(jobs))), roots[split])
-        for split, jobs in plan.items()
-    }
+    tasks = shard_tasks(plan, roots, out_dir, cfg)
+    shards: dict[str, list[dict]] = {split: [] for split in plan}
+    skipped: list[dict] = []
     # Not multiprocessing.Pool: its worker-handler thread spins while results wait in the pipe (CPU
     # the parent needs), and a dead worker hangs it forever.
     pool = process_pool(workers, preload=[__name__])
     try:
         with tqdm(total=total, desc="preprocess", unit="img", disable=not sys.stderr.isatty()) as progress:
-            skipped = decode_into_shards(pool, plan, writers, cfg, progress, workers)
+            for task, (shard, shard_skipped) in zip(tasks, pool.map(make_shard, tasks), strict=True):
+                if shard is not None:
+                    shards[task.split].append(shard)
+                skipped += shard_skipped
+                progress.update(len(task.jobs))
     finally:
         pool.shutdown(
             wait=True, cancel_futures=True
         )  # after a failure: drop the queued work, don't finish it
+    for split_shards in shards.values():
+        _renumber(out_dir, split_shards)
 
     if total and len(skipped) / total > cfg.max_skipped_fraction:
         examples = "; ".join(f"{s['file']} ({s['reason']})" for s in skipped[:3])
@@ -310,8 +278,7 @@ def build_shards(
             f"{len(skipped)} of {total} images could not be read (limit data.max_skipped_fraction="
             f"{cfg.max_skipped_fraction}), e.g. {examples}: check data.source points at the right data"
         )
-    shards = [shard for writer in writers.values() for shard in writer.shards]
-    manifest = make_manifest(cfg, shards, skipped, dropped)
+    manifest = make_manifest(cfg, [shard for split in shards.values() for shard in split], skipped, dropped)
     atomic_write_json(out_dir / "manifest.json", manifest)  # written last: its presence means "complete"
     return manifest
 

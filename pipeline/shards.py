@@ -37,6 +37,17 @@ def auto_shard_size(image_size: int) -> int:
     return max(1, SHARD_TARGET_BYTES // image_bytes(image_size))
 
 
+SMALL_SPLIT_SHARDS = 8
+"""A split smaller than this many ~64 MiB shards is cut into this many (of at least 256 images):
+preprocess's workers each make whole shards, so a small split still keeps them all busy. A fixed
+number, not the worker count: the shards must not depend on the machine that made them."""
+
+
+def split_shard_size(image_size: int, split_images: int) -> int:
+    """Images per shard of a split of `split_images` when `data.shard_size` is null."""
+    return min(auto_shard_size(image_size), max(256, -(-split_images // SMALL_SPLIT_SHARDS)))
+
+
 def write_shard(path: Path, images: np.ndarray, labels: np.ndarray) -> str:
     """Write one shard atomically with safetensors; returns its sha256."""
     from safetensors.numpy import save_file

@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
@@ -31,7 +30,14 @@ from pipeline.fileio import atomic_write_bytes, sha256_of
 from pipeline.paths import Paths
 from pipeline.preprocess import build_shards, run_preprocess
 from pipeline.serving.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_image, normalize
-from pipeline.shards import auto_shard_size, image_bytes, load_split, read_manifest, write_shard
+from pipeline.shards import (
+    auto_shard_size,
+    image_bytes,
+    load_split,
+    read_manifest,
+    split_shard_size,
+    write_shard,
+)
 from pipeline.split import block_split, frame_number, random_split
 from pipeline.synthetic import generate_synthetic_dataset
 
@@ -188,11 +194,23 @@ def test_automatic_shard_size_keeps_a_shard_near_64_mib(size: int, expected: int
     assert 60 * 2**20 < auto_shard_size(size) * image_bytes(size) <= 64 * 2**20
 
 
+@pytest.mark.parametrize(
+    "size,images,expected",
+    [(64, 69_000, 2730), (64, 2385, 299), (64, 580, 256), (64, 28, 256), (224, 2385, 222)],
+)
+def test_a_small_split_is_cut_into_eight_shards_of_at_least_256_images(
+    size: int, images: int, expected: int
+) -> None:
+    assert split_shard_size(size, images) == expected
+
+
 def test_a_null_shard_size_writes_shards_of_the_automatic_size(raw: Path, tmp_path: Path) -> None:
     manifest = build(raw, tmp_path / "shards", replace(CFG, shard_size=None))
-    assert [s["split"] for s in manifest["shards"]] == ["train", "val", "test"], (
-        "the tiny set fits in one shard per split"
-    )
+    for split in ("train", "val", "test"):
+        counts = [s["count"] for s in manifest["shards"] if s["split"] == split]
+        size = split_shard_size(CFG.image_size, sum(counts))
+        assert counts[:-1] == [size] * (len(counts) - 1) and 0 < counts[-1] <= size, split
+    assert len([s for s in manifest["shards"] if s["split"] == "train"]) == 2, "464 images, 256 a shard"
 
 
 def test_level_table_is_exactly_normalize() -> None:
@@ -251,22 +269,47 @@ def test_load_split_refuses_a_corrupt_shard(
     assert "\n" not in str(info.value) and victim.name in str(info.value)
 
 
-def test_shard_writer_normalizes_every_block_of_a_shard(tmp_path: Path) -> None:
-    """A shard of more images than one normalization block, and not a whole number of blocks."""
+def test_a_shard_normalizes_every_block_and_skips_what_it_cannot_read(tmp_path: Path) -> None:
+    """A shard of more images than one normalization block, not a whole number of blocks, with an
+    unreadable file inside the first block: every kept image lands in its row, exactly normalized."""
     count = 2 * preprocess._NORMALIZE_BLOCK + 3
     pixels = np.random.default_rng(1).integers(0, 256, (count, 7, 7, 3), dtype=np.uint8)
-    writer = preprocess.ShardWriter(
-        tmp_path, "train", image_size=7, shard_size=count + 10, source_root=tmp_path
-    )
+    jobs = []
     for index, image in enumerate(pixels):
-        writer.add(image, index % 29, tmp_path / f"{index}.jpg")
-    writer.flush()
+        path = tmp_path / f"{index}.png"  # lossless: the decoded pixels are these
+        Image.fromarray(image).save(path)
+        jobs.append((str(path), index % 29, path.name))
+    (tmp_path / "5.png").write_bytes(b"not an image")
+    task = preprocess.ShardTask(tmp_path / "train-00000.safetensors", "train", jobs, 7, None)
 
-    written = load_file(str(tmp_path / writer.shards[0]["file"]))
+    shard, skipped = preprocess.make_shard(task)
+
+    kept = [index for index in range(count) if index != 5]
+    assert [s["file"] for s in skipped] == ["5.png"] and "UnidentifiedImageError" in skipped[0]["reason"]
+    assert shard is not None and shard["count"] == count - 1 and shard["files"] == [f"{i}.png" for i in kept]
+    assert shard["sha256"] == sha256_of(task.path)
+    written = load_file(str(task.path))
     assert np.array_equal(
-        written["images"].view(np.uint16), normalize(pixels).astype(np.float16).view(np.uint16)
+        written["images"].view(np.uint16), normalize(pixels[kept]).astype(np.float16).view(np.uint16)
     )
-    assert written["labels"].tolist() == [index % 29 for index in range(count)]
+    assert written["labels"].tolist() == [index % 29 for index in kept]
+
+
+def test_a_shard_of_unreadable_files_leaves_no_gap_in_the_names(raw: Path, tmp_path: Path) -> None:
+    root = _copy_raw(raw, tmp_path / "raw")
+    test_files = sorted((root / TEST_DIR).iterdir())
+    for path in test_files[:8]:  # the whole first test shard (shard_size 8)
+        path.write_bytes(b"not an image")
+
+    out = tmp_path / "shards"
+    manifest = build(root, out, replace(CFG, shard_size=8))
+
+    test_shards = [s for s in manifest["shards"] if s["split"] == "test"]
+    assert [s["file"] for s in test_shards] == [f"test-{i:05d}.safetensors" for i in range(len(test_shards))]
+    assert sum(s["count"] for s in test_shards) == len(test_files) - 8
+    assert sorted(p.name for p in out.glob("test-*")) == [s["file"] for s in test_shards]
+    images, labels = load_split(out, "test", manifest)
+    assert len(images) == len(labels) == len(test_files) - 8
 
 
 def test_a_split_whose_last_file_is_unreadable_keeps_its_other_images(raw: Path, tmp_path: Path) -> None:
@@ -521,34 +564,14 @@ def test_parallel_output_equals_serial_output(raw: Path, tmp_path: Path) -> None
     }
 
 
-def test_decoding_keeps_a_bounded_number_of_chunks_in_flight(raw: Path) -> None:
-    """Streaming: however far the consumer falls behind, only `window` chunks are ever submitted ahead."""
-    files = sorted(str(path) for path in (raw / TRAIN_DIR).rglob("*.jpg"))[:200]
-
-    class CountingPool(ThreadPoolExecutor):
-        submitted = 0
-
-        def submit(self, fn, /, *args, **kwargs):
-            CountingPool.submitted += 1
-            return super().submit(fn, *args, **kwargs)
-
-    with CountingPool(2) as pool:
-        tasks = ((i, f, 16, 10**6) for i, f in enumerate(files))
-        decoded = preprocess.decode_in_order(pool, tasks, chunk_size=8, window=3)
-        first = next(decoded)
-        time.sleep(
-            0.2
-        )  # a stalled consumer: the pool would run through all 25 chunks if nothing held it back
-        assert CountingPool.submitted == 3
-        rest = list(decoded)
-
-    assert [index for index, _, _ in [first, *rest]] == list(range(len(files))), "in order, none lost"
-    assert all(pixels is not None and pixels.shape == (16, 16, 3) for _, pixels, _ in [first, *rest])
-    assert CountingPool.submitted == 25
-
-
 def _leftovers(folder: Path) -> list[str]:
     return [name for name in os.listdir(folder) if ".tmp" in name] if folder.exists() else []
+
+
+def _shards_made_in_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stage's shards made by one thread of this process, where what a test patches applies
+    (worker processes import modules of their own)."""
+    monkeypatch.setattr(preprocess, "process_pool", lambda workers, preload: ThreadPoolExecutor(1))
 
 
 def test_failure_mid_run_leaves_no_manifest_and_no_temp_files(
@@ -556,6 +579,7 @@ def test_failure_mid_run_leaves_no_manifest_and_no_temp_files(
 ) -> None:
     out = tmp_path / "shards"
     build(raw, out)
+    _shards_made_in_this_process(monkeypatch)
     real_write, calls = preprocess.write_shard, []
 
     def failing_write(path: Path, images: np.ndarray, labels: np.ndarray) -> str:
@@ -567,7 +591,8 @@ def test_failure_mid_run_leaves_no_manifest_and_no_temp_files(
     monkeypatch.setattr(preprocess, "write_shard", failing_write)
     with pytest.raises(OSError, match="No space left"):
         build(raw, out)
-    assert len(calls) == 2
+    assert calls[:2] == ["train-00000.safetensors", "train-00001.safetensors"]
+    assert not (out / "train-00001.safetensors").exists()
     assert not (out / "manifest.json").exists(), "the stale manifest of the earlier run is gone too"
     assert _leftovers(out) == []
 
@@ -584,14 +609,14 @@ def test_failure_inside_a_shard_write_removes_the_temp_file(
         real_fsync(fd)
 
     monkeypatch.setattr(fileio.os, "fsync", failing_fsync)
+    _shards_made_in_this_process(monkeypatch)
     out = tmp_path / "shards"
     with pytest.raises(OSError, match="Input/output"):
         build(raw, out)
-    assert len(calls) == 2
+    assert len(calls) >= 2  # the thread may start the next shard before the stage stops it
     assert _leftovers(out) == [] and not (out / "manifest.json").exists()
-    assert sorted(os.listdir(out)) == ["train-00000.safetensors"], (
-        "only the shard finished before the failure"
-    )
+    assert "train-00000.safetensors" in os.listdir(out), "the shard finished before the failure stays"
+    assert "train-00001.safetensors" not in os.listdir(out), "the shard whose write failed is not there"
 
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
