@@ -178,6 +178,36 @@ def open_shard(shards_dir: Path, shard: dict, image_size: int) -> tuple[torch.Te
     return images, labels
 
 
+def images_offset(path: Path) -> int:
+    """Where a shard's image bytes begin in its file: safetensors' layout is an 8-byte little-endian
+    header length, the JSON header, then each tensor at its `data_offsets` (the library reads
+    whole tensors only; this is for reading some rows of one)."""
+    with open(path, "rb") as file:
+        length = int.from_bytes(file.read(8), "little")
+        header = json.loads(file.read(length))
+    return 8 + length + header["images"]["data_offsets"][0]
+
+
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024  # buffers per preadv call
+
+
+def read_images(path: Path, offset: int, rows: np.ndarray, into: np.ndarray, slots: np.ndarray) -> None:
+    """into[slots[i]] = the shard's image rows[i], for ascending `rows`, with `into` a uint8 array
+    of one image's bytes per row (a view of the caller's tensor). preadv reads consecutive rows in
+    one call and maps nothing: a shard's pages stay in the page cache (shared, evictable) and never
+    count in this process's memory, as a mapped shard's touched pages do."""
+    size = into.shape[1]
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    with open(path, "rb", buffering=0) as file:
+        for begin, end in pairwise([0, *breaks.tolist(), len(rows)]):
+            for first in range(begin, end, _IOV_MAX):
+                last = min(first + _IOV_MAX, end)
+                buffers = [memoryview(into[slot]) for slot in slots[first:last].tolist()]
+                read = os.preadv(file.fileno(), buffers, offset + int(rows[first]) * size)
+                if read != (last - first) * size:
+                    raise _rebuild(path, "is truncated (shorter than manifest.json says)")
+
+
 def load_shard(shards_dir: Path, shard: dict, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`open_shard` after the integrity check."""
     verify_shards(shards_dir, {"shards": [shard]})

@@ -1,5 +1,6 @@
 """Training on splits larger than the memory budget: each rank reads, shard by shard, only its own
 images into a buffer of slots, in a thread of its own (the plan is pipeline.batches.stream_plan).
+Rows are read (preadv), not mapped, so the slots are all the split memory a rank holds.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pipeline.batches import EpochOrder, StreamPlan, stream_plan
 from pipeline.errors import UserError
 from pipeline.loop import Batch, StepSettings
 from pipeline.prefetch import Prefetched, host_buffer
-from pipeline.shards import image_bytes, open_shard, split_shards
+from pipeline.shards import image_bytes, images_offset, open_shard, read_images, split_shards
 
 if TYPE_CHECKING:
     from pipeline.config import Params
@@ -27,7 +28,7 @@ LOOKAHEAD_SHARDS = 1
 
 
 class Streamed:
-    """Both splits read shard by shard: training holds at most its plan's slots and a shard or two."""
+    """Both splits read shard by shard: training holds its plan's slots, validation a batch."""
 
     mode = "streamed"
 
@@ -37,6 +38,12 @@ class Streamed:
         self.train_labels = self._labels(self.train_shards)
         self.val_labels = self._labels(self.val_shards)
         self.train_offsets, self.val_offsets = offsets_of(self.train_shards), offsets_of(self.val_shards)
+        self.train_files, self.val_files = self._files(self.train_shards), self._files(self.val_shards)
+
+    def _files(self, shards: list[dict]) -> list[tuple[Path, int]]:
+        """(path, where its images begin) of each shard: streaming reads rows, it does not map them."""
+        paths = [self.shards_dir / shard["file"] for shard in shards]
+        return [(path, images_offset(path)) for path in paths]
 
     def _labels(self, shards: list[dict]) -> torch.Tensor:
         # Labels are small; the images' pages are never touched here, and unmapped right away.
@@ -47,7 +54,7 @@ class Streamed:
         self, batches: np.ndarray, order: EpochOrder, settings: StepSettings
     ) -> Iterable[Batch]:
         plan = stream_plan(self.train_offsets, order.shard_order, batches, LOOKAHEAD_SHARDS)
-        reader = _ShardReader(self.shards_dir, self.train_shards, self.train_offsets, self.image_size, plan)
+        reader = _ShardReader(self.train_files, self.train_offsets, self.image_size, plan)
         device = settings.device
 
         def produce(step: int) -> Batch:
@@ -66,49 +73,37 @@ class Streamed:
         return Prefetched(produce, len(batches), settings, on_close=reader.close)
 
     def val_batches(self, chunks: list[tuple[int, np.ndarray]], settings: StepSettings) -> Iterable[Batch]:
-        mapped: dict[int, torch.Tensor] = {}  # the one shard being read; unmapped when the next one starts
+        shape = (3, self.image_size, self.image_size)
 
         def produce(i: int) -> Batch:
             shard, index = chunks[i]
-            if shard not in mapped:
-                mapped.clear()
-                mapped[shard] = open_shard(self.shards_dir, self.val_shards[shard], self.image_size)[0]
-            rows = torch.from_numpy(index - self.val_offsets[shard])
-            x = torch.index_select(
-                mapped[shard],
-                0,
-                rows,
-                out=host_buffer((len(rows), *mapped[shard].shape[1:]), torch.float16, settings.device),
-            )
+            x = host_buffer((len(index), *shape), torch.float16, settings.device)
+            path, offset = self.val_files[shard]
+            rows = index - self.val_offsets[shard]
+            read_images(path, offset, rows, _bytes_per_row(x), np.arange(len(rows)))
             index_t = torch.from_numpy(index)
             return x, torch.index_select(
                 self.val_labels, 0, index_t, out=host_buffer((len(index),), torch.int64, settings.device)
             )
 
-        return Prefetched(produce, len(chunks), settings, on_close=mapped.clear)
+        return Prefetched(produce, len(chunks), settings)
+
+
+def _bytes_per_row(images: torch.Tensor) -> np.ndarray:
+    """A uint8 (N, bytes of one image) view of a contiguous CPU tensor of N images."""
+    return images.numpy().view(np.uint8).reshape(len(images), -1)
 
 
 def offsets_of(shards: list[dict]) -> list[int]:
     return np.concatenate([[0], np.cumsum([shard["count"] for shard in shards], dtype=np.int64)]).tolist()
 
 
-_COPY_ROWS = 256  # images per copy from a shard into the slots: bounds the temporary
-
-
 class _ShardReader:
     """Reads one streamed epoch's shards into its slots, in a thread of its own: each shard from
     the step the plan allows it, so at most `plan.capacity` images are ever held."""
 
-    def __init__(
-        self, shards_dir: Path, shards: list[dict], offsets: list[int], image_size: int, plan: StreamPlan
-    ):
-        self.shards_dir, self.shards, self.offsets, self.image_size, self.plan = (
-            shards_dir,
-            shards,
-            offsets,
-            image_size,
-            plan,
-        )
+    def __init__(self, files: list[tuple[Path, int]], offsets: list[int], image_size: int, plan: StreamPlan):
+        self.files, self.offsets, self.plan = files, offsets, plan
         self.store = torch.empty((plan.capacity, 3, image_size, image_size), dtype=torch.float16)
         self.changed = threading.Condition()
         self.step, self.read, self.closed = 0, 0, False
@@ -159,15 +154,10 @@ class _ShardReader:
         return self.closed or self.plan.load_step[position] <= self.step
 
     def _read(self, position: int, shard: int) -> None:
-        rows = torch.from_numpy(self.plan.rows[position] - self.offsets[shard])
-        if len(rows) == 0:
-            return
-        slots = torch.from_numpy(self.plan.row_slots[position])
-        images, _ = open_shard(self.shards_dir, self.shards[shard], self.image_size)
-        for begin in range(0, len(rows), _COPY_ROWS):
-            end = begin + _COPY_ROWS
-            self.store.index_copy_(0, slots[begin:end], images.index_select(0, rows[begin:end]))
-        del images  # unmapped: its pages leave this process
+        rows = self.plan.rows[position] - self.offsets[shard]
+        if len(rows):
+            path, offset = self.files[shard]
+            read_images(path, offset, rows, _bytes_per_row(self.store), self.plan.row_slots[position])
 
 
 def stream_bound_images(params: Params, manifest: dict) -> int:

@@ -27,7 +27,16 @@ from pipeline.loop import StepSettings, evaluate, train_one_epoch
 from pipeline.paths import Paths
 from pipeline.prefetch import Prefetched
 from pipeline.preprocess import build_shards
-from pipeline.shards import checks_dir, image_bytes, load_split, open_split, read_manifest, split_shards
+from pipeline.shards import (
+    checks_dir,
+    image_bytes,
+    images_offset,
+    load_split,
+    open_split,
+    read_images,
+    read_manifest,
+    split_shards,
+)
 from pipeline.strategy import Strategy
 from pipeline.streaming import stream_bound_images
 from pipeline.trainer import TrainingState, step_settings
@@ -153,6 +162,32 @@ def test_a_shard_corrupt_from_the_start_is_never_recorded(shards: Path, tmp_path
         with pytest.raises(UserError, match="corrupt"):
             _data(out)
     assert not (checks_dir(out) / f"{victim.name}.json").exists()
+
+
+def test_streaming_reads_any_rows_into_any_slots_exactly_and_refuses_a_short_file(
+    shards: Path, tmp_path: Path
+) -> None:
+    manifest = read_manifest(shards)
+    shard = split_shards(manifest, "train")[0]
+    images = load_split(shards, "train", {**manifest, "shards": [shard]})[0]
+    rows = np.array([0, 1, 2, 7, 9, 10, shard["count"] - 1])  # runs of consecutive rows, and single ones
+    slots = np.array([6, 0, 3, 1, 5, 2, 4])
+    into = torch.zeros((len(rows), *images.shape[1:]), dtype=torch.float16)
+
+    path = shards / shard["file"]
+    read_images(path, images_offset(path), rows, into.numpy().view(np.uint8).reshape(len(rows), -1), slots)
+
+    expected = torch.empty_like(into)
+    expected[torch.from_numpy(slots)] = images[torch.from_numpy(rows)]
+    assert torch.equal(into, expected)
+
+    short = tmp_path / shard["file"]
+    short.write_bytes(path.read_bytes()[: -images[0].numel()])  # the labels and half the last image cut off
+    with pytest.raises(UserError, match="truncated.*dvc repro -f preprocess") as info:
+        read_images(
+            short, images_offset(short), rows, into.numpy().view(np.uint8).reshape(len(rows), -1), slots
+        )
+    assert short.name in str(info.value)
 
 
 # --- the order --------------------------------------------------------------------------------------
