@@ -13,8 +13,10 @@ as proportional set size (psutil `memory_full_info().pss`: a page shared by n pr
 
   (a) `fetch` (folder source -> data/raw) and `preprocess` at 128 and 64 px: wall time, images/s
       (the stage's own figure, and the whole command), against one core's plain PIL
-      decode+resize of 4,000 of the same files; peak PSS of the stage. Also at 224 px on 20,000
-      of the images (data.max_images), to show the stage's memory does not grow with the size.
+      decode+resize of 4,000 of the same files (measured before and after the stage, the faster
+      taken; every file read once before, so both decode from the page cache); peak PSS of the
+      stage. Also at 224 px on 20,000 of the images (data.max_images), to show the stage's memory
+      does not grow with the size.
   (b) `train ddp` at 64 px with gpus=1 and gpus=2 on the same shards (resnet18, one epoch, global
       batch 64): peak PSS of all processes together, and the time from the command's start to
       the first batch; with --before, the same for today's code (first 120 s of each run: its
@@ -198,17 +200,25 @@ def part_preprocess(raw: Path, workspace: Path, results: dict) -> None:
     sample = random.Random(0).sample(files, 4000)
     for size, cap in ((224, 20_000), (128, None), (64, None)):  # 64 last: its shards stay for (b) and (c)
         write_params(workspace, {"seed": 0, "data": {**data_params(raw, size), "max_images": cap}})
+        # Every JPEG read once first: the stage, like the baseline, then decodes from the page cache
+        # (a run after another size's 8 GB of shards otherwise reads part of them from the disk).
+        for path in files:
+            path.read_bytes()
+        # This machine's speed drifts by a third over minutes: the baseline is measured just before
+        # and just after the stage, and the faster of the two is the one compared against.
+        pil_before = plain_pil_rate(sample, size)
         run = stage(workspace, "preprocess").check()
+        pil = max(pil_before, plain_pil_rate(sample, size))
         summary = re.search(r"images at \d+px .* ([\d.]+)s \((\d+) images/s\)", run.output)
         assert summary is not None, run.output[-2000:]
         stage_seconds, rate = map(float, summary.groups())
         images = round(stage_seconds * rate)
-        pil = plain_pil_rate(sample, size)
         shards = list((workspace / "data" / "shards").glob("*.safetensors"))
         row: dict[str, Any] = {
             "images": images, "stage_seconds": stage_seconds, "command_seconds": run.seconds,
             "images_per_second": rate, "command_images_per_second": images / run.seconds,
-            "plain_pil_one_core": pil, "ratio": rate / pil, "command_ratio": images / run.seconds / pil,
+            "plain_pil_one_core": pil, "plain_pil_before": pil_before,
+            "ratio": rate / pil, "command_ratio": images / run.seconds / pil,
             "peak_pss_mb": run.peak_pss / 2**20, "peak_rss_mb": run.peak_rss / 2**20, "shards": len(shards),
             "shard_mb": max(p.stat().st_size for p in shards) / 2**20, "load": load(),
         }  # fmt: skip
@@ -337,14 +347,12 @@ def part_stream(raw: Path, workspace: Path, results: dict, rounds: int, budget_g
         f"target >= {TARGET_STREAM})"
     )
     print(f"memory-mapped / streamed CPU seconds per image (best of {rounds} each): {cpu_ratio:.2f}")
-    # The stated overhead beyond the process's own: the shard being read, mapped while its rows are copied.
-    shard_bytes = max(s["count"] for s in manifest["shards"] if s["split"] == "train") * 3 * 64 * 64 * 2
-    results["stream"]["shard_mb"] = shard_bytes / 2**20
-    within = "PASS" if peak - overhead <= budget_gb * 1e9 + shard_bytes else "FAIL"
+    # The stated fixed overhead is the process's own (runtime, model, batches): shards are read, not mapped.
+    within = "PASS" if peak - overhead <= budget_gb * 1e9 else "FAIL"
     print(
         f"splits {split_gb:.2f} GB, budget {budget_gb} GB; streamed peak RSS {peak / 2**20:.0f} MiB = "
         f"{overhead / 2**20:.0f} MiB of process overhead + {(peak - overhead) / 2**20:.0f} MiB ({within}: "
-        f"under the budget + the one {shard_bytes / 2**20:.0f} MiB shard mapped while it is read)"
+        f"under the budget, {budget_gb * 1e9 / 2**20:.0f} MiB)"
     )
 
 
@@ -384,10 +392,11 @@ def part_stream_memory(workspace: Path, results: dict, budget_gb: float) -> None
     pages = peaks["streamed"]["RssFile"] - libraries
     results["stream_memory"] = {"peaks": peaks, "libraries_mib": libraries, "slots_mib": slots}
     results["stream_memory"]["shard_pages_mib"] = pages
+    budget_mib = budget_gb * 1e9 / 2**20
+    within = "PASS" if slots + pages <= budget_mib else "FAIL"
     print(
         f"streamed data held: {slots} MiB more anonymous memory than memory-mapped (the slots) + {pages} "
-        f"MiB of shard pages = {slots + pages} MiB; budget {budget_gb * 1e9 / 2**20:.0f} MiB + one shard "
-        "mapped while it is read"
+        f"MiB of shard pages = {slots + pages} MiB ({within}: budget {budget_mib:.0f} MiB)"
     )
 
 

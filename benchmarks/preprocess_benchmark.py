@@ -9,7 +9,8 @@ Measures, on the same files, in one run:
       limit of one core; and `pipeline.imaging.decode_image` on one core (JPEG draft mode);
   (b) the preprocess stage on all cores: `build_shards(workers=None, image_size=64)`, end to end
       (scan, split, decode, normalize, write shards and manifest);
-  (c) one training epoch of input: `load_split("train")` + shuffled batches of 64 as float32,
+  (c) one training epoch of input: `open_split("train")` (checked, memory-mapped, as training
+      reads it) + shuffled batches of 64 gathered as float32,
       against the original study's torchvision `ImageFolder` + `Resize/ToTensor/Normalize` with a
       `DataLoader(batch_size=64, num_workers=0)`.
 
@@ -19,10 +20,9 @@ Prints PASS/FAIL beside each; always exits 0 (it is a measurement, not a test).
 Every measurement is warmed up once, then timed `--repeat` times (time.perf_counter); the best run
 counts, so that other processes on a shared machine disturb the figures as little as possible. The
 load average is printed before and after: a load above the core count means the wall-clock figures
-are low, the parallel stage (b) most of all. For that case the CPU time of each measurement (this
-process and its worker processes, from getrusage) gives an idle-machine estimate beside them. For
-(c) the CPU time is printed too but is no estimate of the time: `load_split` checks the sha256 on a
-second thread while it reads, so on an idle machine its time is less than its CPU time.
+are low, the parallel stage (b) most of all. (b) has no CPU-time estimate: its workers are the
+fork server's children, whose CPU time getrusage does not give this process. For (c) the CPU time
+is printed too.
 """
 
 from __future__ import annotations
@@ -41,13 +41,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 import numpy as np
-import torch
 from PIL import Image
 
 from pipeline.config import DataConfig
 from pipeline.preprocess import build_shards
 from pipeline.serving.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_image, is_image_name
-from pipeline.shards import load_split
+from pipeline.shards import ShardedSplit, open_split
+
+# torch is imported where used: the stage's worker processes import this script as their __main__,
+# and torch there would cost each of them a second at exit, as it never does under `python -m pipeline`.
 
 TRAIN = Path("asl_alphabet_train", "asl_alphabet_train")
 TEST = Path("asl_alphabet_test", "asl_alphabet_test")
@@ -107,26 +109,24 @@ def preprocess_seconds(raw: Path, out: Path, cfg: DataConfig, repeat: int) -> tu
 
 
 def shard_epoch_seconds(out: Path, manifest: dict, repeat: int) -> tuple[int, float, float]:
-    """(images, seconds for load_split + one epoch, seconds for one epoch already in memory)."""
+    """(images, seconds for open_split + one epoch, seconds for one epoch already in the page cache)."""
+    import torch
 
-    def epoch(images: torch.Tensor, labels: torch.Tensor) -> None:
-        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    def epoch(split: ShardedSplit) -> None:
+        order = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))
         for start in range(0, len(order), BATCH):
-            index = order[start : start + BATCH]
-            x, y = images[index].float(), labels[index]
+            index = order[start : start + BATCH].sort().values  # gather takes ascending indices
+            x, y = split.gather(index).float(), split.labels[index]
             assert x.dtype == torch.float32 and len(x) == len(y)
 
-    images, labels = load_split(out, "train", manifest)  # warm-up
-    epoch(images, labels)
-    with_load = best_seconds("shard_epoch", lambda: epoch(*load_split(out, "train", manifest)), repeat)
-    return (
-        len(labels),
-        with_load,
-        best_seconds("shard_epoch_in_memory", lambda: epoch(images, labels), repeat),
-    )
+    split = open_split(out, "train", manifest)  # warm-up
+    epoch(split)
+    with_open = best_seconds("shard_epoch", lambda: epoch(open_split(out, "train", manifest)), repeat)
+    return len(split), with_open, best_seconds("shard_epoch_in_memory", lambda: epoch(split), repeat)
 
 
 def imagefolder_epoch_seconds(train_dir: Path, repeat: int) -> tuple[int, float]:
+    import torch
     from torch.utils.data import DataLoader, Subset
     from torchvision import datasets, transforms
 
@@ -180,6 +180,7 @@ def main() -> None:
         "--repeat", type=int, default=3, help="timed runs per measurement after the warm-up (default 3)"
     )
     args = parser.parse_args()
+    import torch
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(1)  # the ImageFolder baseline (num_workers=0) and the shard epoch both on one core
@@ -221,7 +222,6 @@ def main() -> None:
     shard_rate, folder_rate = shard_images / shard_seconds, folder_images / folder_seconds
     # Idle-machine estimates: CPU seconds per image hardly depend on who else is running.
     plain_cpu = len(files) / CPU_SECONDS["plain_pil"]
-    stage_cpu = cores * decoded / CPU_SECONDS["build_shards"]  # all cores busy with this stage alone
     shard_cpu = shard_images / CPU_SECONDS["shard_epoch"]
     folder_cpu = folder_images / CPU_SECONDS["imagefolder_epoch"]
 
@@ -238,7 +238,7 @@ def main() -> None:
         ),
         ("(c) ImageFolder + DataLoader epoch", folder_rate, ""),
         (
-            "(c) shards: load_split + epoch",
+            "(c) shards: open_split + epoch",
             shard_rate,
             f"{shard_rate / folder_rate:.1f}x ImageFolder  {verdict(shard_rate / folder_rate, TARGET_EPOCH)}",
         ),
@@ -247,17 +247,12 @@ def main() -> None:
             shard_images / in_memory_seconds,
             f"{shard_images / in_memory_seconds / folder_rate:.0f}x ImageFolder",
         ),
-        ("idle estimate (a) plain PIL, per CPU-s", plain_cpu, ""),
-        (
-            f"idle estimate (b) {cores} cores / CPU-s per image",
-            stage_cpu,
-            f"{stage_cpu / plain_cpu:.2f}x plain PIL  {verdict(stage_cpu / plain_cpu, TARGET_PREPROCESS)}",
-        ),
+        ("CPU time (a) plain PIL, per CPU-s", plain_cpu, ""),
         ("CPU time (c) ImageFolder, per CPU-s", folder_cpu, ""),
         (
             "CPU time (c) shards, per CPU-s",
             shard_cpu,
-            f"{shard_cpu / folder_cpu:.1f}x ImageFolder  (not a time: the checksum runs on a 2nd thread)",
+            f"{shard_cpu / folder_cpu:.1f}x ImageFolder",
         ),
     ]
     width = max(len(name) for name, _, _ in rows)
@@ -273,8 +268,7 @@ def main() -> None:
     )
     print(
         f"CPU per image: plain PIL {1e6 / plain_cpu:.0f} us, "
-        f"decode_image {1e6 * CPU_SECONDS['pipeline_decode'] / len(files):.0f} us, "
-        f"build_shards {1e6 * CPU_SECONDS['build_shards'] / decoded:.0f} us (workers and parent together)"
+        f"decode_image {1e6 * CPU_SECONDS['pipeline_decode'] / len(files):.0f} us"
     )
     busy = (
         " (above the core count: other processes competed; wall-clock figures are low)"
