@@ -104,13 +104,14 @@ class DataConfig(_Section):
     """Training frames dropped on each side of a validation block, so no neighbours straddle the split."""
     shard_size: Annotated[int | None, Field(ge=1)] = None
     """Images per tensor shard (null: as many as fit in 64 MiB of float16, 2730 at 64 px, 222 at
-    224 px; a split smaller than eight such shards is cut into eight of at least 256 images, so that
-    every preprocessing worker has some to make). Bounds the memory of each preprocessing worker and
+    224 px; a split smaller than eight such shards is cut into up to eight of at least 256 images, so
+    that several preprocessing workers share it). Bounds the memory of each preprocessing worker and
     the unit that streamed training reads."""
     max_skipped_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.05
     """Above this fraction of unreadable files preprocessing fails: the data set is clearly wrong."""
     workers: Annotated[int | None, Field(ge=1)] = None
-    """Decoding processes (null: every core)."""
+    """Preprocessing processes, each holding one shard at a time (null: every core this process may
+    run on)."""
     max_image_pixels: Annotated[int, Field(ge=1024)] = DEFAULT_MAX_IMAGE_PIXELS
     """Largest image (width x height) decoded; larger files are skipped and reported like unreadable
     ones (a 657 KB PNG can declare 13000x13000 pixels: 4 GB to decode)."""

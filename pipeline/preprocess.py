@@ -250,7 +250,10 @@ def build_shards(
         shutil.rmtree(out_dir)  # stale shards of an earlier run must not survive beside new ones
     out_dir.mkdir(parents=True)
 
-    workers = cfg.workers or os.cpu_count() or 1
+    # The cores this process may use (a container's or taskset's), not the host's: each worker
+    # holds a shard, so a worker per host core could exhaust a small container's memory.
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = cfg.workers or available or 1
     roots = {split: external_dir if split == "external" and external_dir else raw_dir for split in plan}
     tasks = shard_tasks(plan, roots, out_dir, cfg)
     shards: dict[str, list[dict]] = {split: [] for split in plan}

@@ -38,9 +38,9 @@ def auto_shard_size(image_size: int) -> int:
 
 
 SMALL_SPLIT_SHARDS = 8
-"""A split smaller than this many ~64 MiB shards is cut into this many (of at least 256 images):
-preprocess's workers each make whole shards, so a small split still keeps them all busy. A fixed
-number, not the worker count: the shards must not depend on the machine that made them."""
+"""A split smaller than this many ~64 MiB shards is cut into up to this many (of at least 256
+images): preprocess's workers each make whole shards, so a small split is still shared by several.
+A fixed number, not the worker count: the shards must not depend on the machine that made them."""
 
 
 def split_shard_size(image_size: int, split_images: int) -> int:

@@ -182,7 +182,7 @@ def test_streaming_reads_any_rows_into_any_slots_exactly_and_refuses_a_short_fil
     assert torch.equal(into, expected)
 
     short = tmp_path / shard["file"]
-    short.write_bytes(path.read_bytes()[: -images[0].numel()])  # the labels and half the last image cut off
+    short.write_bytes(path.read_bytes()[: -images[0].numel()])  # half the last image (labels come first)
     with pytest.raises(UserError, match="truncated.*dvc repro -f preprocess") as info:
         read_images(
             short, images_offset(short), rows, into.numpy().view(np.uint8).reshape(len(rows), -1), slots
