@@ -36,6 +36,7 @@ from pipeline.shards import (
     read_images,
     read_manifest,
     split_shards,
+    write_shard,
 )
 from pipeline.strategy import Strategy
 from pipeline.streaming import stream_bound_images
@@ -188,6 +189,21 @@ def test_streaming_reads_any_rows_into_any_slots_exactly_and_refuses_a_short_fil
             short, images_offset(short), rows, into.numpy().view(np.uint8).reshape(len(rows), -1), slots
         )
     assert short.name in str(info.value)
+
+
+def test_a_run_of_rows_longer_than_one_preadv_call_is_read_whole(tmp_path: Path) -> None:
+    """More consecutive rows than one preadv call takes buffers for: read in pieces, each at its row."""
+    count = 2 * shards_module._IOV_MAX + 5
+    images = np.random.default_rng(0).standard_normal((count, 3, 2, 2)).astype(np.float16)
+    path = tmp_path / "train-00000.safetensors"
+    write_shard(path, images, np.zeros(count, dtype=np.int64))
+    rows = np.arange(1, count)  # one run, starting past the first row
+    slots = rows[::-1] - 1  # written back to front
+    into = np.zeros((count - 1, images[0].nbytes), dtype=np.uint8)
+
+    read_images(path, images_offset(path), rows, into, slots)
+
+    assert np.array_equal(into.view(np.float16).reshape(-1, 3, 2, 2), images[1:][::-1])
 
 
 # --- the order --------------------------------------------------------------------------------------
