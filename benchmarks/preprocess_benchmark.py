@@ -47,6 +47,7 @@ from pipeline.config import DataConfig
 from pipeline.preprocess import build_shards
 from pipeline.serving.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_image, is_image_name
 from pipeline.shards import ShardedSplit, open_split
+from pipeline.workers import usable_cores
 
 # torch is imported where used: the stage's worker processes import this script as their __main__,
 # and torch there would cost each of them a second at exit, as it never does under `python -m pipeline`.
@@ -182,7 +183,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     torch.set_num_threads(1)  # the ImageFolder baseline (num_workers=0) and the shard epoch both on one core
     print(f"machine: {platform.machine()}, {cores} usable CPU cores (os.cpu_count()={os.cpu_count()})")
     print(

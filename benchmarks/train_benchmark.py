@@ -79,6 +79,7 @@ from pipeline.serving.imaging import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.serving.networks import build_model
 from pipeline.strategy import make_strategy
 from pipeline.trainer import TrainingState, step_settings
+from pipeline.workers import usable_cores
 
 MODEL = "resnet18"
 SIZE = 64
@@ -86,10 +87,6 @@ BATCH = 64
 CLASSES = 29
 TARGET_CEILING = 0.80
 TARGET_DDP = 1.0
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 # --- (a) the ceiling -------------------------------------------------------------------------------
@@ -719,7 +716,7 @@ def main() -> None:
             min(args.repeat, 5),
         )
 
-    n_cores = cores()
+    n_cores = usable_cores()
     threads = torch.get_num_threads()
     print(
         f"machine: {processor_name()}, {n_cores} usable CPU cores; torch {torch.__version__}, "

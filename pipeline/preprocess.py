@@ -29,7 +29,7 @@ from pipeline.paths import Paths
 from pipeline.serving.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_image, is_image_name, normalize
 from pipeline.shards import split_shard_size, write_shard
 from pipeline.split import block_split, frame_order, random_split, stratified_cap
-from pipeline.workers import process_pool
+from pipeline.workers import process_pool, usable_cores
 
 Job = tuple[Path, int]  # (image file, label)
 
@@ -160,7 +160,7 @@ def make_shard(task: ShardTask) -> tuple[dict | None, list[dict]]:
     none of its images could be read, and then no file) and the files skipped, with the reason.
 
     Each worker makes whole shards: the stage's process does no per-image work, and a worker holds
-    one shard (and the copy safetensors writes from), whatever the data set's size."""
+    one shard, whatever the data set's size."""
     size = task.image_size
     images = np.empty((len(task.jobs), 3, size, size), dtype=np.float16)
     block = np.empty((_NORMALIZE_BLOCK, size, size, 3), dtype=np.uint8)
@@ -250,10 +250,8 @@ def build_shards(
         shutil.rmtree(out_dir)  # stale shards of an earlier run must not survive beside new ones
     out_dir.mkdir(parents=True)
 
-    # The cores this process may use (a container's or taskset's), not the host's: each worker
-    # holds a shard, so a worker per host core could exhaust a small container's memory.
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    workers = cfg.workers or available or 1
+    # Not one per host core: each worker holds a shard, which could exhaust a small container's memory.
+    workers = cfg.workers or usable_cores()
     roots = {split: external_dir if split == "external" and external_dir else raw_dir for split in plan}
     tasks = shard_tasks(plan, roots, out_dir, cfg)
     shards: dict[str, list[dict]] = {split: [] for split in plan}

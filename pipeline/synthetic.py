@@ -20,7 +20,7 @@ from numpy.typing import ArrayLike
 from PIL import Image, ImageDraw
 
 from pipeline.dataset import CLASSES, NO_TEST_IMAGE, kaggle_test_dir, kaggle_train_dir
-from pipeline.workers import process_pool
+from pipeline.workers import process_pool, usable_cores
 
 JPEG_QUALITY = 90
 _SUPERSAMPLE = 2  # drawing at twice the size and box-filtering down is cheap antialiasing
@@ -160,7 +160,7 @@ def generate_synthetic_dataset(
     jobs = [
         (Path(root), index, images_per_class, frames_per_run, seed, size) for index in range(len(CLASSES))
     ]
-    workers = min(workers or os.cpu_count() or 1, len(jobs))
+    workers = min(workers or usable_cores(), len(jobs))
     if workers == 1:
         return sum(_write_class(*job) for job in jobs)
     with process_pool(workers, preload=[__name__]) as pool:
@@ -202,7 +202,7 @@ def generate_external_set(
             f"{images_per_class=}, {seed=}, {size=}, {workers=}"
         )
     jobs = [(Path(root), index, images_per_class, seed, size) for index in range(len(CLASSES))]
-    workers = min(workers or os.cpu_count() or 1, len(jobs))
+    workers = min(workers or usable_cores(), len(jobs))
     if workers == 1:
         return sum(_write_external_class(*job) for job in jobs)
     with process_pool(workers, preload=[__name__]) as pool:

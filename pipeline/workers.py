@@ -16,6 +16,11 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (a container's or taskset's), not the host's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def process_pool(workers: int, preload: list[str]) -> ProcessPoolExecutor:
     """`workers` processes from the fork server, which imports `__main__` and `preload` once."""
     context = multiprocessing.get_context("forkserver")
