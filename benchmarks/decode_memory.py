@@ -100,9 +100,8 @@ def probe(recipe: str, path: str) -> None:
     RECIPES[recipe](data)
     seconds = time.perf_counter() - started
     peak = high_water_mark() - before
-    image, estimate = open_image(data, SIZE)
-    image.close()
-    print(peak, seconds, estimate)
+    with open_image(data, SIZE) as opened:
+        print(peak, seconds, opened.peak_bytes)
 
 
 def high_water_mark() -> int:

@@ -14,17 +14,31 @@ import time
 
 import numpy as np
 import pytest
+import simplejpeg
 from PIL import Image, ImageOps
 
-from pipeline.serving.imaging import IMAGE_FORMATS, _square_and_resize, _to_rgb, decode_image, open_image
+from pipeline.serving.imaging import (
+    IMAGE_FORMATS,
+    _square_and_resize,
+    _to_rgb,
+    decode_image,
+    decode_scaled_jpeg,
+    open_image,
+)
 from pipeline.serving.limits import MIB, Busy, MemoryBudget, OverBudget
 
 
 def _plain_decode(data: bytes, size: int) -> np.ndarray:
-    """The recipe `decode_image` must match: turn, convert and crop the whole image, then resize."""
+    """The recipe `decode_image` must match: decode the whole image (a colour or grey JPEG at
+    libjpeg-turbo's reduced scale), turn, convert and crop it, then resize."""
     with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
-        image.draft("RGB", (size, size))
-        return _square_and_resize(_to_rgb(ImageOps.exif_transpose(image)), size)
+        decoded: Image.Image = image
+        if image.format == "JPEG" and image.mode in ("RGB", "L"):
+            decoded = Image.fromarray(simplejpeg.decode_jpeg(data, "RGB", min_height=size, min_width=size))
+            decoded.info["exif"] = image.info.get("exif", b"")
+        else:
+            image.draft("RGB", (size, size))
+        return _square_and_resize(_to_rgb(ImageOps.exif_transpose(decoded)), size)
 
 
 def _encode(image: Image.Image, fmt: str, **options) -> bytes:
@@ -45,7 +59,7 @@ def _noise(width: int, height: int, mode: str, seed: int) -> Image.Image:
 CASES = [  # (width, height, mode, format): square and not, reduced (side >= 4 x size) and not
     (200, 200, "RGB", "JPEG"), (640, 480, "RGB", "JPEG"), (300, 1301, "L", "JPEG"),
     (640, 480, "RGBA", "PNG"), (479, 641, "LA", "PNG"), (555, 555, "P", "PNG"), (700, 301, "1", "PNG"),
-    (1001, 777, "RGB", "PNG"), (333, 520, "L", "PNG"), (640, 400, "RGBA", "WEBP"),
+    (1001, 777, "RGB", "PNG"), (333, 520, "L", "PNG"), (640, 400, "RGBA", "WEBP"), (320, 240, "CMYK", "JPEG"),
 ]  # fmt: skip
 
 
@@ -58,6 +72,35 @@ def test_pixels_are_exactly_the_plain_recipes(
 ) -> None:
     data = _encode(_noise(width, height, mode, seed=width + height), fmt)
     np.testing.assert_array_equal(decode_image(data, size), _plain_decode(data, size))
+
+
+def test_a_jpeg_decodes_at_the_smallest_eighth_of_scale_that_keeps_the_size() -> None:
+    """A 200 px JPEG for 128 px decodes at 6/8 (150 px) where Pillow's draft decodes it whole; at
+    half scale the pixels are Pillow's own, and the result stays that of the whole decode."""
+    ramp = np.linspace(0, 255, 200, dtype=np.float32)
+    smooth = np.dstack(
+        [
+            ramp[None, :] + 0 * ramp[:, None],
+            ramp[:, None] + 0 * ramp[None, :],
+            255 - ramp[None, :] / 2 + 0 * ramp[:, None],
+        ]
+    )
+    data = _encode(Image.fromarray(smooth.astype(np.uint8)), "JPEG", quality=95)
+    assert [decode_scaled_jpeg(data, size).shape[0] for size in (128, 100, 64, 25, 24, 300)] == [
+        150,
+        100,
+        75,
+        25,
+        25,
+        200,
+    ]
+    with Image.open(io.BytesIO(data)) as image:
+        image.draft("RGB", (100, 100))
+        np.testing.assert_array_equal(decode_scaled_jpeg(data, 100), np.asarray(image))
+    with Image.open(io.BytesIO(data)) as image:
+        whole = np.asarray(image.resize((128, 128), Image.Resampling.BILINEAR), dtype=np.int16)
+    difference = np.abs(decode_image(data, 128) - whole)
+    assert difference.mean() < 1 and difference.max() <= 4, (difference.mean(), difference.max())
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
@@ -90,8 +133,7 @@ _PEAK_PROBE = textwrap.dedent(
     before = high_water_mark()
     decode_image(data, 64)
     peak = high_water_mark() - before
-    image, estimate = open_image(data, 64)
-    print(peak, estimate)
+    print(peak, open_image(data, 64).peak_bytes)
     """
 )
 
@@ -115,12 +157,12 @@ def test_a_large_png_peaks_at_its_estimate_about_the_decoded_image(tmp_path) -> 
 
 def test_a_large_jpeg_is_estimated_at_its_reduced_scale() -> None:
     data = _encode(Image.new("RGB", (4000, 3000), (10, 200, 30)), "JPEG")
-    image, estimate = open_image(data, 64)
-    with image:
-        assert image.size == (500, 375)  # decoded at 1/8 scale
-    assert estimate <= 500 * 375 * 4 + 10 * MIB  # not the 48 MB of the whole image
+    with open_image(data, 64) as opened:
+        assert opened.scaled_jpeg
+        assert opened.peak_bytes <= 500 * 375 * 7 + 10 * MIB  # 1/8 scale, not the 48 MB of the whole image
     progressive = _encode(Image.new("RGB", (4000, 3000), (10, 200, 30)), "JPEG", progressive=True)
-    assert open_image(progressive, 64)[1] > 4000 * 3000 * 2  # libjpeg keeps the whole image's coefficients
+    with open_image(progressive, 64) as opened:  # libjpeg keeps the whole image's coefficients
+        assert opened.peak_bytes > 4000 * 3000 * 2
 
 
 # --- the budget ---------------------------------------------------------------------------------

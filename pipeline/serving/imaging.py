@@ -5,9 +5,11 @@ that preprocessing, the served model and the web page share.
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import simplejpeg
 from PIL import ExifTags, Image, JpegImagePlugin
 
 from pipeline.serving import DEFAULT_MAX_IMAGE_PIXELS as DEFAULT_MAX_IMAGE_PIXELS
@@ -62,26 +64,53 @@ def _bytes_per_pixel(mode: str) -> int:
     )  # how Pillow stores each mode
 
 
-def open_image(
-    source: Path | str | bytes, size: int, max_pixels: int | None = None
-) -> tuple[Image.Image, int]:
-    """The image with only its header read (size checked, JPEG scaled decoding set up), and the
-    bytes its decode by `decode_opened` holds at its peak. The caller closes the image."""
-    image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=IMAGE_FORMATS)
+@dataclass
+class OpenedImage:
+    """An image file's bytes with only its header read; `decode_opened` decodes it. Close it (or use
+    it as a context manager) when done."""
+
+    header: Image.Image
+    data: bytes
+    scaled_jpeg: bool
+    """A colour or grey JPEG, decoded by libjpeg-turbo at any of its eighths of scale (Pillow's
+    draft only halves). CMYK and the other formats go through Pillow, whose conversions they need."""
+    peak_bytes: int
+    """What decoding it holds at its peak, the file's bytes included."""
+
+    def close(self) -> None:
+        self.header.close()
+
+    def __enter__(self) -> OpenedImage:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def open_image(source: Path | str | bytes, size: int, max_pixels: int | None = None) -> OpenedImage:
+    """The image with only its header read (size checked) and the bytes its decode by
+    `decode_opened` holds at its peak."""
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     try:
         check_pixels(image.width, image.height, max_pixels)
         full_pixels, channels = image.width * image.height, len(image.getbands())
-        # JPEG can decode straight at 1/2, 1/4 or 1/8 scale: far less work and memory than decoding
-        # it whole and throwing most of it away. draft() never goes below the requested size.
+        scaled_jpeg = image.format == "JPEG" and image.mode in ("RGB", "L")
+        # JPEG can decode straight at a reduced scale: far less work and memory than decoding it
+        # whole and throwing most of it away. draft() sets up Pillow's 1/2, 1/4 or 1/8 (never below
+        # the requested size), an upper bound on the eighths libjpeg-turbo picks for a scaled JPEG.
         image.draft("RGB", (size, size))
-        peak = image.width * image.height * _bytes_per_pixel(image.mode)
+        if scaled_jpeg:  # its RGB pixels, then Pillow's copy (4 bytes a pixel)
+            peak = image.width * image.height * (3 + 4)
+        else:
+            peak = image.width * image.height * _bytes_per_pixel(image.mode)
         if image.format == "WEBP":
             peak *= 4  # libwebp's canvas and last frame, the bytes it hands over, then Pillow's copy
         if image.info.get("progressive"):
             # libjpeg holds every DCT coefficient (2 bytes) at full scale, chroma subsampled 1x, 2x or 4x.
             chroma = {0: 1.0, 1: 0.5, 2: 0.25}.get(JpegImagePlugin.get_sampling(image), 1.0)
             peak += int(full_pixels * 2 * (1 + (channels - 1) * chroma))
-        return image, peak + _WORKING_BYTES
+        return OpenedImage(image, data, scaled_jpeg, peak + len(data) + _WORKING_BYTES)
     except BaseException:
         image.close()
         raise
@@ -141,16 +170,22 @@ def _reduced_square(image: Image.Image, box: _Box, factor: int, turn: Image.Tran
     return reduced
 
 
-def decode_opened(image: Image.Image, size: int) -> np.ndarray:
+def decode_opened(opened: OpenedImage, size: int) -> np.ndarray:
     """Decode an image from `open_image` to uint8 `size` x `size` x 3: upright (EXIF orientation),
     centre-cropped to a square, resized.
 
     Beside the decoded pixels, nothing larger than the centre square is held, and for a large image
     not even that: it is reduced by a whole factor first, band by band. The pixels are exactly those
-    of turning, converting and cropping the whole image, then `resize(reducing_gap=2)`.
+    of decoding (a JPEG at the smallest of libjpeg's eighths of scale that keeps `size`), turning,
+    converting and cropping the whole image, then `resize(reducing_gap=2)`.
     """
-    image.load()
-    turn = _UPRIGHT.get(image.getexif().get(ExifTags.Base.Orientation, 1))
+    header = opened.header
+    if opened.scaled_jpeg:
+        image = Image.fromarray(decode_scaled_jpeg(opened.data, size))
+    else:
+        header.load()  # a PNG's EXIF may follow its pixels
+        image = header
+    turn = _UPRIGHT.get(header.getexif().get(ExifTags.Base.Orientation, 1))
     width, height = image.size[::-1] if turn in _QUARTER_TURNS else image.size
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
@@ -169,14 +204,23 @@ def decode_opened(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(square, dtype=np.uint8)
 
 
+def decode_scaled_jpeg(data: bytes, size: int) -> np.ndarray:
+    """A colour or grey JPEG as uint8 HxWx3 RGB, decoded at the smallest of libjpeg-turbo's eighths of
+    scale that keeps both sides at least `size` (whole scale for a smaller image). The same pixels as
+    Pillow at whole, half, quarter and eighth scale; the other eighths cut the work that much more."""
+    try:
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=size, min_width=size)
+    except ValueError as err:  # libjpeg's message, raised as Pillow raises a broken file: OSError
+        raise OSError(f"JPEG data truncated or corrupt: {err}") from None
+
+
 def decode_image(source: Path | str | bytes, size: int, max_pixels: int | None = None) -> np.ndarray:
     """Decode, centre-crop to a square and resize to `size` x `size`; returns uint8 HxWx3.
 
     Raises PIL's errors (or `ImageTooLarge`) for anything that is not a readable image.
     """
-    image, _ = open_image(source, size, max_pixels)
-    with image:
-        return decode_opened(image, size)
+    with open_image(source, size, max_pixels) as opened:
+        return decode_opened(opened, size)
 
 
 def resize_pixels(pixels: np.ndarray, size: int, max_pixels: int | None = None) -> np.ndarray:

@@ -73,7 +73,17 @@ log = logging.getLogger("mlflow.pyfunc.asl_classifier")
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]
 # What pipeline.serving imports, pinned to the versions installed here. Given explicitly, MLflow
 # does not infer them: inference loads the model in a subprocess to watch its imports (slow, a guess).
-_REQUIREMENTS = ("mlflow", "cloudpickle", "torch", "torchvision", "numpy", "pandas", "pillow", "safetensors")
+_REQUIREMENTS = (
+    "mlflow",
+    "cloudpickle",
+    "torch",
+    "torchvision",
+    "numpy",
+    "pandas",
+    "pillow",
+    "simplejpeg",
+    "safetensors",
+)
 # What PIL raises for bytes that are not a (complete) image; ImageTooLarge is a ValueError.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 _BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/=\s]+")  # standard alphabet, padding, line breaks
@@ -277,9 +287,11 @@ class AslClassifier(PythonModel):
 
         Raises `ImageTooLarge`, PIL's errors, `OverBudget` (never decodable here) or `Busy` (retry).
         """
-        image, peak_bytes = open_image(data, self.image_size, self.max_pixels)
-        with image, self.budget.reserve(peak_bytes):
-            return decode_opened(image, self.image_size)
+        with (
+            open_image(data, self.image_size, self.max_pixels) as opened,
+            self.budget.reserve(opened.peak_bytes),
+        ):
+            return decode_opened(opened, self.image_size)
 
     @torch.inference_mode()
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
