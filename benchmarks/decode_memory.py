@@ -9,7 +9,8 @@
     - reduce after load: decode, then `Image.reduce` the whole image first (what thumbnail() does):
       the decode itself is not saved, and a transparent image is copied once more to premultiply it;
     - no draft (JPEG only): the plain recipe with JPEG's scaled decoding turned off;
-    - decode_image: this repository's decode (centre square reduced band by band, nothing copied whole).
+    - decode_image: this repository's decode (a JPEG at libjpeg-turbo's smallest eighth of scale that
+      keeps the size, centre square reduced band by band, nothing copied whole).
 (b) 8 threads decode the 6300x6300 PNG at once, twice, in one process (no budget): its RSS at the
     peak and afterwards, before and after `return_freed_memory` (glibc's malloc_trim).
 (c) An ordinary image (200x200 JPEG, the data set's): microseconds per decode, plain recipe against

@@ -5,8 +5,8 @@
 
 Measures, on the same files, in one run:
 
-  (a) single-core decode + resize: plain PIL (open, convert RGB, resize to 64, no draft), the naive
-      limit of one core; and `pipeline.imaging.decode_image` on one core (JPEG draft mode);
+  (a) single-core decode + resize: plain PIL (open, convert RGB, resize to 64, no scaled decode), the naive
+      limit of one core; and `pipeline.imaging.decode_image` on one core (JPEG scaled decode);
   (b) the preprocess stage on all cores: `build_shards(workers=None, image_size=64)`, end to end
       (scan, split, decode, normalize, write shards and manifest);
   (c) one training epoch of input: `open_split("train")` (checked, memory-mapped, as training
@@ -208,7 +208,7 @@ def main() -> None:
             path.read_bytes()
 
         plain = len(files) / single_core_seconds(files, plain_pil, args.repeat)
-        draft = len(files) / single_core_seconds(files, pipeline_decode, args.repeat)
+        scaled = len(files) / single_core_seconds(files, pipeline_decode, args.repeat)
         seconds, manifest = preprocess_seconds(
             raw, work / "shards", DataConfig(image_size=SIZE, workers=None), args.repeat
         )
@@ -231,7 +231,7 @@ def main() -> None:
 
     rows = [
         ("(a) plain PIL decode+resize, 1 core", plain, ""),
-        ("(a) decode_image (JPEG draft), 1 core", draft, f"{draft / plain:.2f}x plain PIL"),
+        ("(a) decode_image (JPEG scaled decode), 1 core", scaled, f"{scaled / plain:.2f}x plain PIL"),
         (
             f"(b) build_shards, all {cores} cores, end to end",
             stage,
