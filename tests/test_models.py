@@ -1,13 +1,17 @@
-"""The classifiers: a 29-class head on every architecture, frozen backbones, offline pretrained weights."""
+"""The classifiers: a 29-class head on every architecture, frozen backbones, offline pretrained weights,
+and small output maps computed as one matrix product on CPU."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+import torchvision
 
 from pipeline.errors import UserError
 from pipeline.serving import MODEL_NAMES
-from pipeline.serving.networks import build_model
+from pipeline.serving.networks import GemmSmallMapConv2d, build_model, gemm_small_maps
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -41,3 +45,84 @@ def test_pretrained_weights_offline_name_the_remedy(monkeypatch, tmp_path):
 def test_small_cnn_has_no_pretrained_weights():
     with pytest.raises(UserError, match="small_cnn"):
         build_model("small_cnn", 29, pretrained=True)
+
+
+# --- small output maps as one matrix product ---------------------------------------------------------
+
+SMALL_MAP_CONVS = [  # (in, out, kernel, stride, padding, dilation, bias, input side): outputs of 1x1 to 2x2
+    (8, 16, 3, 1, 1, 1, False, 2),
+    (8, 16, 3, 2, 1, 1, False, 4),
+    (8, 16, 1, 2, 0, 1, True, 4),
+    (8, 16, 3, 1, 2, 2, True, 2),
+    (8, 16, 3, 1, 0, 1, False, 3),
+]
+
+
+def _gemm_and_plain(spec, seed=0):
+    c_in, c_out, kernel, stride, padding, dilation, bias, side = spec
+    torch.manual_seed(seed)
+    plain = torch.nn.Conv2d(c_in, c_out, kernel, stride, padding, dilation, bias=bias)
+    gemm = copy.deepcopy(plain)
+    gemm_small_maps(gemm)
+    assert type(gemm) is GemmSmallMapConv2d
+    inputs = torch.randn(5, c_in, side, side)
+    return gemm, plain, inputs
+
+
+def _op_counts(module: torch.nn.Module, inputs: torch.Tensor) -> dict[str, int]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        module(inputs)
+    return {event.key: event.count for event in profile.key_averages()}
+
+
+def _ran_as_gemm(module: torch.nn.Module, inputs: torch.Tensor) -> bool:
+    ops = _op_counts(module, inputs)
+    return "aten::im2col" in ops and "aten::convolution" not in ops
+
+
+@pytest.mark.parametrize("spec", SMALL_MAP_CONVS, ids=lambda s: f"k{s[2]}s{s[3]}p{s[4]}d{s[5]}-{s[7]}px")
+def test_a_small_output_map_is_one_matrix_product_with_the_convolutions_values_and_gradients(spec):
+    gemm, plain, inputs = _gemm_and_plain(spec)
+    assert _ran_as_gemm(gemm, inputs)
+    outputs = []
+    for module in (gemm, plain):
+        x = inputs.clone().requires_grad_()
+        out = module(x)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()  # every output counts
+        outputs.append((out, x.grad, module.weight.grad, None if module.bias is None else module.bias.grad))
+    for ours, theirs in zip(*outputs, strict=True):
+        if theirs is not None:
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_a_small_output_map_under_bf16_autocast_stays_near_fp32():
+    gemm, plain, inputs = _gemm_and_plain(SMALL_MAP_CONVS[0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = gemm(inputs)
+    assert ours.dtype == torch.bfloat16  # the product ran in bf16, as the convolution would
+    torch.testing.assert_close(ours.float(), plain(inputs), rtol=0.05, atol=0.05)
+
+
+def test_larger_maps_and_grouped_or_padded_convolutions_keep_the_convolution():
+    gemm, plain, _ = _gemm_and_plain((8, 16, 3, 1, 1, 1, False, 3))  # a 3x3 output: 9 pixels
+    larger = torch.randn(2, 8, 3, 3)
+    assert not _ran_as_gemm(gemm, larger)
+    assert torch.equal(gemm(larger), plain(larger))
+    depthwise = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+    reflected = torch.nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")
+    same = torch.nn.Conv2d(8, 8, 3, padding="same")
+    for module in (depthwise, reflected, same):
+        assert type(gemm_small_maps(module)) is torch.nn.Conv2d
+
+
+def test_resnet18_at_64_px_computes_its_last_stage_as_products_with_the_same_weights_and_outputs():
+    ours = build_model("resnet18", 29).eval()
+    stock = torchvision.models.resnet18(num_classes=29).eval()
+    stock.load_state_dict(ours.state_dict())  # the same keys and shapes: checkpoints are interchangeable
+    swapped = [name for name, module in ours.named_modules() if type(module) is GemmSmallMapConv2d]
+    assert "layer4.0.conv1" in swapped and "conv1" in swapped  # every plain convolution, large or small
+    images = torch.randn(4, 3, 64, 64)
+    # The last stage's maps are 2x2: its four 3x3 convolutions and the 1x1 shortcut; the rest are larger.
+    assert _op_counts(ours, images)["aten::im2col"] == 5
+    with torch.no_grad():
+        torch.testing.assert_close(ours(images), stock(images), rtol=1e-4, atol=1e-4)

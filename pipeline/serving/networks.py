@@ -6,12 +6,51 @@ is a module the wrapper never registered, so DDP would not synchronize it.
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import UserError
 from pipeline.serving import MODEL_NAMES
+
+GEMM_MAX_OUTPUT_PIXELS = 4
+"""On CPU, a convolution with an output map of at most this many pixels runs as one matrix product."""
+
+
+class GemmSmallMapConv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters, same state_dict) that on CPU computes an output map of at most
+    2x2 pixels as one matrix product: a row per output pixel of its input patch, times the flattened
+    weight. oneDNN's convolution kernels are 1.4-2.6x slower than that product there, forward and
+    backward, fp32 and bf16 (resnet's last stage at 64 px: docs/benchmarks.md); on larger maps they
+    are faster, and other devices keep their own kernels."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        padding = cast(tuple[int, int], self.padding)  # gemm_small_maps swaps no "same"/"valid" padding
+        height, width = (
+            (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+            for size, pad, dilation, kernel, stride in zip(
+                input.shape[-2:], padding, self.dilation, self.kernel_size, self.stride, strict=True
+            )
+        )
+        if input.device.type != "cpu" or input.dim() != 4 or height * width > GEMM_MAX_OUTPUT_PIXELS:
+            return super().forward(input)
+        patches = F.unfold(input, self.kernel_size, self.dilation, padding, self.stride)  # N, C*k*k, H*W
+        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # one row per output pixel
+        out = F.linear(rows, self.weight.flatten(1), self.bias)  # N*H*W, out_channels
+        # In memory N x H x W x C: the channels_last layout of an N x C x H x W tensor.
+        return out.view(input.shape[0], height, width, -1).permute(0, 3, 1, 2)
+
+
+def gemm_small_maps(model: nn.Module) -> nn.Module:
+    """Every plain convolution of `model` (dense, zero-padded) becomes a GemmSmallMapConv2d, in place."""
+    for module in model.modules():
+        plain = type(module) is nn.Conv2d and module.groups == 1 and module.padding_mode == "zeros"
+        if plain and not isinstance(module.padding, str):
+            module.__class__ = GemmSmallMapConv2d  # the same module, parameters and hooks; a new forward
+    return model
 
 
 class SmallCNN(nn.Module):
@@ -80,7 +119,7 @@ def build_model(
             parameter.requires_grad_(False)
         for parameter in head.parameters():
             parameter.requires_grad_(True)
-    return model
+    return gemm_small_maps(model)
 
 
 @torch.inference_mode()
