@@ -38,10 +38,14 @@ class GemmSmallMapConv2d(nn.Conv2d):
         if input.device.type != "cpu" or input.dim() != 4 or height * width > GEMM_MAX_OUTPUT_PIXELS:
             return super().forward(input)
         patches = F.unfold(input, self.kernel_size, self.dilation, padding, self.stride)  # N, C*k*k, H*W
-        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # one row per output pixel
-        out = F.linear(rows, self.weight.flatten(1), self.bias)  # N*H*W, out_channels
+        batch, channels, pixels = input.shape[0], input.shape[1], height * width
+        # One row per output pixel, ordered (kernel position, channel) as a channels_last weight lies
+        # in memory: the weight is then a view, not a copy per call.
+        rows = patches.view(batch, channels, -1, pixels).permute(0, 3, 2, 1).reshape(batch * pixels, -1)
+        weight = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, -1)
+        out = F.linear(rows, weight, self.bias)  # N*H*W, out_channels
         # In memory N x H x W x C: the channels_last layout of an N x C x H x W tensor.
-        return out.view(input.shape[0], height, width, -1).permute(0, 3, 1, 2)
+        return out.view(batch, height, width, -1).permute(0, 3, 1, 2)
 
 
 def gemm_small_maps(model: nn.Module) -> nn.Module:
