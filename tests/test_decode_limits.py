@@ -33,12 +33,25 @@ def _plain_decode(data: bytes, size: int) -> np.ndarray:
     libjpeg-turbo's reduced scale), turn, convert and crop it, then resize."""
     with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
         decoded: Image.Image = image
-        if image.format == "JPEG" and image.mode in ("RGB", "L"):
+        if image.format in ("JPEG", "MPO") and image.mode in ("RGB", "L"):
             decoded = Image.fromarray(simplejpeg.decode_jpeg(data, "RGB", min_height=size, min_width=size))
             decoded.info["exif"] = image.info.get("exif", b"")
         else:
             image.draft("RGB", (size, size))
         return _square_and_resize(_to_rgb(ImageOps.exif_transpose(decoded)), size)
+
+
+def _pillow_decode(data: bytes, size: int) -> np.ndarray:
+    """The same recipe with Pillow's own decoder (whole, half, quarter or eighth scale)."""
+    with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+        image.draft("RGB", (size, size))
+        return _square_and_resize(_to_rgb(ImageOps.exif_transpose(image)), size)
+
+
+def _scaled(data: bytes, size: int) -> np.ndarray:
+    pixels = decode_scaled_jpeg(data, size)
+    assert pixels is not None, "libjpeg-turbo refused an undamaged JPEG"
+    return pixels
 
 
 def _encode(image: Image.Image, fmt: str, **options) -> bytes:
@@ -86,7 +99,7 @@ def test_a_jpeg_decodes_at_the_smallest_eighth_of_scale_that_keeps_the_size() ->
         ]
     )
     data = _encode(Image.fromarray(smooth.astype(np.uint8)), "JPEG", quality=95)
-    assert [decode_scaled_jpeg(data, size).shape[0] for size in (128, 100, 64, 25, 24, 300)] == [
+    assert [_scaled(data, size).shape[0] for size in (128, 100, 64, 25, 24, 300)] == [
         150,
         100,
         75,
@@ -96,11 +109,32 @@ def test_a_jpeg_decodes_at_the_smallest_eighth_of_scale_that_keeps_the_size() ->
     ]
     with Image.open(io.BytesIO(data)) as image:
         image.draft("RGB", (100, 100))
-        np.testing.assert_array_equal(decode_scaled_jpeg(data, 100), np.asarray(image))
+        np.testing.assert_array_equal(_scaled(data, 100), np.asarray(image))
     with Image.open(io.BytesIO(data)) as image:
         whole = np.asarray(image.resize((128, 128), Image.Resampling.BILINEAR), dtype=np.int16)
     difference = np.abs(decode_image(data, 128) - whole)
     assert difference.mean() < 1 and difference.max() <= 4, (difference.mean(), difference.max())
+
+
+def test_a_damaged_jpeg_that_pillow_recovers_still_decodes_and_a_truncated_one_is_refused() -> None:
+    """libjpeg-turbo through simplejpeg refuses a JPEG at its first warning; Pillow recovers it, as
+    it did before the scaled decode took over: the pixels are Pillow's."""
+    data = _encode(_noise(200, 200, "RGB", seed=3), "JPEG")
+    scan = data.index(b"\xff\xda")
+    stray = data[:scan] + b"\x00\x00" + data[scan:]  # "2 extraneous bytes before marker 0xda"
+    assert decode_scaled_jpeg(stray, 64) is None
+    np.testing.assert_array_equal(decode_image(stray, 64), _pillow_decode(stray, 64))
+    with pytest.raises(OSError, match="truncated"):
+        decode_image(data[: len(data) // 2], 64)
+
+
+def test_a_cameras_mpo_decodes_its_first_picture_by_the_scaled_path() -> None:
+    first, second = _noise(200, 200, "RGB", seed=5), _noise(200, 200, "RGB", seed=6)
+    data = _encode(first, "MPO", save_all=True, append_images=[second])
+    with open_image(data, 100) as opened:
+        assert opened.header.format == "MPO" and opened.via_simplejpeg
+    # At half scale libjpeg-turbo's pixels are Pillow's: the first picture's, not the second's.
+    np.testing.assert_array_equal(decode_image(data, 100), _pillow_decode(data, 100))
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
@@ -155,10 +189,28 @@ def test_a_large_png_peaks_at_its_estimate_about_the_decoded_image(tmp_path) -> 
     assert decoded * 0.9 <= peak <= estimate, f"peak {peak / MIB:.0f} MB, estimate {estimate / MIB:.0f} MB"
 
 
+def test_a_large_progressive_jpeg_peaks_within_its_estimate(tmp_path) -> None:
+    """libjpeg holds every coefficient of a progressive JPEG at full scale (2 bytes a pixel and
+    channel, chroma subsampled): 4000x3000 at 4:2:0 is 36 MB, whatever the scale of the decode."""
+    big, small = tmp_path / "big.jpg", tmp_path / "small.jpg"
+    ramp = np.linspace(0, 255, 4000, dtype=np.uint8)
+    pixels = np.dstack([np.tile(ramp, (3000, 1))] * 3)
+    big.write_bytes(_encode(Image.fromarray(pixels), "JPEG", progressive=True))
+    small.write_bytes(_encode(Image.new("RGB", (300, 300)), "JPEG", progressive=True))
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_PROBE, str(big), str(small)], capture_output=True, text=True, check=True
+    )
+    peak, estimate = map(int, out.stdout.split())
+    coefficients = 4000 * 3000 * 2 * 3 // 2
+    assert coefficients * 0.8 <= peak <= estimate, (
+        f"peak {peak / MIB:.0f} MB, estimate {estimate / MIB:.0f} MB"
+    )
+
+
 def test_a_large_jpeg_is_estimated_at_its_reduced_scale() -> None:
     data = _encode(Image.new("RGB", (4000, 3000), (10, 200, 30)), "JPEG")
     with open_image(data, 64) as opened:
-        assert opened.scaled_jpeg
+        assert opened.via_simplejpeg
         assert opened.peak_bytes <= 500 * 375 * 7 + 10 * MIB  # 1/8 scale, not the 48 MB of the whole image
     progressive = _encode(Image.new("RGB", (4000, 3000), (10, 200, 30)), "JPEG", progressive=True)
     with open_image(progressive, 64) as opened:  # libjpeg keeps the whole image's coefficients

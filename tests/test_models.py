@@ -49,23 +49,28 @@ def test_small_cnn_has_no_pretrained_weights():
 
 # --- small output maps as one matrix product ---------------------------------------------------------
 
-SMALL_MAP_CONVS = [  # (in, out, kernel, stride, padding, dilation, bias, input side): outputs of 1x1 to 2x2
-    (8, 16, 3, 1, 1, 1, False, 2),
-    (8, 16, 3, 2, 1, 1, False, 4),
-    (8, 16, 1, 2, 0, 1, True, 4),
-    (8, 16, 3, 1, 2, 2, True, 2),
-    (8, 16, 3, 1, 0, 1, False, 3),
+SMALL_MAP_CONVS = [  # kernel, stride, padding, dilation, bias, input (height, width): outputs of 1-4 pixels
+    (3, 1, 1, 1, False, (2, 2)),
+    (3, 2, 1, 1, False, (4, 4)),
+    (1, 2, 0, 1, True, (4, 4)),
+    (3, 1, 2, 2, True, (2, 2)),
+    (3, 1, 0, 1, False, (3, 3)),
+    ((1, 3), (2, 1), (0, 2), (1, 2), True, (3, 2)),  # a 2x2 output from a non-square everything
+    ((2, 3), 1, 0, 1, False, (2, 6)),  # a 1x4 output
 ]
 
 
-def _gemm_and_plain(spec, seed=0):
-    c_in, c_out, kernel, stride, padding, dilation, bias, side = spec
+def _gemm_and_plain(spec, channels_last=False, batch=5, seed=0):
+    kernel, stride, padding, dilation, bias, (height, width) = spec
     torch.manual_seed(seed)
-    plain = torch.nn.Conv2d(c_in, c_out, kernel, stride, padding, dilation, bias=bias)
+    plain = torch.nn.Conv2d(8, 16, kernel, stride, padding, dilation, bias=bias)
+    inputs = torch.randn(batch, 8, height, width)
+    if channels_last:  # as our models run: weights and inputs in channels_last
+        plain = plain.to(memory_format=torch.channels_last)
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
     gemm = copy.deepcopy(plain)
     gemm_small_maps(gemm)
     assert type(gemm) is GemmSmallMapConv2d
-    inputs = torch.randn(5, c_in, side, side)
     return gemm, plain, inputs
 
 
@@ -80,9 +85,12 @@ def _ran_as_gemm(module: torch.nn.Module, inputs: torch.Tensor) -> bool:
     return "aten::im2col" in ops and "aten::convolution" not in ops
 
 
-@pytest.mark.parametrize("spec", SMALL_MAP_CONVS, ids=lambda s: f"k{s[2]}s{s[3]}p{s[4]}d{s[5]}-{s[7]}px")
-def test_a_small_output_map_is_one_matrix_product_with_the_convolutions_values_and_gradients(spec):
-    gemm, plain, inputs = _gemm_and_plain(spec)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("spec", SMALL_MAP_CONVS, ids=lambda s: f"k{s[0]}s{s[1]}p{s[2]}d{s[3]}-{s[5]}")
+def test_a_small_output_map_is_one_matrix_product_with_the_convolutions_values_and_gradients(
+    spec, channels_last
+):
+    gemm, plain, inputs = _gemm_and_plain(spec, channels_last)
     assert _ran_as_gemm(gemm, inputs)
     outputs = []
     for module in (gemm, plain):
@@ -90,21 +98,31 @@ def test_a_small_output_map_is_one_matrix_product_with_the_convolutions_values_a
         out = module(x)
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()  # every output counts
         outputs.append((out, x.grad, module.weight.grad, None if module.bias is None else module.bias.grad))
+    out = outputs[0][0]
+    assert out.shape[-2] * out.shape[-1] <= 4
+    # The output keeps the input's layout, as the convolution's does.
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     for ours, theirs in zip(*outputs, strict=True):
         if theirs is not None:
             torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
-def test_a_small_output_map_under_bf16_autocast_stays_near_fp32():
-    gemm, plain, inputs = _gemm_and_plain(SMALL_MAP_CONVS[0])
+def test_an_empty_batch_gives_an_empty_output_as_the_convolution_does():
+    gemm, plain, inputs = _gemm_and_plain(SMALL_MAP_CONVS[0], batch=0)
+    assert gemm(inputs).shape == plain(inputs).shape == (0, 16, 2, 2)
+
+
+def test_a_small_output_map_under_bf16_autocast_is_a_bf16_product_near_fp32():
+    gemm, plain, inputs = _gemm_and_plain(SMALL_MAP_CONVS[0], channels_last=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _ran_as_gemm(gemm, inputs)
         ours = gemm(inputs)
     assert ours.dtype == torch.bfloat16  # the product ran in bf16, as the convolution would
     torch.testing.assert_close(ours.float(), plain(inputs), rtol=0.05, atol=0.05)
 
 
 def test_larger_maps_and_grouped_or_padded_convolutions_keep_the_convolution():
-    gemm, plain, _ = _gemm_and_plain((8, 16, 3, 1, 1, 1, False, 3))  # a 3x3 output: 9 pixels
+    gemm, plain, _ = _gemm_and_plain((3, 1, 1, 1, False, (3, 3)))  # a 3x3 output: 9 pixels
     larger = torch.randn(2, 8, 3, 3)
     assert not _ran_as_gemm(gemm, larger)
     assert torch.equal(gemm(larger), plain(larger))

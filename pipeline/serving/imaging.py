@@ -71,9 +71,10 @@ class OpenedImage:
 
     header: Image.Image
     data: bytes
-    scaled_jpeg: bool
-    """A colour or grey JPEG, decoded by libjpeg-turbo at any of its eighths of scale (Pillow's
-    draft only halves). CMYK and the other formats go through Pillow, whose conversions they need."""
+    via_simplejpeg: bool
+    """A colour or grey JPEG (or a camera's MPO, whose first picture is one), decoded by libjpeg-turbo
+    at any of its eighths of scale (Pillow's draft only halves). CMYK and the other formats go
+    through Pillow, whose conversions they need."""
     peak_bytes: int
     """What decoding it holds at its peak, the file's bytes included."""
 
@@ -95,12 +96,12 @@ def open_image(source: Path | str | bytes, size: int, max_pixels: int | None = N
     try:
         check_pixels(image.width, image.height, max_pixels)
         full_pixels, channels = image.width * image.height, len(image.getbands())
-        scaled_jpeg = image.format == "JPEG" and image.mode in ("RGB", "L")
+        via_simplejpeg = image.format in ("JPEG", "MPO") and image.mode in ("RGB", "L")
         # JPEG can decode straight at a reduced scale: far less work and memory than decoding it
         # whole and throwing most of it away. draft() sets up Pillow's 1/2, 1/4 or 1/8 (never below
         # the requested size), an upper bound on the eighths libjpeg-turbo picks for a scaled JPEG.
         image.draft("RGB", (size, size))
-        if scaled_jpeg:  # its RGB pixels, then Pillow's copy (4 bytes a pixel)
+        if via_simplejpeg:  # its RGB pixels, then Pillow's copy (4 bytes a pixel)
             peak = image.width * image.height * (3 + 4)
         else:
             peak = image.width * image.height * _bytes_per_pixel(image.mode)
@@ -110,7 +111,7 @@ def open_image(source: Path | str | bytes, size: int, max_pixels: int | None = N
             # libjpeg holds every DCT coefficient (2 bytes) at full scale, chroma subsampled 1x, 2x or 4x.
             chroma = {0: 1.0, 1: 0.5, 2: 0.25}.get(JpegImagePlugin.get_sampling(image), 1.0)
             peak += int(full_pixels * 2 * (1 + (channels - 1) * chroma))
-        return OpenedImage(image, data, scaled_jpeg, peak + len(data) + _WORKING_BYTES)
+        return OpenedImage(image, data, via_simplejpeg, peak + len(data) + _WORKING_BYTES)
     except BaseException:
         image.close()
         raise
@@ -180,8 +181,9 @@ def decode_opened(opened: OpenedImage, size: int) -> np.ndarray:
     converting and cropping the whole image, then `resize(reducing_gap=2)`.
     """
     header = opened.header
-    if opened.scaled_jpeg:
-        image = Image.fromarray(decode_scaled_jpeg(opened.data, size))
+    pixels = decode_scaled_jpeg(opened.data, size) if opened.via_simplejpeg else None
+    if pixels is not None:
+        image = Image.fromarray(pixels)
     else:
         header.load()  # a PNG's EXIF may follow its pixels
         image = header
@@ -204,14 +206,17 @@ def decode_opened(opened: OpenedImage, size: int) -> np.ndarray:
     return np.asarray(square, dtype=np.uint8)
 
 
-def decode_scaled_jpeg(data: bytes, size: int) -> np.ndarray:
+def decode_scaled_jpeg(data: bytes, size: int) -> np.ndarray | None:
     """A colour or grey JPEG as uint8 HxWx3 RGB, decoded at the smallest of libjpeg-turbo's eighths of
     scale that keeps both sides at least `size` (whole scale for a smaller image). The same pixels as
-    Pillow at whole, half, quarter and eighth scale; the other eighths cut the work that much more."""
+    Pillow at whole, half, quarter and eighth scale; the other eighths cut the work that much more.
+
+    None where libjpeg reports damage (a flipped byte, stray bytes before a marker, a cut file): then
+    Pillow decodes it, which recovers what libjpeg can and refuses a truncated file, as before."""
     try:
         return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=size, min_width=size)
-    except ValueError as err:  # libjpeg's message, raised as Pillow raises a broken file: OSError
-        raise OSError(f"JPEG data truncated or corrupt: {err}") from None
+    except ValueError:
+        return None
 
 
 def decode_image(source: Path | str | bytes, size: int, max_pixels: int | None = None) -> np.ndarray:

@@ -21,11 +21,11 @@ GEMM_MAX_OUTPUT_PIXELS = 4
 
 
 class GemmSmallMapConv2d(nn.Conv2d):
-    """nn.Conv2d (same parameters, same state_dict) that on CPU computes an output map of at most
-    2x2 pixels as one matrix product: a row per output pixel of its input patch, times the flattened
-    weight. oneDNN's convolution kernels are 1.4-2.6x slower than that product there, forward and
-    backward, fp32 and bf16 (resnet's last stage at 64 px: docs/benchmarks.md); on larger maps they
-    are faster, and other devices keep their own kernels."""
+    """nn.Conv2d (same parameters, same state_dict) that on CPU computes an output map of at most 4
+    pixels (2x2, 1x4, ...) as one matrix product: a row per output pixel of its input patch, times
+    the flattened weight. oneDNN's convolution kernels are 1.4-2.6x slower than that product there,
+    forward and backward, fp32 and bf16 (resnet's last stage at 64 px: docs/benchmarks.md); on larger
+    maps they are faster, and other devices keep their own kernels."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         padding = cast(tuple[int, int], self.padding)  # gemm_small_maps swaps no "same"/"valid" padding
@@ -39,13 +39,17 @@ class GemmSmallMapConv2d(nn.Conv2d):
             return super().forward(input)
         patches = F.unfold(input, self.kernel_size, self.dilation, padding, self.stride)  # N, C*k*k, H*W
         batch, channels, pixels = input.shape[0], input.shape[1], height * width
+        positions = self.kernel_size[0] * self.kernel_size[1]
         # One row per output pixel, ordered (kernel position, channel) as a channels_last weight lies
         # in memory: the weight is then a view, not a copy per call.
-        rows = patches.view(batch, channels, -1, pixels).permute(0, 3, 2, 1).reshape(batch * pixels, -1)
-        weight = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, -1)
+        rows = patches.view(batch, channels, positions, pixels).permute(0, 3, 2, 1)
+        rows = rows.reshape(batch * pixels, positions * channels)
+        weight = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, positions * channels)
         out = F.linear(rows, weight, self.bias)  # N*H*W, out_channels
-        # In memory N x H x W x C: the channels_last layout of an N x C x H x W tensor.
-        return out.view(batch, height, width, -1).permute(0, 3, 1, 2)
+        # In memory N x H x W x C, the channels_last layout of N x C x H x W; the input's layout then.
+        out = out.view(batch, height, width, self.out_channels).permute(0, 3, 1, 2)
+        channels_last = input.is_contiguous(memory_format=torch.channels_last)
+        return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def gemm_small_maps(model: nn.Module) -> nn.Module:
