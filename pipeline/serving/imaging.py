@@ -89,8 +89,8 @@ class OpenedImage:
 
 
 def open_image(source: Path | str | bytes, size: int, max_pixels: int | None = None) -> OpenedImage:
-    """The image with only its header read (size checked) and the bytes its decode by
-    `decode_opened` holds at its peak."""
+    """The file's bytes, read whole, and its image with only the header parsed (size checked), with
+    the bytes its decode by `decode_opened` holds at its peak."""
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     try:
