@@ -23,8 +23,8 @@ GEMM_MAX_OUTPUT_PIXELS = 4
 class GemmSmallMapConv2d(nn.Conv2d):
     """nn.Conv2d (same parameters, same state_dict) that on CPU computes an output map of at most 4
     pixels (2x2, 1x4, ...) as one matrix product: a row per output pixel of its input patch, times
-    the flattened weight. oneDNN's convolution kernels are 1.4-2.6x slower than that product there,
-    forward and backward, fp32 and bf16 (resnet's last stage at 64 px: docs/benchmarks.md); on larger
+    the flattened weight. oneDNN's convolution kernels take 1.7-3.6x as long there, forward and
+    backward, fp32 and bf16 (resnet's last stage at 64 px: benchmarks/small_map_conv.py); on larger
     maps they are faster, and other devices keep their own kernels."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
