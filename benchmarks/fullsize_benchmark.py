@@ -15,8 +15,8 @@ as proportional set size (psutil `memory_full_info().pss`: a page shared by n pr
       (the stage's own figure, and the whole command), against one core's plain PIL
       decode+resize of 4,000 of the same files (measured before and after the stage, the faster
       taken; every file read once before, so both decode from the page cache); peak PSS of the
-      stage. Also at 224 px on 20,000 of the images (data.max_images), to show the stage's memory
-      does not grow with the size.
+      stage, and its processes' CPU time with the kernel's part. Also at 224 px on 20,000 of the
+      images (data.max_images), to show the stage's memory does not grow with the size.
   (b) `train ddp` at 64 px with gpus=1 and gpus=2 on the same shards (resnet18, one epoch, global
       batch 64): peak PSS of all processes together, and the time from the command's start to
       the first batch; with --before, the same for today's code (first 120 s of each run: its
@@ -104,10 +104,11 @@ class Watched:
 
     def __init__(self, command: list[str], cwd: Path, env: dict, log: Path, limit: float | None = None):
         self.peak_pss = self.peak_rss = 0
-        self.cpu_seconds = 0.0
-        """User + system CPU of the tree's processes as last seen alive (a busy machine barely changes it)."""
+        self.cpu_seconds = self.system_seconds = 0.0
+        """User + system (and system alone) CPU of the tree's processes as last seen alive, sampled every
+        second (a busy machine barely changes it)."""
         self.rank0_started: float | None = None
-        self._cpu: dict[int, float] = {}
+        self._cpu: dict[int, tuple[float, float]] = {}
         self.started = time.time()
         with open(log, "w") as out:
             process = subprocess.Popen(
@@ -137,14 +138,15 @@ class Watched:
                     info = member.memory_full_info()
                     pss += info.pss
                     times = member.cpu_times()
-                    self._cpu[member.pid] = times.user + times.system
+                    self._cpu[member.pid] = (times.user, times.system)
                     self.peak_rss = max(self.peak_rss, info.rss)
                     if self.rank0_started is None and member.environ().get("RANK") == "0":
                         self.rank0_started = member.create_time()
                 except psutil.Error:
                     continue
             self.peak_pss = max(self.peak_pss, pss)
-            self.cpu_seconds = sum(self._cpu.values())
+            self.cpu_seconds = sum(user + system for user, system in self._cpu.values())
+            self.system_seconds = sum(system for _, system in self._cpu.values())
             time.sleep(1.0)  # smaps of a process mapping gigabytes is not free to read
 
     def check(self) -> Watched:
@@ -221,6 +223,7 @@ def part_preprocess(raw: Path, workspace: Path, results: dict) -> None:
             "ratio": rate / pil, "command_ratio": images / run.seconds / pil,
             "peak_pss_mb": run.peak_pss / 2**20, "peak_rss_mb": run.peak_rss / 2**20, "shards": len(shards),
             "shard_mb": max(p.stat().st_size for p in shards) / 2**20, "load": load(),
+            "cpu_seconds": run.cpu_seconds, "system_seconds": run.system_seconds,
         }  # fmt: skip
         results[f"preprocess_{size}" + (f"_max{cap}" if cap else "")] = row
         verdict = "PASS" if row["ratio"] >= TARGET_PREPROCESS else "FAIL"
@@ -229,7 +232,8 @@ def part_preprocess(raw: Path, workspace: Path, results: dict) -> None:
             f"command {run.seconds:.1f}s), plain PIL 1 core "
             f"{pil:.0f}/s -> {row['ratio']:.2f}x ({verdict}, target {TARGET_PREPROCESS}x), "
             f"peak PSS {row['peak_pss_mb']:.0f} MiB, "
-            f"{len(shards)} shards of <= {row['shard_mb']:.0f} MiB ({load()})"
+            f"{len(shards)} shards of <= {row['shard_mb']:.0f} MiB, CPU {run.cpu_seconds:.0f}s of which "
+            f"kernel {run.system_seconds:.0f}s ({load()})"
         )
 
 
