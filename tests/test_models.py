@@ -60,7 +60,7 @@ SMALL_MAP_CONVS = [  # kernel, stride, padding, dilation, bias, input (height, w
 ]
 
 
-def _gemm_and_plain(spec, channels_last=False, batch=5, seed=0):
+def _gemm_and_plain(spec, channels_last=False, batch=8, seed=0):
     kernel, stride, padding, dilation, bias, (height, width) = spec
     torch.manual_seed(seed)
     plain = torch.nn.Conv2d(8, 16, kernel, stride, padding, dilation, bias=bias)
@@ -119,6 +119,17 @@ def test_a_small_output_map_under_bf16_autocast_is_a_bf16_product_near_fp32():
         ours = gemm(inputs)
     assert ours.dtype == torch.bfloat16  # the product ran in bf16, as the convolution would
     torch.testing.assert_close(ours.float(), plain(inputs), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("spec", SMALL_MAP_CONVS[:3], ids=["3x3", "3x3-stride2", "1x1-stride2"])
+def test_one_fp32_image_keeps_the_convolution_and_two_images_or_bf16_take_the_product(spec):
+    gemm, plain, image = _gemm_and_plain(spec, channels_last=True, batch=1)
+    assert not _ran_as_gemm(gemm, image)  # 4 rows in fp32: oneDNN's kernel is the faster here
+    assert torch.equal(gemm(image), plain(image))
+    assert _ran_as_gemm(gemm, torch.cat([image, image]))  # 8 rows
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _ran_as_gemm(gemm, image)  # in bf16 the product wins from one row
+    assert _ran_as_gemm(gemm.bfloat16(), image.bfloat16())  # bf16 weights, no autocast: the same
 
 
 def test_larger_maps_and_grouped_or_padded_convolutions_keep_the_convolution():

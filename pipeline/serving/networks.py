@@ -18,6 +18,10 @@ from pipeline.serving import MODEL_NAMES
 
 GEMM_MAX_OUTPUT_PIXELS = 4
 """On CPU, a convolution with an output map of at most this many pixels runs as one matrix product."""
+GEMM_MIN_FP32_ROWS = 8
+"""... unless it computes in fp32 and the product has fewer rows (batch x output pixels) than this:
+one image's 2x2 map is faster in oneDNN's fp32 kernel (the product takes 1.2x as long for a 3x3, 9x
+for a 1x1), two images' already in the product (1.3-1.6x faster); in bf16 the product wins from one."""
 
 
 class GemmSmallMapConv2d(nn.Conv2d):
@@ -25,7 +29,8 @@ class GemmSmallMapConv2d(nn.Conv2d):
     pixels (2x2, 1x4, ...) as one matrix product: a row per output pixel of its input patch, times
     the flattened weight. oneDNN's convolution kernels take 1.7-3.6x as long there, forward and
     backward, fp32 and bf16 (resnet's last stage at 64 px: benchmarks/small_map_conv.py); on larger
-    maps they are faster, and other devices keep their own kernels."""
+    maps, and for a single fp32 image (GEMM_MIN_FP32_ROWS), they are faster, and other devices keep
+    their own kernels."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         padding = cast(tuple[int, int], self.padding)  # gemm_small_maps swaps no "same"/"valid" padding
@@ -36,6 +41,10 @@ class GemmSmallMapConv2d(nn.Conv2d):
             )
         )
         if input.device.type != "cpu" or input.dim() != 4 or height * width > GEMM_MAX_OUTPUT_PIXELS:
+            return super().forward(input)
+        autocast = torch.is_autocast_enabled("cpu")
+        computes_in = torch.get_autocast_dtype("cpu") if autocast else input.dtype
+        if computes_in == torch.float32 and input.shape[0] * height * width < GEMM_MIN_FP32_ROWS:
             return super().forward(input)
         patches = F.unfold(input, self.kernel_size, self.dilation, padding, self.stride)  # N, C*k*k, H*W
         batch, channels, pixels = input.shape[0], input.shape[1], height * width
