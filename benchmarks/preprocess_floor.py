@@ -114,7 +114,6 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=2000, help="JPEGs timed per measurement")
     parser.add_argument("--gib", type=float, default=1.0, help="new page cache written for (7)")
     args = parser.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     raw = ensure_jpegs(args.data)
     files = random.Random(0).sample(sorted((raw / TRAIN_DIR).glob("*/*.jpg")), args.files)
     datas = [f.read_bytes() for f in files]  # also puts every file in the page cache
